@@ -1,0 +1,3 @@
+"""discoalign: preference alignment with Disco (Normal) rewards and dynamic beta."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,168 @@
+"""The `discoalign` command: train, eval, score, tiny-model, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+
+from ..errors import DiscoAlignError
+
+EPILOG = textwrap.dedent(
+    """\
+    examples:
+      discoalign train examples/rm_disco.yaml
+      discoalign train examples/rm_bt.yaml learning_rate=1e-4 output_dir=saves/bt
+      discoalign eval examples/rm_disco.yaml model_name_or_path=saves/rm_disco
+      discoalign score --model saves/rm_disco --data pairs.jsonl --out scores.jsonl
+      discoalign tiny-model --arch qwen3 --out tiny-qwen3
+      discoalign demo
+    """
+)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(format="[discoalign] %(levelname)s %(message)s", level=logging.INFO)
+    import transformers
+    import datasets
+
+    transformers.logging.set_verbosity_warning()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def _defaults_for(command: str, overrides: dict, path: str | None) -> dict:
+    """Defaults a user of `train`/`eval` expects without writing them: train trains, eval evaluates."""
+    from ..config.loader import parse_overrides, read_yaml
+
+    raw = read_yaml(path) if path else {}
+    raw.update(overrides)
+    has_eval = bool(raw.get("eval_dataset")) or bool(raw.get("val_size"))
+    if command == "train":
+        return {"do_train": True, "do_eval": has_eval}
+    return {"do_train": False, "do_eval": True}
+
+
+def cmd_train_or_eval(ns: argparse.Namespace) -> int:
+    from ..config.loader import load_config, parse_overrides
+    from ..train.tuner import run_exp
+
+    overrides = parse_overrides(ns.overrides)
+    if ns.command == "eval":
+        overrides["do_train"] = False
+        overrides.setdefault("do_eval", True)
+        if not overrides.get("eval_dataset"):
+            from ..config.loader import read_yaml
+
+            raw = read_yaml(ns.config)
+            raw.update(overrides)
+            if not raw.get("eval_dataset") and not raw.get("val_size") and raw.get("dataset"):
+                # Evaluating without training: the dataset itself is what gets evaluated.
+                overrides["eval_dataset"] = raw["dataset"]
+    cfg = load_config(ns.config, overrides, defaults=_defaults_for(ns.command, overrides, ns.config))
+    run_exp(cfg)
+    print(f"\nOutputs in {os.path.abspath(cfg.training.output_dir)}")
+    return 0
+
+
+def cmd_score(ns: argparse.Namespace) -> int:
+    from ..eval.score import score_file
+
+    n = score_file(ns.model, ns.data, ns.out, cutoff_len=ns.cutoff_len, batch_size=ns.batch_size)
+    print(f"Wrote {n} scored responses to {ns.out}")
+    return 0
+
+
+def cmd_tiny_model(ns: argparse.Namespace) -> int:
+    from ..models.tiny import write_tiny_model
+
+    out = write_tiny_model(ns.arch, ns.out, seed=ns.seed)
+    print(f"Wrote a tiny random {ns.arch} model and its tokenizer to {out}")
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(ns.output_dir, parts=ns.parts)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="discoalign",
+        description="Preference alignment of Hugging Face LMs with Disco (Normal) rewards and dynamic beta.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, helptext in (
+        ("train", "Train a stage (rm, dpo) from a flat YAML config."),
+        ("eval", "Evaluate a trained model on a dataset, without training."),
+    ):
+        p = sub.add_parser(
+            name,
+            help=helptext,
+            description=helptext
+            + " Any key of the YAML (and any transformers.TrainingArguments key) can be overridden as key=value."
+            + (" With no eval_dataset/val_size, `dataset` is evaluated." if name == "eval" else ""),
+        )
+        p.add_argument("config", help="Path to a flat YAML config, e.g. examples/rm_disco.yaml.")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="Overrides, e.g. learning_rate=1e-4.")
+        p.set_defaults(func=cmd_train_or_eval)
+
+    p = sub.add_parser(
+        "score",
+        help="Score responses with a trained reward model.",
+        description="Score every response of a preference file (both chosen and rejected) with a reward model; "
+        "writes one JSON line per response with `mean` and, for Disco models, `variance`.",
+    )
+    p.add_argument("--model", required=True, help="Reward-model directory (ours, LlamaFactory/TRL, or seq-cls).")
+    p.add_argument("--data", required=True, help="Preference data file or folder (any supported format).")
+    p.add_argument("--out", required=True, help="Output .jsonl path.")
+    p.add_argument("--cutoff-len", type=int, default=1024, help="Maximum prompt+response tokens (default 1024).")
+    p.add_argument("--batch-size", type=int, default=16, help="Responses per forward (default 16).")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "tiny-model",
+        help="Write a tiny random model and a locally trained tokenizer.",
+        description="Write a tiny random causal LM (hidden 64, 2 layers) and a byte-level BPE tokenizer with a "
+        "ChatML chat template, trained offline; loadable with AutoModelForCausalLM/AutoTokenizer.",
+    )
+    p.add_argument("--arch", required=True, choices=["llama", "qwen2", "qwen3", "gpt2"], help="Architecture.")
+    p.add_argument("--out", required=True, help="Output directory.")
+    p.add_argument("--seed", type=int, default=0, help="Weight seed (default 0).")
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser(
+        "demo",
+        help="Train BT and Disco reward models (and the DPO grid) on built-in data and compare them.",
+        description="Runs the main jobs on builtin:tiny-qwen3 and builtin:synthetic and prints comparison tables.",
+    )
+    p.add_argument("--output-dir", default="saves/demo", help="Where runs, metrics and plots go.")
+    p.add_argument("--parts", default="rm,dpo", help="Comma-separated parts to run: rm, dpo (default both).")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        return ns.func(ns)
+    except DiscoAlignError as e:
+        message = " ".join(str(e).split())
+        print(f"\ndiscoalign: error: {message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ndiscoalign: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: calibration and ranking metrics, plots, printed tables."""

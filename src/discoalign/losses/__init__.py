@@ -1,0 +1,1 @@
+"""Losses: small pure functions over per-pair tensors."""

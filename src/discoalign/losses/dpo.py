@@ -1,0 +1,85 @@
+"""The DPO family of preference losses (DESIGN.md §3): sigmoid, IPO, hinge, and DiscoDPO (probit).
+
+Pure functions over tensors. `beta` may be a float (`pref_beta`) or a per-pair tensor
+(`beta_eff(x) = pref_beta * s(x)` from the beta head); the formulas are the same either way, so the
+dynamic-beta variant of every loss is the same line of code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float | torch.Tensor,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_var: torch.Tensor | None = None,
+    rejected_var: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO-family loss.
+
+    With ``d = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))`` and ``ls = label_smoothing``:
+
+    * ``sigmoid`` (DPO, Rafailov et al. 2023, https://arxiv.org/abs/2305.18290; conservative DPO when ls > 0):
+      ``-(1 - ls) log sigmoid(beta d) - ls log sigmoid(-beta d)``
+    * ``ipo`` (Azar et al. 2023, https://arxiv.org/abs/2310.12036): ``(d - 1 / (2 beta))^2``.
+      The trainer passes length-averaged log-probs here, as TRL and LlamaFactory do.
+    * ``hinge`` (SLiC, Zhao et al. 2023, https://arxiv.org/abs/2305.10425): ``relu(1 - beta d)``
+    * DiscoDPO, selected by passing ``chosen_var`` and ``rejected_var`` (only with ``sigmoid``): the probit
+      (Thurstone) member of the sigmoid family, ``z = beta d / sqrt(var_w + var_l)``,
+      ``-(1 - ls) log Phi(z) - ls log Phi(-z)`` computed with ``torch.special.log_ndtr`` so it stays finite
+      for very negative z.
+
+    Args:
+        policy_chosen_logps: (B,) summed log-probs of the chosen responses under the policy.
+        policy_rejected_logps: (B,) same for the rejected responses.
+        ref_chosen_logps: (B,) summed log-probs of the chosen responses under the reference (no gradient needed).
+        ref_rejected_logps: (B,) same for the rejected responses.
+        beta: float, or (B,) tensor of per-pair beta (gradients flow into it, which trains the beta head).
+        loss_type: ``sigmoid`` | ``ipo`` | ``hinge``.
+        label_smoothing: ls in [0, 0.5); used by ``sigmoid`` and DiscoDPO only.
+        chosen_var: (B,) variances of the chosen responses from the policy's variance head, or None.
+        rejected_var: (B,) variances of the rejected responses, or None.
+
+    Returns:
+        losses: (B,) fp32 per-pair loss (the batch loss is its mean).
+        chosen_rewards: (B,) fp32 implicit rewards ``beta (log pi(y_w) - log pi_ref(y_w))``, detached.
+        rejected_rewards: (B,) fp32 implicit rewards of the rejected responses, detached.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if (chosen_var is None) != (rejected_var is None):
+        raise ValueError("DiscoDPO needs both chosen_var and rejected_var (or neither, for plain DPO)")
+    disco = chosen_var is not None
+    if disco and loss_type != "sigmoid":
+        raise ValueError(f"DiscoDPO is the probit member of the sigmoid family; loss_type {loss_type!r} is not allowed")
+    if isinstance(beta, torch.Tensor):
+        beta = beta.float()
+
+    chosen_logratios = policy_chosen_logps.float() - ref_chosen_logps.float()
+    rejected_logratios = policy_rejected_logps.float() - ref_rejected_logps.float()
+    d = chosen_logratios - rejected_logratios
+
+    if disco:
+        z = beta * d / torch.sqrt(chosen_var.float() + rejected_var.float())
+        losses = -(1.0 - label_smoothing) * torch.special.log_ndtr(z) - label_smoothing * torch.special.log_ndtr(-z)
+    elif loss_type == "sigmoid":
+        logits = beta * d
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    elif loss_type == "ipo":
+        losses = (d - 1.0 / (2.0 * beta)) ** 2
+    else:  # hinge
+        losses = torch.relu(1.0 - beta * d)
+
+    beta_detached = beta.detach() if isinstance(beta, torch.Tensor) else beta
+    chosen_rewards = beta_detached * chosen_logratios.detach()
+    rejected_rewards = beta_detached * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards

@@ -1,0 +1,80 @@
+"""Summed response log-probabilities computed from hidden states, a chunk of tokens at a time.
+
+A full fp32 log-softmax over batch x length x vocab is the largest tensor of a DPO step (2 x 4 x 1024 x 152k
+floats is 5 GB). Here only response positions are projected through the LM head, in chunks, and each chunk
+is recomputed in the backward pass (activation checkpointing), so at most one chunk of logits is alive at a
+time, forward or backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 512
+
+
+def _token_logps(
+    hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, final_logit_softcapping: float | None
+) -> torch.Tensor:
+    """hidden: (M, H), targets: (M,) -> (M,) fp32 log p(target | hidden)."""
+    logits = lm_head(hidden).float()
+    if final_logit_softcapping is not None:
+        logits = torch.tanh(logits / final_logit_softcapping) * final_logit_softcapping
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(
+    hidden: torch.Tensor,
+    lm_head: nn.Module,
+    labels: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    final_logit_softcapping: float | None = None,
+) -> torch.Tensor:
+    """Sum of next-token log-probs over positions whose label is not -100.
+
+    Position t's hidden state predicts label t + 1 (the usual causal shift), so ``labels[:, 0]`` is never
+    scored. Logits are computed in fp32 for at most ``chunk_size`` response tokens at a time.
+
+    Args:
+        hidden: (N, T, H) last hidden states of the backbone, any float dtype.
+        lm_head: the output embedding (``(.., H) -> (.., V)``).
+        labels: (N, T) long, token ids on response positions and -100 elsewhere.
+        chunk_size: number of scored tokens projected through the LM head at once.
+        final_logit_softcapping: the config's logit soft-cap (Gemma 2), or None.
+
+    Returns:
+        (N,) fp32: per-row sum of log p(label_{t+1} | x_{<=t}); 0 for a row with no scored token.
+    """
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on (N, T)")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    shifted_labels = labels[:, 1:]
+    mask = shifted_labels != IGNORE_INDEX
+    rows = mask.nonzero(as_tuple=True)[0]
+    scored_hidden = hidden[:, :-1][mask]  # (M, H)
+    targets = shifted_labels[mask]  # (M,)
+
+    # Recompute each chunk in backward only when a gradient is actually needed.
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
+    pieces = []
+    for start in range(0, targets.shape[0], chunk_size):
+        h = scored_hidden[start : start + chunk_size]
+        t = targets[start : start + chunk_size]
+        if recompute:
+            pieces.append(checkpoint(_token_logps, h, t, lm_head, final_logit_softcapping, use_reentrant=False))
+        else:
+            pieces.append(_token_logps(h, t, lm_head, final_logit_softcapping))
+    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    out = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
+    # index_add keeps the result connected to the graph even when no token is scored.
+    return out.index_add(0, rows, token_logps)
+
+
+def response_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """labels: (N, T) -> (N,) long, the number of scored (next-token) positions of each row."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)

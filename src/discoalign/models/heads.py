@@ -1,0 +1,104 @@
+"""The three heads of DESIGN.md §2: value (mean), variance, and beta.
+
+All heads compute in fp32 whatever the backbone's dtype. The variance and beta heads are created
+without touching the global RNG (their init is a constant), so that adding a head that the algorithm
+does not use leaves every random draw of the run, and therefore every number, unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# softplus(log(e - 1)) == 1: every variance is 1 at step 0.
+VARIANCE_BIAS_INIT = math.log(math.e - 1.0)
+VARIANCE_FLOOR = 1e-6
+
+
+def _constant_linear(hidden_size: int, weight: float, bias: float) -> nn.Linear:
+    """An fp32 `nn.Linear(hidden_size, 1)` with constant init, created without consuming RNG."""
+    layer = nn.Linear(hidden_size, 1, device="meta", dtype=torch.float32)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        layer.weight.fill_(weight)
+        layer.bias.fill_(bias)
+    return layer
+
+
+class ValueHead(nn.Module):
+    """Mean reward `mu = w . dropout(h) + b`.
+
+    Args:
+        hidden_size: width of the backbone's last hidden state.
+        dropout: dropout probability on `h` (0 disables it).
+        init_std: None keeps PyTorch's default `nn.Linear` init; a float draws `w ~ N(0, init_std)`, `b = 0`.
+    """
+
+    def __init__(self, hidden_size: int, dropout: float = 0.0, init_std: float | None = None) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        if init_std is not None:
+            nn.init.normal_(self.summary.weight, mean=0.0, std=init_std)
+            nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (..., H) any float dtype -> mean (...,) fp32."""
+        return self.summary(self.dropout(hidden.float())).squeeze(-1)
+
+
+class VarianceHead(nn.Module):
+    """Reward variance `sigma^2 = softplus(w . dropout(h) + b) + 1e-6`, initialised to sigma^2 = 1 everywhere."""
+
+    def __init__(self, hidden_size: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.summary = _constant_linear(hidden_size, 0.0, VARIANCE_BIAS_INIT)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (..., H) -> variance (...,) fp32, > 0."""
+        raw = self.summary(self.dropout(hidden.float())).squeeze(-1)
+        return F.softplus(raw) + VARIANCE_FLOOR
+
+
+class BetaHead(nn.Module):
+    """Beta scale `s(x) = 1 + eps * tanh(w . h_ref + b)`, zero-initialised so s(x) = 1 at step 0.
+
+    `h_ref` is the *reference* model's hidden state at the last prompt token, computed without gradient;
+    only this head's parameters learn, through the preference loss. s(x) lies in (1 - eps, 1 + eps).
+    """
+
+    def __init__(self, hidden_size: int, epsilon: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 < epsilon < 1.0:
+            raise ValueError(f"beta_head_epsilon must lie in (0, 1), got {epsilon}")
+        self.epsilon = epsilon
+        self.summary = _constant_linear(hidden_size, 0.0, 0.0)
+
+    def forward(self, ref_hidden: torch.Tensor) -> torch.Tensor:
+        """ref_hidden: (B, H) -> s(x): (B,) fp32 in (1 - eps, 1 + eps)."""
+        return 1.0 + self.epsilon * torch.tanh(self.summary(ref_hidden.float()).squeeze(-1))
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-padding token of each row, from the mask alone.
+
+    Works for left and right padding and when pad == EOS, because it never looks at token ids.
+
+    Args:
+        attention_mask: (B, T) of 0/1.
+    Returns:
+        (B,) long: for row b, the largest t with attention_mask[b, t] == 1.
+    """
+    mask = attention_mask.to(torch.long)
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=-1).values
+
+
+def gather_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """hidden: (B, T, H), attention_mask: (B, T) -> (B, H), the hidden state at each row's last real token."""
+    index = last_token_index(attention_mask)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]

@@ -1,0 +1,106 @@
+"""`DiscoTrainer`: a `transformers.Trainer` that knows our heads and checkpoint layout.
+
+Every stage's trainer subclasses it, so arguments, logging, checkpoint rotation, DDP/DeepSpeed/FSDP and
+resuming all stay the Trainer's own. What it adds:
+
+* saving writes our layout (backbone or adapter + `heads.safetensors` + `heads_config.json` + config);
+* resuming restores backbone/adapter weights *and* heads from such a checkpoint;
+* the beta head gets its own optimizer group at `learning_rate * beta_head_lr_ratio`;
+* TRL-style stored metrics: a step stores values, `log()` averages them since the last log.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any, Literal
+
+import torch
+from transformers import Trainer
+
+from ..config.loader import RunConfig
+
+BETA_HEAD_PREFIX = "beta_head."
+
+
+class DiscoTrainer(Trainer):
+    """Base trainer for all stages. `model` is a `ModelWithHeads`."""
+
+    def __init__(self, model: torch.nn.Module, run_config: RunConfig, **kwargs: Any) -> None:
+        kwargs.setdefault("args", run_config.training)
+        super().__init__(model=model, **kwargs)
+        self.run_config = run_config
+        self.finetuning_args = run_config.finetuning
+        self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+    # ---- metrics -------------------------------------------------------------------------------------
+
+    def store_metrics(self, metrics: dict[str, float | torch.Tensor], train_eval: Literal["train", "eval"] = "train"):
+        """Keep per-step values until the next `log()`, which reports their mean."""
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float().mean().item()
+            self._stored_metrics[train_eval][key].append(float(value))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        train_eval = "train" if "loss" in logs else "eval"
+        prefix = "eval_" if train_eval == "eval" else ""
+        for key, values in self._stored_metrics[train_eval].items():
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self._stored_metrics[train_eval].clear()
+        super().log(logs, start_time)
+
+    # ---- optimizer -----------------------------------------------------------------------------------
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with `beta_head.*` in groups of their own at a scaled learning rate."""
+        opt_model = self.model if model is None else model
+        beta_params = [p for n, p in opt_model.named_parameters() if n.startswith(BETA_HEAD_PREFIX) and p.requires_grad]
+        if self.optimizer is not None or not beta_params:
+            return super().create_optimizer(model)
+
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: list[dict[str, Any]] = []
+        lr = self.args.learning_rate
+        beta_lr = lr * self.finetuning_args.beta_head_lr_ratio
+        for is_beta, group_lr in ((False, lr), (True, beta_lr)):
+            for use_decay in (True, False):
+                params = [
+                    p
+                    for n, p in opt_model.named_parameters()
+                    if p.requires_grad and n.startswith(BETA_HEAD_PREFIX) == is_beta and (n in decay) == use_decay
+                ]
+                if params:
+                    groups.append(
+                        {"params": params, "weight_decay": self.args.weight_decay if use_decay else 0.0, "lr": group_lr}
+                    )
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(groups, lr=lr, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+
+    def _unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        from ..models.checkpoint import save_checkpoint
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_checkpoint(self._unwrapped(), output_dir, tokenizer=self.processing_class)
+        self.run_config.save(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        from .resume import load_checkpoint_weights
+
+        load_checkpoint_weights(model if model is not None else self._unwrapped(), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.state.best_model_checkpoint:
+            self._load_from_checkpoint(self.state.best_model_checkpoint)

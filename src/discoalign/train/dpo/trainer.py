@@ -1,0 +1,305 @@
+"""`DPOTrainer`: DPO, DiscoDPO and dynamic-beta DPO (DESIGN.md §2-§3), one `transformers.Trainer` subclass.
+
+One step is one concatenated (2B, T) forward of the policy (rows [0, B) chosen, [B, 2B) rejected) and, unless
+precomputed, one such forward of the reference under `torch.no_grad`. Whether a head exists and whether the
+loss uses it are separate: an unused head is run only for logging, without gradient and without dropout, so it
+changes no number of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ...errors import ConfigError
+from ...losses.dpo import dpo_loss
+from ...losses.logps import response_lengths, sequence_logps
+from ...models.heads import gather_last_token
+from ..base_trainer import DiscoTrainer
+from .metric import LABEL_COLUMNS, compute_metrics, step_metrics
+
+logger = logging.getLogger(__name__)
+
+# Dataset columns written by `precompute_reference`, read back by `ReferenceColumnsCollator`.
+REF_CHOSEN = "ref_chosen_logps"
+REF_REJECTED = "ref_rejected_logps"
+REF_PROMPT_HIDDEN = "ref_prompt_hidden"
+REFERENCE_COLUMNS = (REF_CHOSEN, REF_REJECTED, REF_PROMPT_HIDDEN)
+
+
+class ReferenceColumnsCollator:
+    """Wraps the pairwise collator: precomputed reference columns become (B,) / (B, H) fp32 tensors."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        extra = {k: [row[k] for row in rows] for k in REFERENCE_COLUMNS if k in rows[0]}
+        batch = self.inner([{k: v for k, v in row.items() if k not in extra} for row in rows])
+        for key, values in extra.items():
+            batch[key] = torch.tensor(values, dtype=torch.float32)
+        return batch
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """Set every `nn.Dropout` in `module` to p = 0 (as TRL's DPO does), so policy and reference are deterministic."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def make_frozen_reference(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of the policy (`ModelWithHeads`) to serve as the reference of full fine-tuning."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+@contextlib.contextmanager
+def _head_for_logging(head: nn.Module):
+    """Run a head the loss does not use: no gradient, no dropout (so no RNG draw), mode restored after."""
+    was_training = head.training
+    head.eval()
+    try:
+        with torch.no_grad():
+            yield head
+    finally:
+        head.train(was_training)
+
+
+class DPOTrainer(DiscoTrainer):
+    """The DPO family on a `ModelWithHeads`.
+
+    Args:
+        model: the policy (`ModelWithHeads`); its `variance_head` / `beta_head`, when present, train with it.
+        run_config: the resolved `RunConfig`.
+        ref_model: a frozen reference `ModelWithHeads` for full fine-tuning, or None. None means: the policy with
+            adapters disabled (LoRA), or, with `precompute_ref_logps`, the policy itself before its first step.
+        **kwargs: passed to `transformers.Trainer` (train_dataset, eval_dataset, data_collator, ...).
+    """
+
+    def __init__(self, model: nn.Module, run_config, ref_model: nn.Module | None = None, **kwargs: Any) -> None:
+        if kwargs.get("data_collator") is not None:
+            kwargs["data_collator"] = ReferenceColumnsCollator(kwargs["data_collator"])
+        kwargs.setdefault("compute_metrics", compute_metrics)
+        super().__init__(model, run_config, **kwargs)
+        # Our loss is a mean over pairs; let the Trainer scale it for gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+        ft = self.finetuning_args
+        self.pref_beta = ft.pref_beta
+        self.loss_type = ft.pref_loss
+        self.label_smoothing = ft.label_smoothing
+        self.pref_ftx = ft.pref_ftx
+        self.use_disco = ft.disco_pref
+        self.use_dynamic_beta = ft.use_dynamic_beta
+        self.is_lora = ft.finetuning_type == "lora"
+        self.reference_forward_calls = 0
+        self.softcap = getattr(self._policy().config, "final_logit_softcapping", None)
+        if self.use_disco and self._policy().variance_head is None:
+            raise ConfigError("`disco_pref: true` needs the variance head; set `add_disco_head: true`.")
+        if self.use_dynamic_beta and self._policy().beta_head is None:
+            raise ConfigError("`use_dynamic_beta: true` needs the beta head; set `add_beta_head: true`.")
+        disable_dropout(self._policy().backbone)
+
+        self.ref_model = ref_model
+        if ref_model is not None:
+            ref_model.requires_grad_(False)
+            disable_dropout(ref_model)
+            self.ref_model = self.accelerator.prepare_model(ref_model.eval(), evaluation_mode=True)
+        elif not self.is_lora and not ft.precompute_ref_logps:
+            raise ValueError("full fine-tuning without precompute_ref_logps needs a ref_model")
+
+        if ft.precompute_ref_logps:
+            if self.train_dataset is not None:
+                self.train_dataset = self.precompute_reference(self.train_dataset, "train")
+            if self.eval_dataset is not None:
+                self.eval_dataset = self.precompute_reference(self.eval_dataset, "eval")
+            # Never loaded or run again: everything training reads from the reference is in the dataset now.
+            self.ref_model = None
+
+    # ---- pieces --------------------------------------------------------------------------------------
+
+    def _policy(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Keep our columns even when a user sets `remove_unused_columns: true`.
+        if self._signature_columns is None:
+            self._signature_columns = [
+                "prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "margin", *LABEL_COLUMNS, *REFERENCE_COLUMNS
+            ]
+
+    @property
+    def needs_beta_features(self) -> bool:
+        return self.use_dynamic_beta
+
+    def reference_forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Reference log-probs of the (2B, T) batch and, for dynamic beta, its hidden state at the last prompt token.
+
+        Returns:
+            ref_chosen_logps (B,), ref_rejected_logps (B,) fp32, and ref_prompt_hidden (B, H) fp32 or None.
+        """
+        self.reference_forward_calls += 1
+        policy = self._policy()
+        if self.ref_model is not None:
+            ref, adapters_off = self.accelerator.unwrap_model(self.ref_model), contextlib.nullcontext()
+        else:
+            # LoRA: the base model is the reference. Full fine-tuning only lands here while precomputing, before
+            # the first optimizer step, when the policy still equals the reference.
+            ref, adapters_off = policy, policy.disable_adapter()
+        batch = inputs["input_ids"].shape[0] // 2
+        with torch.no_grad(), adapters_off:
+            hidden = ref.hidden_states(inputs["input_ids"], inputs["attention_mask"])
+            logps = sequence_logps(hidden, ref.lm_head, inputs["labels"], final_logit_softcapping=self.softcap)
+            prompt_hidden = None
+            if self.needs_beta_features:
+                rows = torch.arange(batch, device=hidden.device)
+                prompt_hidden = hidden[rows, inputs["prompt_last_index"][:batch]].float()
+        return logps[:batch], logps[batch:], prompt_hidden
+
+    def precompute_reference(self, dataset, name: str):
+        """Add the reference columns (log-probs, and beta features for dynamic beta) to `dataset`, in one pass."""
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            collate_fn=self.data_collator,
+            shuffle=False,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        chosen, rejected, hidden = [], [], []
+        model = self._policy()
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in loader:
+                batch = self._prepare_inputs(batch)
+                c, r, h = self.reference_forward(batch)
+                chosen.append(c.cpu())
+                rejected.append(r.cpu())
+                if h is not None:
+                    hidden.append(h.cpu())
+        finally:
+            model.train(was_training)
+        logger.info("Precomputed reference log-probs for %d %s pairs.", len(dataset), name)
+        dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
+        dataset = dataset.add_column(REF_CHOSEN, torch.cat(chosen).tolist())
+        dataset = dataset.add_column(REF_REJECTED, torch.cat(rejected).tolist())
+        if hidden:
+            dataset = dataset.add_column(REF_PROMPT_HIDDEN, torch.cat(hidden).tolist())
+        return dataset
+
+    def reference_outputs(self, inputs: dict[str, torch.Tensor]):
+        """Reference log-probs and beta features: from the batch when precomputed, else from a reference forward."""
+        if REF_CHOSEN in inputs:
+            if self.needs_beta_features and REF_PROMPT_HIDDEN not in inputs:
+                raise ValueError("precomputed reference columns lack the beta features")
+            return inputs[REF_CHOSEN], inputs[REF_REJECTED], inputs.get(REF_PROMPT_HIDDEN)
+        if self.ref_model is None and not self.is_lora:
+            raise ConfigError(
+                "This dataset has no precomputed reference log-probs and, with `precompute_ref_logps: true` and "
+                "full fine-tuning, the reference model is no longer kept. Pass the data as `eval_dataset` so it is "
+                "precomputed before training, or set `precompute_ref_logps: false`."
+            )
+        return self.reference_forward(inputs)
+
+    # ---- the loss ------------------------------------------------------------------------------------
+
+    def pair_forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Everything one step computes: policy and reference log-probs, variances, beta, per-pair losses."""
+        policy = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        labels = inputs["labels"]
+        batch = labels.shape[0] // 2
+        hidden = policy.hidden_states(inputs["input_ids"], inputs["attention_mask"])
+        logps = sequence_logps(hidden, policy.lm_head, labels, final_logit_softcapping=self.softcap)
+        lengths = response_lengths(labels).clamp(min=1)
+        chosen_logps, rejected_logps = logps[:batch], logps[batch:]
+        ref_chosen, ref_rejected, ref_prompt_hidden = self.reference_outputs(inputs)
+
+        variances = None
+        if policy.variance_head is not None:
+            last_hidden = gather_last_token(hidden, inputs["attention_mask"])
+            if self.use_disco:
+                variances = policy.variance_head(last_hidden)
+            else:
+                with _head_for_logging(policy.variance_head) as head:
+                    variances = head(last_hidden)
+        var_c, var_r = (variances[:batch], variances[batch:]) if variances is not None else (None, None)
+
+        beta: float | torch.Tensor = self.pref_beta
+        if self.use_dynamic_beta:
+            beta = self.pref_beta * policy.beta_head(ref_prompt_hidden.to(hidden.device))
+
+        if self.loss_type == "ipo":
+            # IPO on length-averaged log-probs, as TRL and LlamaFactory compute it.
+            lc, lr = lengths[:batch], lengths[batch:]
+            pc, pr, rc, rr = chosen_logps / lc, rejected_logps / lr, ref_chosen / lc, ref_rejected / lr
+        else:
+            pc, pr, rc, rr = chosen_logps, rejected_logps, ref_chosen, ref_rejected
+        losses, _, _ = dpo_loss(
+            pc,
+            pr,
+            rc,
+            rr,
+            beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            chosen_var=var_c if self.use_disco else None,
+            rejected_var=var_r if self.use_disco else None,
+        )
+        if self.pref_ftx > 0:
+            # SFT term on chosen responses: mean token negative log-likelihood (LlamaFactory's `pref_ftx`).
+            losses = losses + self.pref_ftx * (-chosen_logps / lengths[:batch])
+        return {
+            "loss": losses.mean(),
+            "chosen_logps": chosen_logps,
+            "rejected_logps": rejected_logps,
+            "ref_chosen_logps": ref_chosen,
+            "ref_rejected_logps": ref_rejected,
+            "beta": beta,
+            "chosen_var": var_c,
+            "rejected_var": var_r,
+        }
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = self.pair_forward(model, inputs)
+        metrics = step_metrics(
+            out["chosen_logps"],
+            out["rejected_logps"],
+            out["ref_chosen_logps"],
+            out["ref_rejected_logps"],
+            out["beta"],
+            log_beta=self._policy().beta_head is not None,
+            chosen_var=out["chosen_var"],
+            rejected_var=out["rejected_var"],
+        )
+        self.store_metrics(metrics, "train" if model.training else "eval")
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Eval: the loss, and per pair (implicit margin, policy log-prob margin, beta, variances) and ground truth."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach()
+        if prediction_loss_only:
+            return loss, None, None
+        chosen, rejected = out["chosen_logps"].float(), out["rejected_logps"].float()
+        margin = (chosen - out["ref_chosen_logps"]) - (rejected - out["ref_rejected_logps"])
+        nan = torch.full_like(chosen, float("nan"))
+        beta = out["beta"]
+        if self._policy().beta_head is not None:
+            beta_col = beta.float() if isinstance(beta, torch.Tensor) else torch.full_like(chosen, beta)
+        else:
+            beta_col = nan
+        var_c = out["chosen_var"].float() if out["chosen_var"] is not None else nan
+        var_r = out["rejected_var"].float() if out["rejected_var"] is not None else nan
+        preds = torch.stack([margin, chosen - rejected, beta_col, var_c, var_r], dim=1)
+        labels = torch.stack([inputs[k].float() if k in inputs else nan for k in LABEL_COLUMNS], dim=1)
+        return loss, preds, labels

@@ -1,0 +1,85 @@
+"""`RewardTrainer`: pairwise reward modelling with a BT (sigmoid) or Disco (probit) loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...losses.reward import bt_reward_loss, center_rewards_penalty, disco_reward_loss
+from ..base_trainer import DiscoTrainer
+
+# Columns of the (B, 7) array handed to `compute_metrics`; NaN where a value does not exist.
+PREDICTION_COLUMNS = ("mean_chosen", "mean_rejected", "var_chosen", "var_rejected")
+LABEL_COLUMNS = ("true_reward_chosen", "true_reward_rejected", "noise")
+
+
+class RewardTrainer(DiscoTrainer):
+    """Chosen and rejected go through the model in one (2B, T) forward; rows [0, B) are chosen."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Our loss is a per-pair mean, so let the Trainer scale it for gradient accumulation itself.
+        self.model_accepts_loss_kwargs = False
+
+    @property
+    def use_disco(self) -> bool:
+        return self.finetuning_args.disco_pref
+
+    def pair_scores(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], with_variance: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Return (mu_c, mu_r, var_c, var_r), each (B,) fp32; variances None unless asked for."""
+        mean, var = model.score(inputs["input_ids"], inputs["attention_mask"], with_variance=with_variance)
+        half = mean.shape[0] // 2
+        if var is None:
+            return mean[:half], mean[half:], None, None
+        return mean[:half], mean[half:], var[:half], var[half:]
+
+    def pair_loss(
+        self,
+        mu_c: torch.Tensor,
+        mu_r: torch.Tensor,
+        var_c: torch.Tensor | None,
+        var_r: torch.Tensor | None,
+        margin: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The batch loss of DESIGN.md §3 (mean over pairs, plus centering when configured)."""
+        if self.use_disco:
+            loss = disco_reward_loss(mu_c, mu_r, var_c, var_r, margin).mean()
+        else:
+            loss = bt_reward_loss(mu_c, mu_r, margin).mean()
+        if self.finetuning_args.center_rewards_coefficient:
+            loss = loss + self.finetuning_args.center_rewards_coefficient * center_rewards_penalty(mu_c, mu_r)
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mu_c, mu_r, var_c, var_r = self.pair_scores(model, inputs, with_variance=self.use_disco)
+        loss = self.pair_loss(mu_c, mu_r, var_c, var_r, inputs.get("margin"))
+        if model.training:
+            metrics = {
+                "accuracy": (mu_c > mu_r).float().mean(),
+                "margin": (mu_c - mu_r).mean(),
+                "mean_reward": torch.cat([mu_c, mu_r]).mean(),
+            }
+            if var_c is not None:
+                metrics["variance_chosen"] = var_c.mean()
+                metrics["variance_rejected"] = var_r.mean()
+            self.store_metrics(metrics, "train")
+        if return_outputs:
+            return loss, {"mean_chosen": mu_c, "mean_rejected": mu_r, "var_chosen": var_c, "var_rejected": var_r}
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            # Eval reports variances whenever the head exists; the loss still follows `disco_pref`.
+            has_var = getattr(model, "variance_head", None) is not None
+            mu_c, mu_r, var_c, var_r = self.pair_scores(model, inputs, with_variance=has_var)
+            loss = self.pair_loss(mu_c, mu_r, var_c, var_r, inputs.get("margin")).detach()
+        if prediction_loss_only:
+            return loss, None, None
+        nan = torch.full_like(mu_c, float("nan"))
+        preds = torch.stack([mu_c, mu_r, var_c if var_c is not None else nan, var_r if var_r is not None else nan], 1)
+        labels = torch.stack([inputs[k].float() if k in inputs else nan for k in LABEL_COLUMNS], 1)
+        return loss, preds, labels

@@ -1,0 +1,124 @@
+"""Stage `rm` end to end: load, train, evaluate, write predictions, plots and a table of samples."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+from transformers import TrainerCallback
+
+from ...config.loader import RunConfig
+from ...data import get_dataset
+from ...data.collator import PairwiseCollator
+from ...eval.calibration import reliability_bins
+from ...eval.plots import plot_history, plot_reliability
+from ...eval.report import print_table
+from ...models.loader import load_model_with_heads
+from .metric import make_compute_metrics, preference_log_prob
+from .trainer import RewardTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def run_rm(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train and/or evaluate a reward model as `cfg` says; returns the train and eval metrics."""
+    args = cfg.training
+    model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, add_value_head=True)
+    bundle = get_dataset(cfg.data, tokenizer, stage="rm", seed=args.seed)
+    if args.do_train and bundle.train is None:
+        from ...errors import ConfigError
+
+        raise ConfigError("`do_train` is true but no training data was given: set `dataset`.")
+    trainer = RewardTrainer(
+        model,
+        cfg,
+        train_dataset=bundle.train if args.do_train else None,
+        eval_dataset=bundle.eval,
+        data_collator=PairwiseCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        compute_metrics=make_compute_metrics(cfg.finetuning.disco_pref),
+        callbacks=callbacks,
+    )
+    results: dict[str, Any] = {"data_stats": dict(bundle.stats)}
+    plots_dir = os.path.join(args.output_dir, "plots")
+
+    if args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.save_state()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        results["train"] = train_result.metrics
+        if cfg.finetuning.plot_loss and trainer.is_world_process_zero():
+            plot_history(trainer.state.log_history, ["loss", "eval_loss"], os.path.join(plots_dir, "loss.png"), "loss")
+            plot_history(
+                trainer.state.log_history,
+                ["accuracy", "eval_accuracy", "eval_true_accuracy"],
+                os.path.join(plots_dir, "accuracy.png"),
+                "preference accuracy",
+            )
+
+    if args.do_eval and bundle.eval is not None:
+        output = trainer.predict(bundle.eval, metric_key_prefix="eval")
+        metrics = output.metrics
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results["eval"] = metrics
+        if trainer.is_world_process_zero():
+            rows = write_predictions(
+                output.predictions, bundle.eval, cfg.finetuning.disco_pref, os.path.join(args.output_dir, "predictions.jsonl")
+            )
+            if cfg.finetuning.plot_loss:
+                conf, acc, count = reliability_bins(np.array([r["probability"] for r in rows]))
+                plot_reliability(conf, acc, count, os.path.join(plots_dir, "reliability.png"), "reliability (eval)")
+            show_samples(rows, bundle.eval, tokenizer, cfg.finetuning.num_score_samples)
+    if trainer.is_world_process_zero():
+        cfg.save(args.output_dir)
+    return results
+
+
+def write_predictions(predictions: np.ndarray, dataset, disco: bool, path: str) -> list[dict[str, Any]]:
+    """One JSON line per eval pair: means, variances (Disco), P(chosen > rejected), ground truth if known."""
+    mean_c, mean_r, var_c, var_r = (predictions[:, i].astype(np.float64) for i in range(4))
+    has_var = not np.isnan(var_c).any()
+    prob = np.exp(preference_log_prob(mean_c, mean_r, var_c, var_r, disco and has_var))
+    rows = []
+    for i in range(len(mean_c)):
+        row: dict[str, Any] = {"index": i, "mean_chosen": mean_c[i], "mean_rejected": mean_r[i]}
+        if has_var:
+            row["variance_chosen"] = var_c[i]
+            row["variance_rejected"] = var_r[i]
+        row["probability"] = prob[i]
+        for key in ("true_reward_chosen", "true_reward_rejected", "noise", "topic"):
+            if key in dataset.column_names:
+                row[key] = dataset[i][key]
+        rows.append({k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in row.items()})
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return rows
+
+
+def show_samples(rows: list[dict[str, Any]], dataset, tokenizer, num: int) -> None:
+    """Print a `rich` table of the first `num` scored eval pairs."""
+    table_rows = []
+    for row in rows[:num]:
+        example = dataset[row["index"]]
+        text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip().replace("\n", " ")[:60]  # noqa: E731
+        entry = {
+            "prompt": text(example["prompt_input_ids"])[-50:],
+            "chosen": text(example["chosen_input_ids"]),
+            "rejected": text(example["rejected_input_ids"]),
+            "mu_c": f"{row['mean_chosen']:.3f}",
+            "mu_r": f"{row['mean_rejected']:.3f}",
+        }
+        if "variance_chosen" in row:
+            entry["var_c"] = f"{row['variance_chosen']:.3f}"
+            entry["var_r"] = f"{row['variance_rejected']:.3f}"
+        entry["P(c>r)"] = f"{row['probability']:.3f}"
+        table_rows.append(entry)
+    print_table("Scored eval samples", table_rows)

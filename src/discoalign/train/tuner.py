@@ -1,0 +1,23 @@
+"""`run_exp`: dispatch a resolved config to its stage's workflow (LlamaFactory's `tuner.run_exp`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ..config.loader import RunConfig
+
+
+def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Run the stage named by `cfg.finetuning.stage` and return its metrics."""
+    stage = cfg.finetuning.stage
+    if stage == "rm":
+        from .rm import run_rm
+
+        return run_rm(cfg, callbacks)
+    if stage == "dpo":
+        from .dpo import run_dpo
+
+        return run_dpo(cfg, callbacks)
+    raise AssertionError(f"stage {stage!r} passed validation but has no workflow")

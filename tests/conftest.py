@@ -1,0 +1,37 @@
+"""Shared fixtures. Every test runs offline and on tiny models; built models are shared per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data`, or skip when the folder is not beside the checkout."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (it sits beside the checkout in CI and on dev machines)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, str]:
+    """Directories holding each built-in tiny model + tokenizer, built once per test session."""
+    from discoalign.models.tiny import TINY_ARCHS, write_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: write_tiny_model(arch, str(root / arch)) for arch in TINY_ARCHS}
