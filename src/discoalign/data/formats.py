@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from ..errors import DataError
 from .checks import (
+    IDENTICAL,
     MALFORMED,
     WRONG_TYPE,
     RowProblem,
@@ -75,8 +76,8 @@ def detect_format(columns: list[str], rows: list[dict[str, Any]], source: str) -
             return "implicit"
         if isinstance(first, str) and "Human:" in first and "Assistant:" in first:
             return "hh_rlhf"
-    elif cols & {"prompt", "instruction", "messages", "conversations"}:
-        return "prompt"
+    elif not cols & {"chosen", "rejected"} and cols & {"prompt", "instruction", "messages", "conversations"}:
+        return "prompt"  # (with only one of chosen/rejected the pair is incomplete: reported below)
     raise DataError(
         f"Cannot tell the format of {source}: its columns are {', '.join(f'`{c}`' for c in columns) or '(none)'}. "
         f"Expected one of these column sets: {_formats_expected()}. Rename the columns, or set `dataset_format` "
@@ -144,6 +145,8 @@ def _implicit(row: dict[str, Any]) -> dict[str, Any]:
     """The prompt is the longest common prefix of the two conversations (trl.data_utils.extract_prompt)."""
     chosen = as_messages(require(row, "chosen"), "chosen")
     rejected = as_messages(require(row, "rejected"), "rejected")
+    if chosen == rejected:
+        raise RowProblem(IDENTICAL, "rejected", "the rejected conversation is identical to the chosen one")
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1

@@ -97,11 +97,12 @@ def _words_of(obj) -> list[str]:
 
 
 def _task_words() -> list[str]:
+    """Words of the synthetic task (its VOCABULARY, plus TOPICS and NOUNS when it has them), sorted."""
     try:
-        from discoalign.data.synthetic import VOCABULARY  # type: ignore[attr-defined]
+        from discoalign.data import synthetic
     except Exception:  # absent or broken: the tokenizer must still build
         return list(_FALLBACK_TASK_WORDS)
-    words = _words_of(VOCABULARY)
+    words = _words_of([getattr(synthetic, name, ()) for name in ("VOCABULARY", "TOPICS", "NOUNS")])
     return sorted(set(words)) if words else list(_FALLBACK_TASK_WORDS)
 
 
@@ -109,8 +110,10 @@ def _corpus() -> list[str]:
     """Training text for the BPE merges; its order is fixed so training is deterministic."""
     task = _task_words()
     lines = [line.strip() for line in _GENERIC_ENGLISH.strip().splitlines()]
-    # Task words appear both alone and with a leading space, the way they occur inside sentences.
-    lines += [" ".join(task), " ".join(w.capitalize() for w in task)]
+    # Task words appear both alone and with a leading space, the way they occur inside sentences; repeated
+    # so that BPE merges them into whole tokens (short sequences keep the tests fast).
+    lines += [" ".join(task), " ".join(w.capitalize() for w in task)] * 4
+    lines += ["Topic: . Describe a"] * 4
     lines += [f"{IM_START}{role}\n" for role in ("system", "user", "assistant")]
     return lines
 

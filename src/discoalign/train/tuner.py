@@ -11,6 +11,11 @@ from ..config.loader import RunConfig
 
 def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Run the stage named by `cfg.finetuning.stage` and return its metrics."""
+    from transformers import set_seed
+
+    # Seed before any model is built: head inits draw from the global RNG, and two runs that differ only
+    # in an unused head must draw the same numbers.
+    set_seed(cfg.training.seed)
     stage = cfg.finetuning.stage
     if stage == "rm":
         from .rm import run_rm

@@ -216,20 +216,20 @@ class DPOTrainer(DiscoTrainer):
         policy = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         labels = inputs["labels"]
         batch = labels.shape[0] // 2
-        hidden = policy.hidden_states(inputs["input_ids"], inputs["attention_mask"])
+        # Through the module call (not `policy.hidden_states`) so DDP/FSDP wrappers see the forward. With
+        # `disco_pref` the model's forward also reads the variance head at each row's last real token, i.e. at
+        # the end of each response.
+        out = model(inputs["input_ids"], inputs["attention_mask"], with_heads=self.use_disco, with_variance=self.use_disco)
+        hidden = out.last_hidden_state
         logps = sequence_logps(hidden, policy.lm_head, labels, final_logit_softcapping=self.softcap)
         lengths = response_lengths(labels).clamp(min=1)
         chosen_logps, rejected_logps = logps[:batch], logps[batch:]
         ref_chosen, ref_rejected, ref_prompt_hidden = self.reference_outputs(inputs)
 
-        variances = None
-        if policy.variance_head is not None:
-            last_hidden = gather_last_token(hidden, inputs["attention_mask"])
-            if self.use_disco:
-                variances = policy.variance_head(last_hidden)
-            else:
-                with _head_for_logging(policy.variance_head) as head:
-                    variances = head(last_hidden)
+        variances = out.variance if self.use_disco else None
+        if policy.variance_head is not None and not self.use_disco:
+            with _head_for_logging(policy.variance_head) as head:
+                variances = head(gather_last_token(hidden, inputs["attention_mask"]))
         var_c, var_r = (variances[:batch], variances[batch:]) if variances is not None else (None, None)
 
         beta: float | torch.Tensor = self.pref_beta

@@ -1,0 +1,195 @@
+"""`get_dataset`: load, convert, check, encode, drop-and-count, split."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..config.schema import DataArguments
+from ..errors import DataError
+from .checks import TRUNCATED, RowProblem
+from .encode import encode_pair, encode_prompt
+from .formats import PAIRWISE_FORMATS, check_columns, detect_format, to_pairwise_row, to_prompt_row
+from .sources import BUILTIN_SYNTHETIC, RawRows, read_spec, split_specs
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("rm", "dpo", "ppo")
+
+
+@dataclass
+class DatasetBundle:
+    """Tokenised datasets of one run.
+
+    train / eval: `datasets.Dataset` of tokenised rows (eval is None without `eval_dataset` or `val_size`).
+    stats: number of dropped rows per reason, over every dataset loaded (empty when nothing was dropped).
+    """
+
+    train: datasets.Dataset
+    eval: datasets.Dataset | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def _summary(counts: Counter) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
+
+
+def _convert(source: RawRows, data_args: DataArguments, stage: str) -> tuple[list[dict[str, Any]], Counter]:
+    """Canonical rows of one file, and the count of its bad rows per reason (only with skip_invalid_rows)."""
+    fmt = data_args.dataset_format
+    if fmt == "auto":
+        fmt = detect_format(source.columns, source.rows, source.name)
+    else:
+        check_columns(fmt, source.columns, source.name)
+    if stage != "ppo" and fmt not in PAIRWISE_FORMATS:
+        raise DataError(
+            f"{source.name} holds prompts only (format `{fmt}`), but `stage: {stage}` trains on preference pairs. "
+            "Use a pairwise dataset (prompt/chosen/rejected, sharegpt, hh-rlhf), or `stage: ppo` for prompts."
+        )
+    convert = to_prompt_row if stage == "ppo" else to_pairwise_row
+    rows, bad = [], Counter()
+    for index, raw in enumerate(source.rows):
+        try:
+            rows.append(convert(raw, fmt))
+        except RowProblem as problem:
+            if not data_args.skip_invalid_rows:
+                raise DataError(
+                    f"{source.name}: row {index} (0-based), field `{problem.field}`: {problem.reason}: "
+                    f"{problem.detail} (format `{fmt}`). Fix or remove the row, or set `skip_invalid_rows: true` "
+                    "to drop bad rows (they are counted per reason in the log)."
+                ) from None
+            bad[problem.reason] += 1
+    if bad:
+        logger.warning(
+            "Dropped %d of %d rows of %s as invalid (skip_invalid_rows: true): %s",
+            sum(bad.values()), len(source.rows), source.name, _summary(bad),
+        )  # fmt: skip
+    return rows, bad
+
+
+def _canonical_rows(
+    spec: str, data_args: DataArguments, stage: str, synthetic_seed: int, dropped: Counter
+) -> list[dict[str, Any]]:
+    """The canonical rows of one spec (a folder's files in order), its first `max_samples` raw rows only."""
+    canonical: list[dict[str, Any]] = []
+    taken = 0  # `max_samples` counts raw rows of the spec, not rows kept
+    for source in read_spec(spec, data_args.synthetic_num_pairs, synthetic_seed):
+        if data_args.max_samples is not None:
+            source.rows = source.rows[: max(0, data_args.max_samples - taken)]
+            if not source.rows:
+                break
+        taken += len(source.rows)
+        rows, bad = _convert(source, data_args, stage)
+        dropped.update(bad)
+        canonical += rows
+    return canonical
+
+
+def _encode_rows(
+    rows: list[dict[str, Any]],
+    spec: str,
+    data_args: DataArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    stage: str,
+    dropped: Counter,
+) -> list[dict[str, Any]]:
+    """Tokenise canonical rows; pairs whose response truncation would empty are dropped, counted and logged."""
+    if stage == "ppo":
+        return [encode_prompt(tokenizer, row, data_args.cutoff_len) for row in rows]
+    encoded = [encode_pair(tokenizer, row, data_args.cutoff_len) for row in rows]
+    kept = [row for row in encoded if row is not None]
+    if len(kept) < len(rows):
+        dropped[TRUNCATED] += len(rows) - len(kept)
+        logger.warning(
+            "Dropped %d rows of %s: %s (cutoff_len: %d).", len(rows) - len(kept), spec, TRUNCATED, data_args.cutoff_len
+        )
+    return kept
+
+
+def _load(
+    spec_list: str,
+    key: str,
+    data_args: DataArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    stage: str,
+    synthetic_seed: int,
+    stats: Counter,
+) -> datasets.Dataset:
+    """Every spec of one comma-separated config value (`key`), converted, checked and tokenised, as a Dataset."""
+    import datasets
+
+    dropped: Counter = Counter()
+    encoded: list[dict[str, Any]] = []
+    for spec in split_specs(spec_list):
+        rows = _canonical_rows(spec, data_args, stage, synthetic_seed, dropped)
+        encoded += _encode_rows(rows, spec, data_args, tokenizer, stage, dropped)
+    stats.update(dropped)
+    if not encoded:
+        raise DataError(
+            f"No usable rows are left in `{key}: {spec_list}` after dropping bad and truncated rows "
+            f"({_summary(dropped) or 'none dropped'}). Check the data, `max_samples` and `cutoff_len`."
+        )
+    # Rows of different sources may lack some optional columns; fill them with None so Arrow can stack them.
+    columns = list(dict.fromkeys(k for row in encoded for k in row))
+    return datasets.Dataset.from_list([{c: row.get(c) for c in columns} for row in encoded])
+
+
+def _split(train: datasets.Dataset, val_size: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Hold out `val_size` rows (a fraction below 1, or a count) for evaluation, seeded."""
+    test_size: float | int = val_size if val_size < 1 else int(val_size)
+    try:
+        parts = train.train_test_split(test_size=test_size, seed=seed, shuffle=True)
+    except ValueError as e:
+        raise DataError(
+            f"`val_size: {val_size}` cannot split the {len(train)} training rows ({str(e).rstrip('.')}). Use a "
+            "fraction below 1 or a row count smaller than the dataset, or give an `eval_dataset`."
+        ) from None
+    return parts["train"], parts["test"]
+
+
+def get_dataset(
+    data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, stage: str, seed: int = 0
+) -> DatasetBundle:
+    """Load `dataset` (and `eval_dataset`, or a `val_size` split) as tokenised `datasets.Dataset`s.
+
+    Args:
+        data_args: the run's data keys.
+        tokenizer: a Hugging Face tokenizer (its chat template is used when it has one).
+        stage: "rm" or "dpo" (pairwise rows) or "ppo" (prompt-only rows).
+        seed: seed of the `val_size` split.
+
+    Returns:
+        DatasetBundle. A pairwise row holds `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`,
+        `margin`, the canonical `prompt`/`chosen`/`rejected` messages and any ground-truth columns;
+        a prompt-only row holds `prompt_input_ids` and `prompt`.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if not data_args.dataset:
+        raise DataError(
+            f"No training data: set the config key `dataset` to a data file, a folder, or {BUILTIN_SYNTHETIC}."
+        )
+    stats: Counter = Counter()
+    train = _load(data_args.dataset, "dataset", data_args, tokenizer, stage, data_args.synthetic_seed, stats)
+    eval_set = None
+    if data_args.eval_dataset:
+        # builtin:synthetic as eval data uses the next seed, so it is held out from the training pairs.
+        eval_set = _load(
+            data_args.eval_dataset, "eval_dataset", data_args, tokenizer, stage, data_args.synthetic_seed + 1, stats
+        )
+        if data_args.val_size:
+            logger.warning("`val_size: %s` is ignored because `eval_dataset` is set.", data_args.val_size)
+    elif data_args.val_size > 0:
+        train, eval_set = _split(train, data_args.val_size, seed)
+    logger.info(
+        "Data: %d training rows, %s eval rows%s.",
+        len(train), len(eval_set) if eval_set is not None else "no",
+        f"; dropped {_summary(stats)}" if stats else "",
+    )  # fmt: skip
+    return DatasetBundle(train=train, eval=eval_set, stats=dict(stats))

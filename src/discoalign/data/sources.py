@@ -1,0 +1,155 @@
+"""Reading raw rows from the places a `dataset` spec can name.
+
+A spec is a file (`.json` array or JSON lines, `.jsonl`, `.parquet`, `.csv`), a `datasets` `save_to_disk`
+folder (a Dataset, or a DatasetDict whose "train" split is used), a plain folder of such files, or
+`builtin:synthetic`; several specs are joined with commas.
+
+Parquet, CSV and `save_to_disk` folders are read with the `datasets` library. JSON is parsed with Python's
+`json` module instead: it reports the exact line of a syntax error, keeps a row whose field has an odd type
+as it is (so the row check can name that row instead of the whole file failing), and tolerates blank lines
+in JSON lines files, none of which `datasets`' JSON builder does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import DataError
+
+SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
+BUILTIN_SYNTHETIC = "builtin:synthetic"
+SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass
+class RawRows:
+    """The rows of one file (or builtin), before format conversion."""
+
+    name: str  # what error messages call it: the file path, or the builtin name
+    rows: list[Any]  # normally dicts; anything else is reported as a bad row
+    columns: list[str]  # every key seen, in order of first appearance
+
+
+def split_specs(value: str) -> list[str]:
+    """`"a.json, b.parquet"` -> `["a.json", "b.parquet"]`."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _columns_of(rows: list[Any]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        if isinstance(row, dict):
+            seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def _read_json(path: str) -> list[Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"Cannot read data file {path!r}: {e}.") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"Data file {path!r} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}."
+            ) from None
+        return rows
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"Data file {path!r} is neither a JSON array nor JSON lines (one object per line): line "
+                f"{line_number} is not valid JSON ({e.msg}, column {e.colno})."
+            ) from None
+    return rows
+
+
+def _read_with_datasets(path: str) -> list[Any]:
+    import datasets
+
+    builder = {".parquet": "parquet", ".csv": "csv"}[os.path.splitext(path)[1].lower()]
+    try:
+        dataset = datasets.load_dataset(builder, data_files=path, split="train")
+    except Exception as e:  # pyarrow / pandas raise many kinds; all mean "this file cannot be read"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"Cannot read data file {path!r} as {builder}: {msg}.") from None
+    return dataset.to_list()
+
+
+def _read_save_to_disk(path: str) -> list[Any]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(path)
+    except Exception as e:
+        raise DataError(f"Cannot read the `save_to_disk` folder {path!r}: {e}.") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(
+                f"The DatasetDict saved in {path!r} has no \"train\" split (it has "
+                f"{', '.join(map(repr, loaded))}); save the split to use as its own Dataset, or name it \"train\"."
+            )
+        loaded = loaded["train"]
+    return loaded.to_list()
+
+
+def read_file(path: str) -> RawRows:
+    """Read one data file by its extension."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in SUPPORTED_EXTENSIONS:
+        raise DataError(
+            f"Data file {path!r} has an unknown extension {ext or '(none)'!r}; supported: "
+            f"{', '.join(SUPPORTED_EXTENSIONS)}, a `save_to_disk` folder, or {BUILTIN_SYNTHETIC}."
+        )
+    rows = _read_json(path) if ext in (".json", ".jsonl") else _read_with_datasets(path)
+    if not isinstance(rows, list):
+        raise DataError(f"Data file {path!r} must hold a JSON array of objects or one object per line.")
+    if not rows:
+        raise DataError(f"Data file {path!r} has no rows.")
+    return RawRows(path, rows, _columns_of(rows))
+
+
+def read_spec(spec: str, synthetic_num_pairs: int, synthetic_seed: int) -> list[RawRows]:
+    """The raw rows a single spec names: one entry per file (a folder gives several)."""
+    if spec.startswith("builtin:"):
+        if spec != BUILTIN_SYNTHETIC:
+            raise DataError(f"Unknown builtin dataset {spec!r}; the only builtin is {BUILTIN_SYNTHETIC!r}.")
+        from .synthetic import synthetic_pair_rows
+
+        rows = synthetic_pair_rows(synthetic_num_pairs, synthetic_seed)
+        return [RawRows(f"{spec} (seed {synthetic_seed})", rows, _columns_of(rows))]
+    if os.path.isdir(spec):
+        if any(os.path.isfile(os.path.join(spec, m)) for m in SAVE_TO_DISK_MARKERS):
+            rows = _read_save_to_disk(spec)
+            if not rows:
+                raise DataError(f"The `save_to_disk` folder {spec!r} has no rows.")
+            return [RawRows(spec, rows, _columns_of(rows))]
+        files = sorted(
+            os.path.join(spec, name)
+            for name in os.listdir(spec)
+            if os.path.splitext(name)[1].lower() in SUPPORTED_EXTENSIONS
+            and os.path.isfile(os.path.join(spec, name))
+        )
+        if not files:
+            raise DataError(
+                f"Data folder {spec!r} holds no {', '.join(SUPPORTED_EXTENSIONS)} file and is not a "
+                "`save_to_disk` folder."
+            )
+        return [read_file(path) for path in files]
+    if not os.path.exists(spec):
+        raise DataError(
+            f"Data file {spec!r} does not exist (relative paths start from {os.getcwd()!r}). A `dataset` is a "
+            f"local file ({', '.join(SUPPORTED_EXTENSIONS)}), a folder, or {BUILTIN_SYNTHETIC}; hub datasets "
+            "must be saved locally first."
+        )
+    return [read_file(spec)]

@@ -1,0 +1,336 @@
+"""Build the tokenizer and a `ModelWithHeads` from the run's model and fine-tuning arguments.
+
+`model_name_or_path` may be:
+* `builtin:tiny-<arch>`: a tiny random model built in memory (seed 0, so every rebuild is identical);
+* one of our checkpoints (full weights or a LoRA adapter + heads), a foreign reward model (LlamaFactory /
+  TRL value head, DiscoRM, sequence classification; see `interop`), or any plain model directory;
+* a hub name, through the usual `from_pretrained` path (offline here: it must be in the cache).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any, Callable
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from .checkpoint import ADAPTER_CONFIG_NAME, load_heads, read_heads_config
+from .heads import BetaHead, ValueHead, VarianceHead
+from .interop import is_sequence_classification
+from .lora import apply_lora
+from .model_with_heads import ModelWithHeads
+from .tiny import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer
+from .weight_files import locate_file, read_json
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:tiny-"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_warned_attn: set[str] = set()
+
+
+# ---- names ---------------------------------------------------------------------------------------
+
+
+def builtin_arch(name: str) -> str | None:
+    """`builtin:tiny-llama` -> "llama"; None for other names; ConfigError for an unknown builtin."""
+    if not name.startswith("builtin:"):
+        return None
+    arch = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else None
+    if arch not in TINY_ARCHS:
+        raise ConfigError(
+            f"`model_name_or_path: {name}` is not a built-in model. The built-in models are "
+            f"{', '.join(BUILTIN_PREFIX + a for a in TINY_ARCHS)}."
+        )
+    return arch
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else with a slash, or starting like a path, is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or os.path.exists(name)
+
+
+def _check_exists(name: str, key: str = "model_name_or_path") -> None:
+    """A name that is clearly a path must be an existing directory (a hub id is `org/name`)."""
+    if os.path.isfile(name):
+        raise CheckpointError(f"`{key}: {name}` is a file; it must be a model directory (or a hub name).")
+    if _looks_like_path(name) and not os.path.isdir(name):
+        raise CheckpointError(f"`{key}: {name}`: the directory does not exist.")
+
+
+def _adapter_base(name: str, cache_dir: str | None) -> str | None:
+    """The base model of a PEFT adapter checkpoint, or None when `name` is not one."""
+    path = locate_file(name, ADAPTER_CONFIG_NAME, cache_dir)
+    if path is None:
+        return None
+    base = read_json(path).get("base_model_name_or_path")
+    if not base:
+        heads_config = read_heads_config(name, cache_dir) or {}
+        base = heads_config.get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(
+            f"Adapter checkpoint {name!r} does not say which base model it adapts: {path!r} has no "
+            "`base_model_name_or_path`."
+        )
+    return base
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+
+
+def load_tokenizer(model_args):
+    """The tokenizer for `model_args.model_name_or_path` (an adapter dir without one uses its base's).
+
+    A tokenizer without a pad token gets pad = eos (the collators need a pad id; the mask, not the id,
+    marks padding).
+    """
+    name = model_args.model_name_or_path
+    if builtin_arch(name):
+        return build_tiny_tokenizer()
+    _check_exists(name)
+    cache_dir = getattr(model_args, "cache_dir", None)
+    has_own = any(locate_file(name, f, cache_dir) for f in TOKENIZER_FILES)
+    base = _adapter_base(name, cache_dir)
+    if not has_own and base is not None:
+        base_args = copy.copy(model_args)
+        base_args.model_name_or_path = base
+        return load_tokenizer(base_args)
+
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, trust_remote_code=bool(model_args.trust_remote_code), cache_dir=cache_dir
+        )
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"Could not load a tokenizer from `model_name_or_path: {name}`: {_one_line(e)} "
+            "(no network here: a hub name must already be in the local cache)."
+        ) from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("Tokenizer of %s has no pad token; using eos %r as pad.", name, tokenizer.eos_token)
+    return tokenizer
+
+
+# ---- backbone ------------------------------------------------------------------------------------
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _resolve_dtype(torch_dtype: Any) -> Any:
+    """None -> fp32 (master weights for training); strings like "bfloat16" -> torch dtypes; "auto" passes."""
+    if torch_dtype is None:
+        return torch.float32
+    if isinstance(torch_dtype, str) and torch_dtype != "auto":
+        dtype = getattr(torch, torch_dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"torch dtype {torch_dtype!r} is unknown; use float32, bfloat16, float16 or auto.")
+        return dtype
+    return torch_dtype
+
+
+def _attn_candidates(requested: str | None) -> list[str | None]:
+    if requested is None:
+        return [None]
+    if "flash" in requested or "/" in requested:  # flash_attention_2/3, or a hub kernel
+        return [requested, "sdpa", "eager"]
+    if requested == "sdpa":
+        return ["sdpa", "eager"]
+    return [requested]
+
+
+def _with_attn_fallback(load: Callable[[str | None], Any], requested: str | None) -> Any:
+    """`load(attn_implementation)`, falling back to sdpa then eager when the requested kernel is unavailable."""
+    candidates = _attn_candidates(requested)
+    for i, impl in enumerate(candidates):
+        try:
+            return load(impl)
+        except (ImportError, ValueError) as e:
+            message = _one_line(e)
+            is_attn_error = impl is not None and (impl in message or "attention" in message.lower())
+            if not is_attn_error:
+                raise
+            if i + 1 == len(candidates):
+                raise ConfigError(f"`attn_implementation: {requested}` cannot be used with this model: {message}") from None
+            key = f"{impl}->{candidates[i + 1]}"
+            if key not in _warned_attn:
+                _warned_attn.add(key)
+                logger.warning("attn_implementation %r is unavailable (%s); falling back to %r.", impl, message,
+                               candidates[i + 1])
+    raise AssertionError("unreachable")
+
+
+def _build_builtin(arch: str, tokenizer, model_args, dtype) -> torch.nn.Module:
+    def load(impl: str | None):
+        model = build_tiny_model(arch, tokenizer=tokenizer, seed=0)
+        if impl is not None:
+            model.set_attn_implementation(impl)
+        return model
+
+    model = _with_attn_fallback(load, model_args.attn_implementation)
+    if dtype not in (None, "auto", torch.float32):
+        model = model.to(dtype)
+    name = BUILTIN_PREFIX + arch
+    model.name_or_path = name
+    model.config._name_or_path = name
+    return model
+
+
+def _from_pretrained(name: str, model_args, dtype) -> torch.nn.Module:
+    """A plain CausalLM from a directory or hub name (a seq-cls reward model loads its body as a CausalLM)."""
+    from transformers import AutoModelForCausalLM
+
+    cache_dir = getattr(model_args, "cache_dir", None)
+    config_path = locate_file(name, "config.json", cache_dir)
+    if os.path.isdir(name) and config_path is None:
+        present = ", ".join(sorted(os.listdir(name))) or "nothing"
+        raise CheckpointError(
+            f"`model_name_or_path: {name}` is not a model checkpoint: config.json is missing (the directory holds "
+            f"{present})."
+        )
+    if config_path is not None and is_sequence_classification(read_json(config_path)):
+        logger.warning(
+            "%s is a sequence-classification reward model: its body is loaded as a causal LM whose LM head is "
+            "absent and randomly initialised (unused for scoring); `score` becomes the value head.", name,
+        )
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "cache_dir": cache_dir}
+    if model_args.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+
+    def load(impl: str | None):
+        extra = {"attn_implementation": impl} if impl is not None else {}
+        # Weights missing from the file (an LM head of a seq-cls model) are initialised at random; doing it
+        # under a forked RNG keeps the run's random stream independent of what the checkpoint held.
+        with torch.random.fork_rng(devices=[]):
+            return AutoModelForCausalLM.from_pretrained(name, **kwargs, **extra)
+
+    try:
+        model = _with_attn_fallback(load, model_args.attn_implementation)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(
+            f"Could not load the model `model_name_or_path: {name}`: {_one_line(e)}"
+            + ("" if os.path.isdir(name) else " (no network here: a hub name must already be in the local cache).")
+        ) from None
+    except ValueError as e:
+        raise CheckpointError(f"Could not load the model `model_name_or_path: {name}`: {_one_line(e)}") from None
+    except Exception as e:  # safetensors raises its own error type for a truncated file
+        if type(e).__name__ == "SafetensorError":
+            raise CheckpointError(
+                f"The weights of `model_name_or_path: {name}` could not be read ({_one_line(e)}); the file is corrupt."
+            ) from None
+        raise
+    if os.path.isdir(name):
+        model.name_or_path = os.path.abspath(name)
+    return model
+
+
+def _load_backbone(name: str, tokenizer, model_args, finetuning_args, dtype, is_trainable: bool, depth: int = 0):
+    """The backbone for `name`: CausalLM, or PeftModel when `name` is a LoRA checkpoint kept as an adapter."""
+    if depth > 4:
+        raise CheckpointError(f"Adapter checkpoints nest too deeply at {name!r} (an adapter whose base is itself).")
+    arch = builtin_arch(name)
+    if arch is not None:
+        return _build_builtin(arch, tokenizer, model_args, dtype)
+    _check_exists(name)
+    cache_dir = getattr(model_args, "cache_dir", None)
+    base_name = _adapter_base(name, cache_dir)
+    if base_name is None:
+        return _from_pretrained(name, model_args, dtype)
+
+    from peft import PeftModel
+
+    base = _load_backbone(base_name, tokenizer, model_args, finetuning_args, dtype, False, depth + 1)
+    if isinstance(base, PeftModel):
+        base = base.merge_and_unload()
+    keep_adapter = not is_trainable or finetuning_args.finetuning_type == "lora"
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = PeftModel.from_pretrained(base, name, is_trainable=is_trainable and keep_adapter)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"Could not load the LoRA adapter in {name!r}: {_one_line(e)}") from None
+    if not keep_adapter:
+        logger.info("Merging the LoRA adapter of %s into its base for full fine-tuning.", name)
+        return model.merge_and_unload().requires_grad_(True)
+    return model
+
+
+# ---- the model -----------------------------------------------------------------------------------
+
+
+def load_model_with_heads(
+    model_args,
+    finetuning_args,
+    *,
+    add_value_head: bool,
+    is_trainable: bool = True,
+    torch_dtype: Any = None,
+):
+    """Load (or build) the backbone, apply LoRA, create the heads and fill them from the checkpoint.
+
+    Args:
+        model_args: `ModelArguments` (model_name_or_path, trust_remote_code, attn_implementation, cache_dir).
+        finetuning_args: `FinetuningArguments` (finetuning_type, lora_*, add_disco_head, add_beta_head,
+            head_dropout, head_init_std, beta_head_epsilon).
+        add_value_head: create the value (mean) head (stage rm, ppo critic).
+        is_trainable: False freezes everything (reference or reward model) and adds no LoRA adapter.
+        torch_dtype: backbone dtype; None means fp32. Heads are always fp32.
+    Returns:
+        (ModelWithHeads in eval mode, tokenizer).
+    """
+    name = model_args.model_name_or_path
+    tokenizer = load_tokenizer(model_args)
+    dtype = _resolve_dtype(torch_dtype)
+    backbone = _load_backbone(name, tokenizer, model_args, finetuning_args, dtype, is_trainable)
+
+    from peft import PeftModel
+
+    lora = finetuning_args.finetuning_type == "lora"
+    if lora and is_trainable and not isinstance(backbone, PeftModel):
+        backbone = apply_lora(
+            backbone,
+            lora_rank=finetuning_args.lora_rank,
+            lora_alpha=finetuning_args.lora_alpha,
+            lora_dropout=finetuning_args.lora_dropout,
+            lora_target=finetuning_args.lora_target,
+        )
+    elif lora and is_trainable:
+        logger.info("Continuing to train the LoRA adapter loaded from %s.", name)
+
+    causal_lm = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
+    hidden_size = causal_lm.config.get_text_config().hidden_size
+    heads_config = {
+        "hidden_size": hidden_size,
+        "head_dropout": finetuning_args.head_dropout,
+        "head_init_std": finetuning_args.head_init_std,
+        "beta_head_epsilon": finetuning_args.beta_head_epsilon,
+        "base_model_name_or_path": getattr(causal_lm, "name_or_path", None) or name,
+        "finetuning_type": "lora" if isinstance(backbone, PeftModel) else "full",
+    }
+    try:
+        value_head = (
+            ValueHead(hidden_size, finetuning_args.head_dropout, finetuning_args.head_init_std) if add_value_head else None
+        )
+        variance_head = VarianceHead(hidden_size, finetuning_args.head_dropout) if finetuning_args.add_disco_head else None
+        beta_head = BetaHead(hidden_size, finetuning_args.beta_head_epsilon) if finetuning_args.add_beta_head else None
+    except ValueError as e:  # e.g. beta_head_epsilon outside (0, 1)
+        raise ConfigError(f"Bad head setting: {e}.") from None
+    model = ModelWithHeads(backbone, value_head, variance_head, beta_head, heads_config)
+
+    if builtin_arch(name) is None:
+        checkpoint_config = read_heads_config(name, getattr(model_args, "cache_dir", None)) or {}
+        saved_eps = checkpoint_config.get("beta_head_epsilon")
+        if beta_head is not None and checkpoint_config.get("beta_head") and saved_eps != beta_head.epsilon:
+            logger.warning("The beta head in %s was trained with beta_head_epsilon=%s; this run uses %s.",
+                           name, saved_eps, beta_head.epsilon)
+        load_heads(model, name, getattr(model_args, "cache_dir", None))
+
+    if not is_trainable:
+        model.requires_grad_(False)
+    return model.eval(), tokenizer

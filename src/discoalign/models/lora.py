@@ -1,0 +1,91 @@
+"""LoRA (`finetuning_type: lora`): target detection and wrapping the backbone as a PEFT model.
+
+`lora_target: all` means every linear layer of the backbone except the output embedding (LM head),
+found by walking the modules; GPT-2's `Conv1D` is a linear layer with transposed weights and counts too.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import ConfigError
+
+
+def _linear_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def find_linear_targets(causal_lm: nn.Module) -> list[str]:
+    """Sorted short names (last path component) of every linear layer except the output embedding.
+
+    E.g. Llama -> ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"].
+    """
+    output_embedding = causal_lm.get_output_embeddings()
+    names = set()
+    for full_name, module in causal_lm.named_modules():
+        if module is output_embedding or not isinstance(module, _linear_types()):
+            continue
+        names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def _output_embedding_name(causal_lm: nn.Module) -> str | None:
+    output_embedding = causal_lm.get_output_embeddings()
+    for full_name, module in causal_lm.named_modules():
+        if module is output_embedding:
+            return full_name
+    return None
+
+
+def resolve_lora_targets(causal_lm: nn.Module, lora_target: str) -> list[str]:
+    """`lora_target` ("all" or "q_proj, v_proj") -> the list of module short names; ConfigError if one is absent."""
+    available = find_linear_targets(causal_lm)
+    if lora_target.strip().lower() == "all":
+        if not available:
+            raise ConfigError(
+                "`lora_target: all` found no linear layer in the model to adapt; list the module names in "
+                "`lora_target` explicitly (comma-separated)."
+            )
+        return available
+    wanted = [name.strip() for name in lora_target.split(",") if name.strip()]
+    module_names = {full.rsplit(".", 1)[-1] for full, _ in causal_lm.named_modules()}
+    missing = [name for name in wanted if name not in module_names]
+    if not wanted or missing:
+        raise ConfigError(
+            f"`lora_target: {lora_target}` names module(s) {', '.join(map(repr, missing)) or '(none)'} that the "
+            f"model does not have. Its linear layers are: {', '.join(available)} (or use `lora_target: all`)."
+        )
+    return wanted
+
+
+def apply_lora(causal_lm: nn.Module, lora_rank: int, lora_alpha: int | None, lora_dropout: float, lora_target: str):
+    """Wrap `causal_lm` in a fresh trainable LoRA adapter; returns the PeftModel.
+
+    Only the adapter's parameters require grad afterwards. `lora_alpha` defaults to 2 * rank.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    if lora_rank < 1:
+        raise ConfigError(f"`lora_rank` must be a positive integer, got {lora_rank}.")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ConfigError(f"`lora_dropout` must lie in [0, 1), got {lora_dropout}.")
+    targets = resolve_lora_targets(causal_lm, lora_target)
+    target_set = set(targets)
+    uses_conv1d = any(
+        isinstance(m, Conv1D) and name.rsplit(".", 1)[-1] in target_set for name, m in causal_lm.named_modules()
+    )
+    head_name = _output_embedding_name(causal_lm)
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora_rank,
+        lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
+        lora_dropout=lora_dropout,
+        target_modules=targets,
+        # A short name may also match the LM head (e.g. a model whose head is called like a projection).
+        exclude_modules=[head_name] if head_name else None,
+        fan_in_fan_out=uses_conv1d,
+    )
+    return get_peft_model(causal_lm, config)

@@ -1,0 +1,215 @@
+"""A causal LM backbone (full, or wrapped as a PEFT model) plus the value / variance / beta heads.
+
+The heads read the backbone's *last* hidden state, obtained by calling the decoder body directly: no LM
+logits (a vocab-sized tensor per token) and no stack of every layer's hidden states are ever built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .heads import BetaHead, ValueHead, VarianceHead, gather_last_token
+from .modality import MODALITY_INPUTS, ActorModality
+
+
+@dataclass
+class HeadsOutput:
+    """What `ModelWithHeads.forward` returns.
+
+    last_hidden_state: (N, T, H) in the backbone's dtype.
+    mean: (N,) fp32 at each row's last real token, or None without a value head.
+    variance: (N,) fp32, or None without a variance head (or when not asked for).
+    """
+
+    last_hidden_state: torch.Tensor
+    mean: torch.Tensor | None = None
+    variance: torch.Tensor | None = None
+
+
+def _is_peft_model(module: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency, but the wrapper must not need it for full models
+        return False
+    return isinstance(module, PeftModel)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) 0/1 mask -> (N, T) long position ids counting real tokens only.
+
+    With left padding the first real token must sit at position 0, as it would when the row is run alone;
+    the models' default (0..T-1 for every row) would shift it by the pad length.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ModelWithHeads(nn.Module):
+    """`backbone` (a transformers CausalLM, possibly a PeftModel) with optional heads.
+
+    Usable as the `model` of a `transformers.Trainer`: it has `config`, `gradient_checkpointing_enable`,
+    and a `forward` that goes through the module call (so DDP/FSDP wrappers see it).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        value_head: ValueHead | None = None,
+        variance_head: VarianceHead | None = None,
+        beta_head: BetaHead | None = None,
+        heads_config: dict[str, Any] | None = None,
+        modality: ActorModality = ActorModality.LANGUAGE_ONLY,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = value_head
+        self.variance_head = variance_head
+        self.beta_head = beta_head
+        self.heads_config: dict[str, Any] = dict(heads_config or {})
+        self.modality = modality
+
+    # ---- what the backbone is ------------------------------------------------------------------
+
+    @property
+    def config(self):
+        """The backbone's transformers config."""
+        return self.causal_lm.config
+
+    @property
+    def is_peft(self) -> bool:
+        return _is_peft_model(self.backbone)
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The transformers CausalLM (inside the PEFT wrapper when there is one; LoRA layers injected)."""
+        return self.backbone.get_base_model() if self.is_peft else self.backbone
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The decoder body whose output is the last (final-norm) hidden state: `model` / `transformer` / ..."""
+        lm = self.causal_lm
+        body = lm.base_model
+        return body if body is not lm else lm.get_decoder()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output embedding, so log-probs can be computed from hidden states in chunks."""
+        return self.causal_lm.get_output_embeddings()
+
+    @property
+    def accepted_model_inputs(self) -> tuple[str, ...]:
+        """Extra forward arguments (beyond input_ids, attention_mask) this model's modality takes."""
+        return MODALITY_INPUTS[self.modality]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    # ---- computation ---------------------------------------------------------------------------
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **model_inputs: Any
+    ) -> torch.Tensor:
+        """input_ids, attention_mask: (N, T) -> the backbone's last hidden state (N, T, H).
+
+        Position ids follow the mask (see `positions_from_mask`) unless given in `model_inputs`.
+        """
+        model_inputs.setdefault("position_ids", positions_from_mask(attention_mask))
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    def heads_at_last_token(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, with_variance: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden: (N, T, H), attention_mask: (N, T) -> (mean (N,), variance (N,) | None), both fp32.
+
+        Read at each row's last non-padding token, found from the mask (never from pad ids).
+        """
+        if self.value_head is None:
+            raise RuntimeError("this model has no value head; load it with add_value_head=True to score")
+        last = gather_last_token(hidden, attention_mask).float()
+        mean = self.value_head(last)
+        variance = self.variance_head(last) if (with_variance and self.variance_head is not None) else None
+        return mean, variance
+
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_variance: bool = True, **model_inputs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids, attention_mask: (N, T) -> (mean (N,), variance (N,) | None), fp32.
+
+        Calls the module (so hooks and DDP wrappers apply); variance is None without a variance head or
+        when `with_variance=False`.
+        """
+        if self.value_head is None:
+            raise RuntimeError("this model has no value head; load it with add_value_head=True to score")
+        out = self(input_ids, attention_mask, with_variance=with_variance, **model_inputs)
+        return out.mean, out.variance
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        with_heads: bool = True,
+        with_variance: bool = True,
+        **model_inputs: Any,
+    ) -> HeadsOutput:
+        """input_ids, attention_mask: (N, T) -> HeadsOutput (hidden (N, T, H); mean, variance (N,) fp32).
+
+        `with_heads=False` returns the hidden state only (DPO computes log-probs from it via `lm_head`).
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, **model_inputs)
+        out = HeadsOutput(last_hidden_state=hidden)
+        if with_heads and self.value_head is not None:
+            out.mean, out.variance = self.heads_at_last_token(hidden, attention_mask, with_variance)
+        elif with_heads and with_variance and self.variance_head is not None:
+            out.variance = self.variance_head(gather_last_token(hidden, attention_mask).float())
+        return out
+
+    # ---- Trainer / reference-model plumbing ----------------------------------------------------
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Delegate to the backbone with `use_reentrant=False` (the reentrant variant breaks with frozen inputs).
+
+        This is what `transformers.Trainer` calls for `gradient_checkpointing: true` (transformers >= 5.x).
+        """
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        self.causal_lm.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
+        )
+        if self.is_peft:
+            # Embeddings are frozen under LoRA; should a reentrant checkpoint be asked for, it would then see
+            # no grad-requiring input and silently drop the adapters' gradients.
+            self.causal_lm.enable_input_require_grads()
+        self.causal_lm.config.use_cache = False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Older name of `activation_checkpointing_enable` (same arguments)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.causal_lm.activation_checkpointing_disable()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.causal_lm.modules())
+
+    is_gradient_checkpointing = is_activation_checkpointing
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager:
+        """Context in which the model is the LoRA reference (adapters off); a no-op for full models."""
+        return self.backbone.disable_adapter() if self.is_peft else contextlib.nullcontext()
+
+    def head_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every head, e.g. to give the beta head its own learning rate."""
+        for name, param in self.named_parameters():
+            if name.split(".", 1)[0] in ("value_head", "variance_head", "beta_head"):
+                yield name, param

@@ -1,0 +1,112 @@
+"""Stage `dpo` end to end: load policy (and reference), data, train, evaluate, save metrics and plots."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ...config.loader import RunConfig
+from ...data import get_dataset
+from ...data.collator import PairwiseCollator
+from ...errors import ConfigError
+from ...eval.plots import plot_history
+from ...models.loader import load_model_with_heads
+from .trainer import DPOTrainer, make_frozen_reference
+
+logger = logging.getLogger(__name__)
+
+PLOTS = (
+    ("loss.png", "loss", ["loss", "eval_loss"]),
+    ("rewards_accuracy.png", "reward accuracy", ["rewards/accuracies", "eval_rewards/accuracies"]),
+    ("rewards_margins.png", "reward margins", ["rewards/margins", "eval_rewards/margins"]),
+    ("beta.png", "beta distribution (mean, min, max per logged step)", ["beta/mean", "beta/min", "beta/max"]),
+    ("variance.png", "variance", ["variance/chosen", "variance/rejected"]),
+)
+
+
+def load_reference(cfg: RunConfig, policy) -> Any | None:
+    """The frozen reference `ModelWithHeads`, or None when the trainer needs no separate one.
+
+    LoRA: None (the policy with adapters disabled is the reference). Full fine-tuning: the model in
+    `ref_model_name_or_path`, else a frozen copy of the policy, unless `precompute_ref_logps` lets the
+    untrained policy itself serve once before training.
+    """
+    ft = cfg.finetuning
+    if ft.finetuning_type == "lora":
+        if cfg.model.ref_model_name_or_path:
+            logger.warning(
+                "`ref_model_name_or_path` is ignored with `finetuning_type: lora`: the reference is the base "
+                "model with the adapters disabled."
+            )
+        return None
+    if cfg.model.ref_model_name_or_path:
+        ref_args = copy.copy(cfg.model)
+        ref_args.model_name_or_path = cfg.model.ref_model_name_or_path
+        # The reference needs a backbone only: no heads, no adapter, frozen.
+        ref_ft = copy.copy(ft)
+        ref_ft.add_disco_head = ref_ft.add_beta_head = False
+        ref_ft.finetuning_type = "full"
+        ref, _ = load_model_with_heads(ref_args, ref_ft, add_value_head=False, is_trainable=False)
+        return ref
+    if ft.precompute_ref_logps:
+        return None
+    return make_frozen_reference(policy)
+
+
+def build_dpo_trainer(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None):
+    """Seed, load the policy, the data and the reference, and build the `DPOTrainer`. Returns (trainer, bundle)."""
+    args = cfg.training
+    from transformers import set_seed
+
+    # LoRA's init draws from the global RNG: seed first so a run is reproducible and variants comparable.
+    set_seed(args.seed)
+    model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, add_value_head=False, is_trainable=True)
+    model.train()
+    bundle = get_dataset(cfg.data, tokenizer, stage="dpo", seed=args.seed)
+    if args.do_train and bundle.train is None:
+        raise ConfigError("`do_train` is true but no training data was given: set `dataset`.")
+    trainer = DPOTrainer(
+        model,
+        cfg,
+        ref_model=load_reference(cfg, model),
+        train_dataset=bundle.train if args.do_train else None,
+        eval_dataset=bundle.eval,
+        data_collator=PairwiseCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    return trainer, bundle
+
+
+def run_dpo(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train and/or evaluate a DPO-family policy as `cfg` says; returns data stats and train / eval metrics.
+
+    Writes the checkpoint, `train_results.json` / `eval_results.json`, the resolved config and PNG plots
+    (loss, reward accuracy, margins, beta, variance) under `output_dir/plots/`.
+    """
+    args = cfg.training
+    trainer, bundle = build_dpo_trainer(cfg, callbacks)
+    results: dict[str, Any] = {"data_stats": dict(bundle.stats)}
+    if args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.save_state()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        results["train"] = train_result.metrics
+    if args.do_eval and trainer.eval_dataset is not None:
+        metrics = trainer.evaluate(metric_key_prefix="eval")
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results["eval"] = metrics
+    if trainer.is_world_process_zero():
+        if cfg.finetuning.plot_loss:
+            plots_dir = os.path.join(args.output_dir, "plots")
+            for file_name, title, keys in PLOTS:
+                plot_history(trainer.state.log_history, keys, os.path.join(plots_dir, file_name), title)
+        cfg.save(args.output_dir)
+    return results
