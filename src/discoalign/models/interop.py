@@ -31,8 +31,14 @@ VALUE_HEAD_SAFE = "value_head.safetensors"
 VALUE_HEAD_BIN = "value_head.bin"
 
 # source key -> our key
-_VALUE_HEAD_KEYS = {"v_head.summary.weight": "value_head.summary.weight", "v_head.summary.bias": "value_head.summary.bias"}
-_DISCORM_KEYS = {"var_head.var.weight": "variance_head.summary.weight", "var_head.var.bias": "variance_head.summary.bias"}
+_VALUE_HEAD_KEYS = {
+    "v_head.summary.weight": "value_head.summary.weight",
+    "v_head.summary.bias": "value_head.summary.bias",
+}
+_DISCORM_KEYS = {
+    "var_head.var.weight": "variance_head.summary.weight",
+    "var_head.var.bias": "variance_head.summary.bias",
+}
 _SEQ_CLS_KEYS = {"score.weight": "value_head.summary.weight", "score.bias": "value_head.summary.bias"}
 
 
@@ -97,7 +103,8 @@ def import_heads(name_or_path: str, cache_dir: str | None = None) -> ImportedHea
         if "value_head.summary.weight" not in tensors:
             raise CheckpointError(
                 f"{name_or_path!r} is a sequence-classification model (config.json architectures "
-                f"{config_dict.get('architectures')}) but its weights hold no `score.weight`; cannot import it as a reward model."
+                f"{config_dict.get('architectures')}) but its weights hold no `score.weight`; cannot import it as a "
+                "reward model."
             )
         tensors.setdefault("value_head.summary.bias", torch.zeros(1))
         return _finish(ImportedHeads(tensors, path or name_or_path, "sequence classification"))

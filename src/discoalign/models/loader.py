@@ -87,7 +87,7 @@ def load_tokenizer(model_args):
     A tokenizer without a pad token gets pad = eos (the collators need a pad id; the mask, not the id,
     marks padding).
     """
-    name = model_args.model_name_or_path
+    name = os.path.expanduser(model_args.model_name_or_path)
     if builtin_arch(name):
         return build_tiny_tokenizer()
     _check_exists(name)
@@ -157,7 +157,9 @@ def _with_attn_fallback(load: Callable[[str | None], Any], requested: str | None
             if not is_attn_error:
                 raise
             if i + 1 == len(candidates):
-                raise ConfigError(f"`attn_implementation: {requested}` cannot be used with this model: {message}") from None
+                raise ConfigError(
+                    f"`attn_implementation: {requested}` cannot be used with this model: {message}"
+                ) from None
             key = f"{impl}->{candidates[i + 1]}"
             if key not in _warned_attn:
                 _warned_attn.add(key)
@@ -284,7 +286,7 @@ def load_model_with_heads(
     Returns:
         (ModelWithHeads in eval mode, tokenizer).
     """
-    name = model_args.model_name_or_path
+    name = os.path.expanduser(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_args)
     dtype = _resolve_dtype(torch_dtype)
     backbone = _load_backbone(name, tokenizer, model_args, finetuning_args, dtype, is_trainable)
@@ -313,12 +315,12 @@ def load_model_with_heads(
         "base_model_name_or_path": getattr(causal_lm, "name_or_path", None) or name,
         "finetuning_type": "lora" if isinstance(backbone, PeftModel) else "full",
     }
+    ft = finetuning_args
     try:
-        value_head = (
-            ValueHead(hidden_size, finetuning_args.head_dropout, finetuning_args.head_init_std) if add_value_head else None
-        )
-        variance_head = VarianceHead(hidden_size, finetuning_args.head_dropout) if finetuning_args.add_disco_head else None
-        beta_head = BetaHead(hidden_size, finetuning_args.beta_head_epsilon) if finetuning_args.add_beta_head else None
+        # Order matters for reproducibility: only the value head draws random numbers (after LoRA's init).
+        value_head = ValueHead(hidden_size, ft.head_dropout, ft.head_init_std) if add_value_head else None
+        variance_head = VarianceHead(hidden_size, ft.head_dropout) if ft.add_disco_head else None
+        beta_head = BetaHead(hidden_size, ft.beta_head_epsilon) if ft.add_beta_head else None
     except ValueError as e:  # e.g. beta_head_epsilon outside (0, 1)
         raise ConfigError(f"Bad head setting: {e}.") from None
     model = ModelWithHeads(backbone, value_head, variance_head, beta_head, heads_config)

@@ -97,7 +97,7 @@ class DiscoTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        from .resume import load_checkpoint_weights
+        from ..models.checkpoint import load_checkpoint_weights
 
         load_checkpoint_weights(model if model is not None else self._unwrapped(), resume_from_checkpoint)
 

@@ -30,7 +30,9 @@ class RewardTrainer(DiscoTrainer):
         self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], with_variance: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Return (mu_c, mu_r, var_c, var_r), each (B,) fp32; variances None unless asked for."""
-        mean, var = model.score(inputs["input_ids"], inputs["attention_mask"], with_variance=with_variance)
+        # Call the module, not `.score`: under DDP `model` is the wrapper, whose forward is the only entry.
+        out = model(inputs["input_ids"], inputs["attention_mask"], with_variance=with_variance)
+        mean, var = out.mean, out.variance
         half = mean.shape[0] // 2
         if var is None:
             return mean[:half], mean[half:], None, None
@@ -74,7 +76,7 @@ class RewardTrainer(DiscoTrainer):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             # Eval reports variances whenever the head exists; the loss still follows `disco_pref`.
-            has_var = getattr(model, "variance_head", None) is not None
+            has_var = getattr(self.accelerator.unwrap_model(model), "variance_head", None) is not None
             mu_c, mu_r, var_c, var_r = self.pair_scores(model, inputs, with_variance=has_var)
             loss = self.pair_loss(mu_c, mu_r, var_c, var_r, inputs.get("margin")).detach()
         if prediction_loss_only:
