@@ -84,7 +84,8 @@ def test_tensor_beta_of_pref_beta_equals_float_beta_bit_for_bit():
 
 def test_gradient_flows_into_beta():
     beta = torch.full((2,), 0.1, requires_grad=True)
-    losses, _, _ = dpo_loss(torch.tensor([-1.0, -1.0]), torch.tensor([-2.0, -0.5]), torch.zeros(2), torch.zeros(2), beta)
+    policy_chosen, policy_rejected = torch.tensor([-1.0, -1.0]), torch.tensor([-2.0, -0.5])
+    losses, _, _ = dpo_loss(policy_chosen, policy_rejected, torch.zeros(2), torch.zeros(2), beta)
     losses.mean().backward()
     assert beta.grad is not None and (beta.grad != 0).all()
 

@@ -24,6 +24,8 @@ RM_DEMO_CONFIG: dict[str, Any] = {
     "lr_scheduler_type": "cosine",
     "warmup_steps": 20,
     "logging_steps": 20,
+    "eval_strategy": "steps",
+    "eval_steps": 70,
     "save_strategy": "no",
     "seed": 42,
     "do_train": True,

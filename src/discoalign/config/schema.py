@@ -23,6 +23,13 @@ class ModelArguments:
         default=None, metadata={"help": "eager | sdpa | flash_attention_2; falls back to sdpa/eager when missing."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Hub cache directory."})
+    # multimodal processing (LlamaFactory names)
+    image_max_pixels: int = field(
+        default=768 * 768, metadata={"help": "Images with more pixels are scaled down (aspect kept) before processing."}
+    )
+    image_min_pixels: int = field(
+        default=32 * 32, metadata={"help": "Images with fewer pixels are scaled up (aspect kept) before processing."}
+    )
 
 
 @dataclass
@@ -44,6 +51,19 @@ class DataArguments:
     synthetic_seed: int = field(
         default=0, metadata={"help": "Seed of builtin:synthetic; eval_dataset builtin:synthetic uses seed+1."}
     )
+    # speed switches (docs/performance.md); each leaves every loss and gradient unchanged
+    pack_pairs: bool = field(
+        default=False,
+        metadata={"help": "One row per pair: the prompt once, then chosen and rejected with their own position ids "
+                          "and a mask that keeps them apart. Needs attn_implementation eager or sdpa."},
+    )
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Batch pairs of similar length together (less padding); order changes."}
+    )
+    media_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder that relative `images` / `audios` paths start from; default: the data file's folder."},
+    )
 
 
 @dataclass
@@ -55,6 +75,12 @@ class FinetuningArguments:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target: str = field(
         default="all", metadata={"help": "`all` (every linear layer but the LM head) or comma-separated names."}
+    )
+    # multimodal models: which parts train besides the language model (LlamaFactory names)
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision tower frozen (no LoRA)."})
+    freeze_audio_tower: bool = field(default=True, metadata={"help": "Keep the audio tower frozen (no LoRA)."})
+    freeze_multi_modal_projector: bool = field(
+        default=True, metadata={"help": "Keep the projector from tower to language model frozen (no LoRA)."}
     )
     # heads: existence ...
     add_disco_head: bool = field(default=False, metadata={"help": "Create the variance head."})
@@ -79,6 +105,43 @@ class FinetuningArguments:
     pref_ftx: float = field(default=0.0, metadata={"help": "Weight of an SFT loss on chosen responses."})
     precompute_ref_logps: bool = field(
         default=False, metadata={"help": "Compute reference log-probs (and beta features) once before training."}
+    )
+    # PPO (stage ppo; names from TRL / LlamaFactory)
+    reward_model: str | None = field(
+        default=None, metadata={"help": "PPO: directory of the reward model (ours, LlamaFactory/TRL value head, ...)."}
+    )
+    reward_model_type: Literal["full", "lora"] = field(
+        default="full",
+        metadata={"help": "PPO: `lora` = a LoRA reward adapter with heads, on its own base or model_name_or_path."},
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "PPO: most tokens sampled per response."})
+    temperature: float = field(default=1.0, metadata={"help": "PPO: sampling temperature (log-probs use it too)."})
+    top_p: float = field(default=1.0, metadata={"help": "PPO: nucleus sampling; 1.0 disables it."})
+    top_k: int = field(default=0, metadata={"help": "PPO: top-k sampling; 0 disables it."})
+    ppo_epochs: int = field(default=4, metadata={"help": "PPO: optimisation epochs over each rollout batch."})
+    ppo_buffer_size: int = field(
+        default=1,
+        metadata={"help": "PPO: mini-batches per rollout batch; a rollout holds per_device_train_batch_size x "
+                          "gradient_accumulation_steps x ppo_buffer_size prompts per device."},
+    )
+    gamma: float = field(default=1.0, metadata={"help": "PPO: discount factor of GAE."})
+    lam: float = field(default=0.95, metadata={"help": "PPO: lambda of GAE."})
+    cliprange: float = field(default=0.2, metadata={"help": "PPO: clip range of the policy ratio."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "PPO: clip range of the value function."})
+    vf_coef: float = field(default=0.1, metadata={"help": "PPO: weight of the value loss."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "PPO: whiten the per-token rewards (TRL)."})
+    reward_clip: float | None = field(default=None, metadata={"help": "PPO: clip scores to [-c, c]; unset: no clip."})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "PPO: subtracted from the score of a response cut off without EOS."}
+    )
+    kl_estimator: Literal["k1", "k3"] = field(
+        default="k1", metadata={"help": "PPO: per-token KL estimate in the penalty: k1 (log ratio) or k3."}
+    )
+    disco_risk_coef: float = field(
+        default=0.0, metadata={"help": "PPO: reward = mean - disco_risk_coef * sqrt(variance) (Disco reward model)."}
+    )
+    target_kl: float = field(
+        default=6.0, metadata={"help": "PPO + use_dynamic_beta: per-response KL the beta head steers each prompt to."}
     )
     # evaluation outputs
     plot_loss: bool = field(default=True, metadata={"help": "Write PNG plots to output_dir/plots/."})

@@ -21,6 +21,9 @@ def validate_combinations(
     def fail(msg: str) -> None:
         raise ConfigError(f"In {source}: {msg}")
 
+    # First, so that a PPO run with `disco_pref` hears about PPO, not about the missing variance head.
+    notes += _validate_ppo(ft, fail)
+
     if ft.disco_pref and not ft.add_disco_head:
         fail(
             "`disco_pref: true` uses the variance head, but `add_disco_head` is false, so the head does not "
@@ -76,8 +79,61 @@ def validate_combinations(
         fail(f"`max_samples` is {data.max_samples}; it must be a positive integer.")
     if ft.precompute_ref_logps and ft.stage != "dpo":
         fail("`precompute_ref_logps` applies to `stage: dpo` only.")
-    if ft.stage == "ppo":
-        fail("`stage: ppo` is not available in this version of discoalign; use `rm` or `dpo`.")
     if not model.model_name_or_path:
         fail("`model_name_or_path` is empty; give a local directory, a hub name or builtin:tiny-<arch>.")
+    return notes
+
+
+# Keys that only `stage: ppo` reads; setting one elsewhere is a mistake worth a clear error.
+PPO_ONLY_KEYS = (
+    "reward_model", "reward_model_type", "max_new_tokens", "temperature", "top_p", "top_k", "ppo_epochs",
+    "ppo_buffer_size", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef", "whiten_rewards", "reward_clip",
+    "missing_eos_penalty", "kl_estimator", "disco_risk_coef", "target_kl",
+)  # fmt: skip
+
+
+def _validate_ppo(ft: FinetuningArguments, fail) -> list[str]:
+    """The PPO keys: only with `stage: ppo`, in range, and a reward model named."""
+    if ft.stage != "ppo":
+        defaults = FinetuningArguments()
+        changed = [k for k in PPO_ONLY_KEYS if getattr(ft, k) != getattr(defaults, k)]
+        if changed:
+            fail(f"{', '.join(f'`{k}`' for k in changed)} appl{'ies' if len(changed) == 1 else 'y'} to `stage: ppo` "
+                 f"only, not `stage: {ft.stage}`. Remove {'it' if len(changed) == 1 else 'them'} or set `stage: ppo`.")
+        return []
+    if not ft.reward_model:
+        fail("`stage: ppo` needs `reward_model`: the directory of a trained reward model (for example the output "
+             "of `discoalign train examples/rm_bt.yaml`).")
+    if ft.disco_pref or ft.add_disco_head:
+        keys = [k for k in ("add_disco_head", "disco_pref") if getattr(ft, k)]
+        fail(f"{' and '.join(f'`{k}`' for k in keys)} cannot be used with `stage: ppo`: the policy has no variance "
+             "head in PPO. The Disco variance comes from the reward model; `disco_risk_coef` decides how much it "
+             "counts (reward = mean - disco_risk_coef * sqrt(variance)).")
+    positive_ints = {"max_new_tokens": ft.max_new_tokens, "ppo_epochs": ft.ppo_epochs,
+                     "ppo_buffer_size": ft.ppo_buffer_size}  # fmt: skip
+    for key, value in positive_ints.items():
+        if value < 1:
+            fail(f"`{key}` is {value}; it must be a positive integer.")
+    if ft.temperature <= 0:
+        fail(f"`temperature` is {ft.temperature}; it must be positive (PPO samples its responses).")
+    if not 0.0 < ft.top_p <= 1.0:
+        fail(f"`top_p` is {ft.top_p}; it must lie in (0, 1] (1 disables nucleus sampling).")
+    if ft.top_k < 0:
+        fail(f"`top_k` is {ft.top_k}; it must be 0 (disabled) or a positive integer.")
+    for key in ("gamma", "lam"):
+        if not 0.0 <= getattr(ft, key) <= 1.0:
+            fail(f"`{key}` is {getattr(ft, key)}; it must lie in [0, 1].")
+    for key in ("cliprange", "cliprange_value", "target_kl"):
+        if getattr(ft, key) <= 0:
+            fail(f"`{key}` is {getattr(ft, key)}; it must be positive.")
+    for key in ("vf_coef", "disco_risk_coef", "missing_eos_penalty"):
+        value = getattr(ft, key)
+        if value is not None and value < 0:
+            fail(f"`{key}` is {value}; it must be non-negative.")
+    if ft.reward_clip is not None and ft.reward_clip <= 0:
+        fail(f"`reward_clip` is {ft.reward_clip}; it must be positive (or unset for no clipping).")
+    notes = []
+    if ft.target_kl != FinetuningArguments().target_kl and not ft.use_dynamic_beta:
+        notes.append("`target_kl` is set but `use_dynamic_beta` is false: the KL coefficient is the fixed `pref_beta` "
+                     "and `target_kl` is not used.")
     return notes

@@ -71,6 +71,8 @@ def as_message(value: Any, field: str) -> dict[str, str]:
         raise RowProblem(MISSING, f"{field}.{role_key}", "the message has no role")
     if content is None:
         raise RowProblem(MISSING, f"{field}.{content_key}", "the message has no content")
+    if isinstance(content, list):
+        content = content_parts_text(content, f"{field}.{content_key}")
     if not isinstance(role, str):
         raise RowProblem(WRONG_TYPE, f"{field}.{role_key}", f"expected a string role, got {type(role).__name__}")
     if not isinstance(content, str):
@@ -81,6 +83,30 @@ def as_message(value: Any, field: str) -> dict[str, str]:
             MALFORMED, f"{field}.{role_key}", f"unknown role {role!r}; expected one of {', '.join(ROLE_ALIASES)}"
         )
     return {"role": canonical_role, "content": content}
+
+
+# Typed content parts (TRL / OpenAI vision-language messages) -> the markers LlamaFactory writes in the text.
+PART_MARKERS = {"image": "<image>", "image_url": "<image>", "audio": "<audio>", "input_audio": "<audio>", "video": "<video>"}
+
+
+def content_parts_text(parts: list[Any], field: str) -> str:
+    """`[{"type": "image"}, {"type": "text", "text": "What is it?"}]` -> `"<image>What is it?"`.
+
+    The media themselves come from the row's `images` / `audios` columns; a part only marks where they go.
+    """
+    pieces = []
+    for i, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        elif kind in PART_MARKERS:
+            pieces.append(PART_MARKERS[kind])
+        else:
+            raise RowProblem(
+                WRONG_TYPE, f"{field}[{i}]",
+                "expected a content part {\"type\": \"text\", \"text\": ...} or {\"type\": \"image\" | \"audio\"}",
+            )  # fmt: skip
+    return "".join(pieces)
 
 
 def as_messages(value: Any, field: str, default_role: str | None = None) -> list[dict[str, str]]:

@@ -21,6 +21,8 @@ class PairwiseCollator:
     Args:
         pad_token_id: id written on padding positions (they are masked out by `attention_mask` and `labels`).
         padding_side: "right" (default) or "left".
+        pack_pairs: one row per pair instead (prompt once, then chosen, then rejected); the keys and shapes
+            of that layout are those of `data.packing.pack_pair_rows`, plus margin and ground truth as below.
 
     Returns (from `__call__`), with T the longest prompt+response in the batch:
         input_ids (2B, T) long; attention_mask (2B, T) long (1 on real tokens);
@@ -30,7 +32,7 @@ class PairwiseCollator:
         noise (B,) float32.
     """
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right") -> None:
+    def __init__(self, pad_token_id: int, padding_side: str = "right", pack_pairs: bool = False) -> None:
         if pad_token_id is None:
             raise DataError(
                 "The tokenizer has no pad token, so batches cannot be padded; set `tokenizer.pad_token` "
@@ -40,8 +42,24 @@ class PairwiseCollator:
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
+        # `pack_pairs`: one row per pair instead of two (see `data.packing`); set by the trainer from the config.
+        self.pack_pairs = pack_pairs
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self._packed(rows) if self.pack_pairs else self._padded(rows)
+        batch["margin"] = torch.tensor([float(r.get("margin") or 0.0) for r in rows], dtype=torch.float32)
+        for column in GROUND_TRUTH_COLUMNS:
+            if all(r.get(column) is not None for r in rows):
+                batch[column] = torch.tensor([float(r[column]) for r in rows], dtype=torch.float32)
+        return batch
+
+    def _packed(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from .packing import pack_pair_rows
+
+        triples = [(r["prompt_input_ids"], r["chosen_input_ids"], r["rejected_input_ids"]) for r in rows]
+        return pack_pair_rows(triples, self.pad_token_id)
+
+    def _padded(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences = []  # (prompt_ids, response_ids) for chosen rows, then for rejected rows
         for side in ("chosen_input_ids", "rejected_input_ids"):
             sequences += [(list(r["prompt_input_ids"]), list(r[side])) for r in rows]
@@ -58,14 +76,9 @@ class PairwiseCollator:
             attention_mask[i, start : start + length] = 1
             labels[i, start + len(prompt) : start + length] = torch.tensor(response, dtype=torch.long)
             prompt_last_index[i] = start + len(prompt) - 1
-        batch = {
+        return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "prompt_last_index": prompt_last_index,
-            "margin": torch.tensor([float(r.get("margin") or 0.0) for r in rows], dtype=torch.float32),
         }
-        for column in GROUND_TRUTH_COLUMNS:
-            if all(r.get(column) is not None for r in rows):
-                batch[column] = torch.tensor([float(r[column]) for r in rows], dtype=torch.float32)
-        return batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -12,11 +13,14 @@ from ..errors import DataError
 from .checks import TRUNCATED, RowProblem
 from .encode import encode_pair, encode_prompt
 from .formats import PAIRWISE_FORMATS, check_columns, detect_format, to_pairwise_row, to_prompt_row
+from .media import AUDIO_COLUMN, IMAGE_COLUMN, MEDIA_TRUNCATED, MEDIA_UNSUPPORTED, VIDEO_COLUMN, has_media
 from .sources import BUILTIN_SYNTHETIC, RawRows, read_spec, split_specs
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
+
+    from .media_processor import MediaProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +44,34 @@ def _summary(counts: Counter) -> str:
     return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
 
 
-def _convert(source: RawRows, data_args: DataArguments, stage: str) -> tuple[list[dict[str, Any]], Counter]:
+def _media_base_dir(source: RawRows, data_args: DataArguments) -> str | None:
+    """Where relative media paths start: `media_dir`, else the data file's folder (None for builtins)."""
+    if data_args.media_dir:
+        return data_args.media_dir
+    if os.path.isdir(source.name):
+        return source.name
+    return os.path.dirname(os.path.abspath(source.name)) if os.path.isfile(source.name) else None
+
+
+def _with_media(
+    row: dict[str, Any], raw: dict[str, Any], media: MediaProcessor | None, stage: str, base_dir: str | None
+) -> dict[str, Any]:
+    """Attach a row's images / audio (markers expanded) for a multimodal model; a text model cannot take any."""
+    if media is not None and stage != "ppo":
+        return media.prepare_row(row, raw, base_dir)
+    if has_media(raw):
+        field = next(c for c in (IMAGE_COLUMN, AUDIO_COLUMN, VIDEO_COLUMN) if raw.get(c))
+        why = "stage ppo takes text prompts only" if stage == "ppo" else (
+            "the model is a text-only causal LM; use a vision-language or audio-language model (e.g. "
+            "`model_name_or_path: builtin:tiny-qwen2-vl`), or drop the column"
+        )  # fmt: skip
+        raise RowProblem(MEDIA_UNSUPPORTED, field, f"the row has `{field}` but {why}")
+    return row
+
+
+def _convert(
+    source: RawRows, data_args: DataArguments, stage: str, media: MediaProcessor | None = None
+) -> tuple[list[dict[str, Any]], Counter]:
     """Canonical rows of one file, and the count of its bad rows per reason (only with skip_invalid_rows)."""
     fmt = data_args.dataset_format
     if fmt == "auto":
@@ -53,10 +84,12 @@ def _convert(source: RawRows, data_args: DataArguments, stage: str) -> tuple[lis
             "Use a pairwise dataset (prompt/chosen/rejected, sharegpt, hh-rlhf), or `stage: ppo` for prompts."
         )
     convert = to_prompt_row if stage == "ppo" else to_pairwise_row
+    base_dir = _media_base_dir(source, data_args)
     rows, bad = [], Counter()
     for index, raw in enumerate(source.rows):
         try:
-            rows.append(convert(raw, fmt))
+            row = convert(raw, fmt)
+            rows.append(_with_media(row, raw, media, stage, base_dir) if isinstance(raw, dict) else row)
         except RowProblem as problem:
             if not data_args.skip_invalid_rows:
                 raise DataError(
@@ -74,7 +107,12 @@ def _convert(source: RawRows, data_args: DataArguments, stage: str) -> tuple[lis
 
 
 def _canonical_rows(
-    spec: str, data_args: DataArguments, stage: str, synthetic_seed: int, dropped: Counter
+    spec: str,
+    data_args: DataArguments,
+    stage: str,
+    synthetic_seed: int,
+    dropped: Counter,
+    media: MediaProcessor | None = None,
 ) -> list[dict[str, Any]]:
     """The canonical rows of one spec (a folder's files in order), its first `max_samples` raw rows only."""
     canonical: list[dict[str, Any]] = []
@@ -85,7 +123,7 @@ def _canonical_rows(
             if not source.rows:
                 break
         taken += len(source.rows)
-        rows, bad = _convert(source, data_args, stage)
+        rows, bad = _convert(source, data_args, stage, media)
         dropped.update(bad)
         canonical += rows
     return canonical
@@ -98,8 +136,10 @@ def _encode_rows(
     tokenizer: PreTrainedTokenizerBase,
     stage: str,
     dropped: Counter,
+    media: MediaProcessor | None = None,
 ) -> list[dict[str, Any]]:
-    """Tokenise canonical rows; pairs whose response truncation would empty are dropped, counted and logged."""
+    """Tokenise canonical rows; pairs whose response truncation would empty are dropped, counted and logged,
+    and so are multimodal pairs whose prompt truncation would cut into the media placeholder tokens."""
     if stage == "ppo":
         return [encode_prompt(tokenizer, row, data_args.cutoff_len) for row in rows]
     encoded = [encode_pair(tokenizer, row, data_args.cutoff_len) for row in rows]
@@ -109,6 +149,15 @@ def _encode_rows(
         logger.warning(
             "Dropped %d rows of %s: %s (cutoff_len: %d).", len(rows) - len(kept), spec, TRUNCATED, data_args.cutoff_len
         )
+    if media is not None:
+        intact = [row for row in kept if media.tokens_intact(row)]
+        if len(intact) < len(kept):
+            dropped[MEDIA_TRUNCATED] += len(kept) - len(intact)
+            logger.warning(
+                "Dropped %d rows of %s: %s (cutoff_len: %d; raise it, or lower image_max_pixels).",
+                len(kept) - len(intact), spec, MEDIA_TRUNCATED, data_args.cutoff_len,
+            )  # fmt: skip
+        kept = intact
     return kept
 
 
@@ -120,6 +169,7 @@ def _load(
     stage: str,
     synthetic_seed: int,
     stats: Counter,
+    media: MediaProcessor | None = None,
 ) -> datasets.Dataset:
     """Every spec of one comma-separated config value (`key`), converted, checked and tokenised, as a Dataset."""
     import datasets
@@ -127,8 +177,8 @@ def _load(
     dropped: Counter = Counter()
     encoded: list[dict[str, Any]] = []
     for spec in split_specs(spec_list):
-        rows = _canonical_rows(spec, data_args, stage, synthetic_seed, dropped)
-        encoded += _encode_rows(rows, spec, data_args, tokenizer, stage, dropped)
+        rows = _canonical_rows(spec, data_args, stage, synthetic_seed, dropped, media)
+        encoded += _encode_rows(rows, spec, data_args, tokenizer, stage, dropped, media)
     stats.update(dropped)
     if not encoded:
         raise DataError(
@@ -154,7 +204,11 @@ def _split(train: datasets.Dataset, val_size: float, seed: int) -> tuple[dataset
 
 
 def get_dataset(
-    data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, stage: str, seed: int = 0
+    data_args: DataArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    stage: str,
+    seed: int = 0,
+    media: MediaProcessor | None = None,
 ) -> DatasetBundle:
     """Load `dataset` (and `eval_dataset`, or a `val_size` split) as tokenised `datasets.Dataset`s.
 
@@ -163,6 +217,9 @@ def get_dataset(
         tokenizer: a Hugging Face tokenizer (its chat template is used when it has one).
         stage: "rm" or "dpo" (pairwise rows) or "ppo" (prompt-only rows).
         seed: seed of the `val_size` split.
+        media: the multimodal model's `MediaProcessor` (`model.media_processor`), or None for a text model. With
+            it, rows may carry `images` / `audios`; their markers are expanded and the media references kept in
+            the `images` / `audios` columns for the collator.
 
     Returns:
         DatasetBundle. A pairwise row holds `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`,
@@ -176,13 +233,14 @@ def get_dataset(
             f"No training data: set the config key `dataset` to a data file, a folder, or {BUILTIN_SYNTHETIC}."
         )
     stats: Counter = Counter()
-    train = _load(data_args.dataset, "dataset", data_args, tokenizer, stage, data_args.synthetic_seed, stats)
+    train = _load(data_args.dataset, "dataset", data_args, tokenizer, stage, data_args.synthetic_seed, stats, media)
     eval_set = None
     if data_args.eval_dataset:
         # builtin:synthetic as eval data uses the next seed, so it is held out from the training pairs.
         eval_set = _load(
-            data_args.eval_dataset, "eval_dataset", data_args, tokenizer, stage, data_args.synthetic_seed + 1, stats
-        )
+            data_args.eval_dataset, "eval_dataset", data_args, tokenizer, stage, data_args.synthetic_seed + 1, stats,
+            media,
+        )  # fmt: skip
         if data_args.val_size:
             logger.warning("`val_size: %s` is ignored because `eval_dataset` is set.", data_args.val_size)
     elif data_args.val_size > 0:

@@ -21,6 +21,9 @@ from ..errors import DataError
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
 BUILTIN_SYNTHETIC = "builtin:synthetic"
+BUILTIN_SYNTHETIC_VL = "builtin:synthetic-vl"  # images (for vision-language models)
+BUILTIN_SYNTHETIC_AUDIO = "builtin:synthetic-audio"  # tones (for audio-language models)
+BUILTINS = (BUILTIN_SYNTHETIC, BUILTIN_SYNTHETIC_VL, BUILTIN_SYNTHETIC_AUDIO)
 SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -122,11 +125,16 @@ def read_file(path: str) -> RawRows:
 def read_spec(spec: str, synthetic_num_pairs: int, synthetic_seed: int) -> list[RawRows]:
     """The raw rows a single spec names: one entry per file (a folder gives several)."""
     if spec.startswith("builtin:"):
-        if spec != BUILTIN_SYNTHETIC:
-            raise DataError(f"Unknown builtin dataset {spec!r}; the only builtin is {BUILTIN_SYNTHETIC!r}.")
-        from .synthetic import synthetic_pair_rows
+        if spec not in BUILTINS:
+            raise DataError(f"Unknown builtin dataset {spec!r}; the builtins are {', '.join(map(repr, BUILTINS))}.")
+        if spec == BUILTIN_SYNTHETIC:
+            from .synthetic import synthetic_pair_rows as make_rows
+        elif spec == BUILTIN_SYNTHETIC_VL:
+            from .synthetic_media import synthetic_vl_rows as make_rows
+        else:
+            from .synthetic_media import synthetic_audio_rows as make_rows
 
-        rows = synthetic_pair_rows(synthetic_num_pairs, synthetic_seed)
+        rows = make_rows(synthetic_num_pairs, synthetic_seed)
         return [RawRows(f"{spec} (seed {synthetic_seed})", rows, _columns_of(rows))]
     if os.path.isdir(spec):
         if any(os.path.isfile(os.path.join(spec, m)) for m in SAVE_TO_DISK_MARKERS):

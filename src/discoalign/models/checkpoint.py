@@ -5,7 +5,8 @@ An output directory holds:
   (`adapter_config.json` + `adapter_model.safetensors`) whose base is named in the adapter config;
 * `heads.safetensors`: keys `value_head.summary.{weight,bias}`, `variance_head.summary.*`, `beta_head.summary.*`;
 * `heads_config.json`: which heads exist and their hyper-parameters;
-* the tokenizer, when one is given.
+* the tokenizer, when one is given, and a multimodal model's image processor / feature extractor
+  (`preprocessor_config.json`).
 
 Compatibility rules when loading heads into a model:
 * the checkpoint has a value head but no variance head, and the model wants one: the variance head stays
@@ -103,6 +104,9 @@ def save_checkpoint(
         json.dump(heads_config_of(model), f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
+    if getattr(model, "media_processor", None) is not None:
+        # A multimodal checkpoint reloads offline with its own image processor / feature extractor.
+        model.media_processor.save_pretrained(output_dir)
     return output_dir
 
 

@@ -22,7 +22,10 @@ from .heads import BetaHead, ValueHead, VarianceHead
 from .interop import is_sequence_classification
 from .lora import apply_lora
 from .model_with_heads import ModelWithHeads
+from .modality import ActorModality, detect_modality
+from .multimodal_loader import build_media_processor, freeze_frozen_parts, multimodal_auto_class, trainable_parts
 from .tiny import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer
+from .tiny_multimodal import TINY_MULTIMODAL_ARCHS, build_tiny_multimodal_model, build_tiny_multimodal_tokenizer
 from .weight_files import locate_file, read_json
 
 logger = logging.getLogger(__name__)
@@ -40,10 +43,10 @@ def builtin_arch(name: str) -> str | None:
     if not name.startswith("builtin:"):
         return None
     arch = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else None
-    if arch not in TINY_ARCHS:
+    if arch not in TINY_ARCHS + TINY_MULTIMODAL_ARCHS:
         raise ConfigError(
             f"`model_name_or_path: {name}` is not a built-in model. The built-in models are "
-            f"{', '.join(BUILTIN_PREFIX + a for a in TINY_ARCHS)}."
+            f"{', '.join(BUILTIN_PREFIX + a for a in TINY_ARCHS + TINY_MULTIMODAL_ARCHS)}."
         )
     return arch
 
@@ -88,8 +91,9 @@ def load_tokenizer(model_args):
     marks padding).
     """
     name = os.path.expanduser(model_args.model_name_or_path)
-    if builtin_arch(name):
-        return build_tiny_tokenizer()
+    arch = builtin_arch(name)
+    if arch:
+        return build_tiny_multimodal_tokenizer(arch) if arch in TINY_MULTIMODAL_ARCHS else build_tiny_tokenizer()
     _check_exists(name)
     cache_dir = getattr(model_args, "cache_dir", None)
     has_own = any(locate_file(name, f, cache_dir) for f in TOKENIZER_FILES)
@@ -170,7 +174,10 @@ def _with_attn_fallback(load: Callable[[str | None], Any], requested: str | None
 
 def _build_builtin(arch: str, tokenizer, model_args, dtype) -> torch.nn.Module:
     def load(impl: str | None):
-        model = build_tiny_model(arch, tokenizer=tokenizer, seed=0)
+        if arch in TINY_MULTIMODAL_ARCHS:
+            model = build_tiny_multimodal_model(arch, tokenizer=tokenizer, seed=0)
+        else:
+            model = build_tiny_model(arch, tokenizer=tokenizer, seed=0)
         if impl is not None:
             model.set_attn_implementation(impl)
         return model
@@ -196,7 +203,10 @@ def _from_pretrained(name: str, model_args, dtype) -> torch.nn.Module:
             f"`model_name_or_path: {name}` is not a model checkpoint: config.json is missing (the directory holds "
             f"{present})."
         )
-    if config_path is not None and is_sequence_classification(read_json(config_path)):
+    config_json = read_json(config_path) if config_path is not None else {}
+    # Vision-language / audio-language configs are not in AutoModelForCausalLM's mapping.
+    auto_class = multimodal_auto_class(config_json) or AutoModelForCausalLM
+    if config_path is not None and is_sequence_classification(config_json):
         logger.warning(
             "%s is a sequence-classification reward model: its body is loaded as a causal LM whose LM head is "
             "absent and randomly initialised (unused for scoring); `score` becomes the value head.", name,
@@ -211,7 +221,7 @@ def _from_pretrained(name: str, model_args, dtype) -> torch.nn.Module:
         # Weights missing from the file (an LM head of a seq-cls model) are initialised at random; doing it
         # under a forked RNG keeps the run's random stream independent of what the checkpoint held.
         with torch.random.fork_rng(devices=[]):
-            return AutoModelForCausalLM.from_pretrained(name, **kwargs, **extra)
+            return auto_class.from_pretrained(name, **kwargs, **extra)
 
     try:
         model = _with_attn_fallback(load, model_args.attn_implementation)
@@ -266,6 +276,17 @@ def _load_backbone(name: str, tokenizer, model_args, finetuning_args, dtype, is_
 # ---- the model -----------------------------------------------------------------------------------
 
 
+def _checkpoint_chain(name: str, cache_dir: str | None) -> list[str]:
+    """`name`, then the base of its adapter, and so on: where a multimodal model's processor files may be."""
+    chain = [name]
+    while len(chain) < 5 and builtin_arch(chain[-1]) is None:
+        base = _adapter_base(chain[-1], cache_dir)
+        if base is None:
+            break
+        chain.append(base)
+    return chain
+
+
 def load_model_with_heads(
     model_args,
     finetuning_args,
@@ -301,9 +322,12 @@ def load_model_with_heads(
             lora_alpha=finetuning_args.lora_alpha,
             lora_dropout=finetuning_args.lora_dropout,
             lora_target=finetuning_args.lora_target,
+            frozen_parts=trainable_parts(backbone, finetuning_args),  # None for text models
         )
     elif lora and is_trainable:
         logger.info("Continuing to train the LoRA adapter loaded from %s.", name)
+    elif is_trainable and not isinstance(backbone, PeftModel):
+        freeze_frozen_parts(backbone, finetuning_args)  # a multimodal model's towers; no-op for text models
 
     causal_lm = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
     hidden_size = causal_lm.config.get_text_config().hidden_size
@@ -323,7 +347,16 @@ def load_model_with_heads(
         beta_head = BetaHead(hidden_size, ft.beta_head_epsilon) if ft.add_beta_head else None
     except ValueError as e:  # e.g. beta_head_epsilon outside (0, 1)
         raise ConfigError(f"Bad head setting: {e}.") from None
-    model = ModelWithHeads(backbone, value_head, variance_head, beta_head, heads_config)
+    modality = detect_modality(causal_lm.config)
+    model = ModelWithHeads(backbone, value_head, variance_head, beta_head, heads_config, modality=modality)
+    if modality != ActorModality.LANGUAGE_ONLY:
+        model.media_processor = build_media_processor(
+            causal_lm,
+            tokenizer,
+            model_args,
+            sources=_checkpoint_chain(name, getattr(model_args, "cache_dir", None)),
+            supported=model.supported_parameters,
+        )
 
     if builtin_arch(name) is None:
         checkpoint_config = read_heads_config(name, getattr(model_args, "cache_dir", None)) or {}

@@ -13,8 +13,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..data.packing import pair_attention_mask
 from .heads import BetaHead, ValueHead, VarianceHead, gather_last_token
-from .modality import MODALITY_INPUTS, ActorModality
+from .modality import MODALITY_INPUTS, ActorModality, supported_parameters
 
 
 @dataclass
@@ -37,6 +38,15 @@ def _is_peft_model(module: nn.Module) -> bool:
     except ImportError:  # peft is a dependency, but the wrapper must not need it for full models
         return False
     return isinstance(module, PeftModel)
+
+
+def last_token_hidden(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, score_index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """hidden (N, T, H) -> (M, H): each row's last real token (M = N), or the flat `score_index` (M,) positions."""
+    if score_index is None:
+        return gather_last_token(hidden, attention_mask)
+    return hidden.reshape(-1, hidden.shape[-1])[score_index]
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -71,6 +81,9 @@ class ModelWithHeads(nn.Module):
         self.beta_head = beta_head
         self.heads_config: dict[str, Any] = dict(heads_config or {})
         self.modality = modality
+        # Multimodal models: the `data.media_processor.MediaProcessor` that turns images / audio into this
+        # model's inputs (set by the loader, saved with the checkpoint); None for text models.
+        self.media_processor: Any = None
 
     # ---- what the backbone is ------------------------------------------------------------------
 
@@ -106,6 +119,19 @@ class ModelWithHeads(nn.Module):
         return MODALITY_INPUTS[self.modality]
 
     @property
+    def supported_parameters(self) -> tuple[str, ...]:
+        """The media inputs (`pixel_values`, `image_grid_thw`, `input_features`, ...) the backbone's forward takes.
+
+        Collators build exactly these and trainers pass exactly these; () for a text model.
+        """
+        return supported_parameters(self.decoder, self.modality)
+
+    @property
+    def uses_media_positions(self) -> bool:
+        """True when the backbone derives position ids from the media grids (Qwen2-VL's M-RoPE)."""
+        return hasattr(self.decoder, "get_rope_index")
+
+    @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
@@ -116,22 +142,40 @@ class ModelWithHeads(nn.Module):
     ) -> torch.Tensor:
         """input_ids, attention_mask: (N, T) -> the backbone's last hidden state (N, T, H).
 
-        Position ids follow the mask (see `positions_from_mask`) unless given in `model_inputs`.
+        With packed pairs, `model_inputs` holds `segment_ids` and `position_ids` (see `data.packing`) and the
+        mask is built from them. Position ids follow the mask (see `positions_from_mask`) unless given in
+        `model_inputs`, or unless the
+        batch carries image/video grids for an M-RoPE model, which then computes its 3-D positions from the
+        grids and the mask itself. `model_inputs` may hold media inputs (see `supported_parameters`).
         """
-        model_inputs.setdefault("position_ids", positions_from_mask(attention_mask))
+        segment_ids = model_inputs.pop("segment_ids", None)
+        if segment_ids is not None:
+            # Packed pairs (`data.packing`): the collator's position ids, and a mask that keeps chosen and
+            # rejected apart while both see the shared prompt.
+            if model_inputs.get("position_ids") is None:
+                raise ValueError("packed pairs (segment_ids) need their position_ids")
+            attention_mask = pair_attention_mask(segment_ids, self.config._attn_implementation, self.causal_lm.dtype)
+        has_grids = any(model_inputs.get(k) is not None for k in ("image_grid_thw", "video_grid_thw"))
+        if not (has_grids and self.uses_media_positions):
+            model_inputs.setdefault("position_ids", positions_from_mask(attention_mask))
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
     def heads_at_last_token(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, with_variance: bool = True
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        with_variance: bool = True,
+        score_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden: (N, T, H), attention_mask: (N, T) -> (mean (N,), variance (N,) | None), both fp32.
+        """hidden: (N, T, H), attention_mask: (N, T) -> (mean (M,), variance (M,) | None), both fp32.
 
-        Read at each row's last non-padding token, found from the mask (never from pad ids).
+        Read at each row's last non-padding token, found from the mask (never from pad ids), so M = N; or, for
+        packed pairs, at `score_index` (M,): flat indices into (N * T), one per sequence.
         """
         if self.value_head is None:
             raise RuntimeError("this model has no value head; load it with add_value_head=True to score")
-        last = gather_last_token(hidden, attention_mask).float()
+        last = last_token_hidden(hidden, attention_mask, score_index).float()
         mean = self.value_head(last)
         variance = self.variance_head(last) if (with_variance and self.variance_head is not None) else None
         return mean, variance
@@ -155,18 +199,21 @@ class ModelWithHeads(nn.Module):
         attention_mask: torch.Tensor,
         with_heads: bool = True,
         with_variance: bool = True,
+        score_index: torch.Tensor | None = None,
         **model_inputs: Any,
     ) -> HeadsOutput:
         """input_ids, attention_mask: (N, T) -> HeadsOutput (hidden (N, T, H); mean, variance (N,) fp32).
 
         `with_heads=False` returns the hidden state only (DPO computes log-probs from it via `lm_head`).
+        Packed pairs pass `segment_ids`, `position_ids` and `score_index` (see `data.packing`); the heads then
+        read one value per sequence, (2N,), chosen first.
         """
         hidden = self.hidden_states(input_ids, attention_mask, **model_inputs)
         out = HeadsOutput(last_hidden_state=hidden)
         if with_heads and self.value_head is not None:
-            out.mean, out.variance = self.heads_at_last_token(hidden, attention_mask, with_variance)
+            out.mean, out.variance = self.heads_at_last_token(hidden, attention_mask, with_variance, score_index)
         elif with_heads and with_variance and self.variance_head is not None:
-            out.variance = self.variance_head(gather_last_token(hidden, attention_mask).float())
+            out.variance = self.variance_head(last_token_hidden(hidden, attention_mask, score_index).float())
         return out
 
     # ---- Trainer / reference-model plumbing ----------------------------------------------------

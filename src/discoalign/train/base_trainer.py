@@ -32,6 +32,43 @@ class DiscoTrainer(Trainer):
         self.run_config = run_config
         self.finetuning_args = run_config.finetuning
         self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.pack_pairs = bool(getattr(run_config.data, "pack_pairs", False))
+        if self.pack_pairs:
+            self._enable_pair_packing(model)
+
+    # ---- speed switches (docs/performance.md) ----------------------------------------------------------
+
+    def _enable_pair_packing(self, model: torch.nn.Module) -> None:
+        """`pack_pairs`: check the model can take packed pairs, and make the pairwise collator pack them."""
+        from ..data.collator import PairwiseCollator
+        from ..data.packing import check_pair_packing
+
+        check_pair_packing(model)
+        collator = self.data_collator
+        while collator is not None and not isinstance(collator, PairwiseCollator):
+            collator = getattr(collator, "inner", None)  # stage wrappers keep the pairwise collator as `inner`
+        if collator is not None:
+            collator.pack_pairs = True
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`group_by_length` (ours, or `train_sampling_strategy: group_by_length`): pairs of similar length together.
+
+        The Trainer's own version would look for an `input_ids` column, which pairwise rows do not have; lengths
+        here are the row length each pair pads its batch to, in the layout in use.
+        """
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        wanted = getattr(self.run_config.data, "group_by_length", False)
+        if (wanted or self.args.train_sampling_strategy == "group_by_length") and dataset is not None:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            from ..data.packing import pair_row_lengths
+
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                dataset=dataset,
+                lengths=pair_row_lengths(dataset, self.pack_pairs),
+            )
+        return super()._get_train_sampler(train_dataset)
 
     # ---- metrics -------------------------------------------------------------------------------------
 

@@ -25,4 +25,8 @@ def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> d
         from .dpo import run_dpo
 
         return run_dpo(cfg, callbacks)
+    if stage == "ppo":
+        from .ppo import run_ppo
+
+        return run_ppo(cfg, callbacks)
     raise AssertionError(f"stage {stage!r} passed validation but has no workflow")

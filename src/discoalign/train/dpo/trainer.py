@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ...data.collator import PairwiseCollator
 from ...errors import ConfigError
 from ...losses.dpo import dpo_loss
 from ...losses.logps import response_lengths, sequence_logps
@@ -82,16 +83,25 @@ class DPOTrainer(DiscoTrainer):
         run_config: the resolved `RunConfig`.
         ref_model: a frozen reference `ModelWithHeads` for full fine-tuning, or None. None means: the policy with
             adapters disabled (LoRA), or, with `precompute_ref_logps`, the policy itself before its first step.
-        **kwargs: passed to `transformers.Trainer` (train_dataset, eval_dataset, data_collator, ...).
+        **kwargs: passed to `transformers.Trainer` (train_dataset, eval_dataset, data_collator, ...); the data
+            collator defaults to a `PairwiseCollator` with the tokenizer's (`processing_class`) pad id.
     """
 
     def __init__(self, model: nn.Module, run_config, ref_model: nn.Module | None = None, **kwargs: Any) -> None:
-        if kwargs.get("data_collator") is not None:
-            kwargs["data_collator"] = ReferenceColumnsCollator(kwargs["data_collator"])
+        collator = kwargs.get("data_collator")
+        if collator is None and kwargs.get("processing_class") is not None:
+            collator = PairwiseCollator(kwargs["processing_class"].pad_token_id)
+        if collator is not None:
+            kwargs["data_collator"] = ReferenceColumnsCollator(collator)
         kwargs.setdefault("compute_metrics", compute_metrics)
         super().__init__(model, run_config, **kwargs)
         # Our loss is a mean over pairs; let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
+        if getattr(self, "pack_pairs", False):
+            raise ConfigError(
+                "`pack_pairs: true` is not supported by `stage: dpo` yet: its trainer runs chosen and rejected as "
+                "separate rows. Set `pack_pairs: false`."
+            )
         ft = self.finetuning_args
         self.pref_beta = ft.pref_beta
         self.loss_type = ft.pref_loss
@@ -132,15 +142,16 @@ class DPOTrainer(DiscoTrainer):
     def _set_signature_columns_if_needed(self) -> None:
         # Keep our columns even when a user sets `remove_unused_columns: true`.
         if self._signature_columns is None:
-            self._signature_columns = [
-                "prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "margin", *LABEL_COLUMNS, *REFERENCE_COLUMNS
-            ]
+            token_columns = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "margin"]
+            self._signature_columns = [*token_columns, *LABEL_COLUMNS, *REFERENCE_COLUMNS]
 
     @property
     def needs_beta_features(self) -> bool:
         return self.use_dynamic_beta
 
-    def reference_forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def reference_forward(
+        self, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Reference log-probs of the (2B, T) batch and, for dynamic beta, its hidden state at the last prompt token.
 
         Returns:
@@ -219,7 +230,8 @@ class DPOTrainer(DiscoTrainer):
         # Through the module call (not `policy.hidden_states`) so DDP/FSDP wrappers see the forward. With
         # `disco_pref` the model's forward also reads the variance head at each row's last real token, i.e. at
         # the end of each response.
-        out = model(inputs["input_ids"], inputs["attention_mask"], with_heads=self.use_disco, with_variance=self.use_disco)
+        disco = self.use_disco
+        out = model(inputs["input_ids"], inputs["attention_mask"], with_heads=disco, with_variance=disco)
         hidden = out.last_hidden_state
         logps = sequence_logps(hidden, policy.lm_head, labels, final_logit_softcapping=self.softcap)
         lengths = response_lengths(labels).clamp(min=1)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ...data.packing import packed_model_inputs
 from ...losses.reward import bt_reward_loss, center_rewards_penalty, disco_reward_loss
 from ..base_trainer import DiscoTrainer
 
@@ -31,7 +32,9 @@ class RewardTrainer(DiscoTrainer):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Return (mu_c, mu_r, var_c, var_r), each (B,) fp32; variances None unless asked for."""
         # Call the module, not `.score`: under DDP `model` is the wrapper, whose forward is the only entry.
-        out = model(inputs["input_ids"], inputs["attention_mask"], with_variance=with_variance)
+        # A packed batch (`pack_pairs`) adds position/segment ids and where each sequence ends.
+        packed = packed_model_inputs(inputs)
+        out = model(inputs["input_ids"], inputs["attention_mask"], with_variance=with_variance, **packed)
         mean, var = out.mean, out.variance
         half = mean.shape[0] // 2
         if var is None:
