@@ -33,35 +33,23 @@ def _setup_logging() -> None:
     datasets.disable_progress_bars()
 
 
-def _defaults_for(command: str, overrides: dict, path: str | None) -> dict:
-    """Defaults a user of `train`/`eval` expects without writing them: train trains, eval evaluates."""
-    from ..config.loader import parse_overrides, read_yaml
-
-    raw = read_yaml(path) if path else {}
-    raw.update(overrides)
-    has_eval = bool(raw.get("eval_dataset")) or bool(raw.get("val_size"))
-    if command == "train":
-        return {"do_train": True, "do_eval": has_eval}
-    return {"do_train": False, "do_eval": True}
-
-
 def cmd_train_or_eval(ns: argparse.Namespace) -> int:
-    from ..config.loader import load_config, parse_overrides
+    from ..config.loader import build_config, parse_overrides, read_yaml
     from ..train.tuner import run_exp
 
-    overrides = parse_overrides(ns.overrides)
-    if ns.command == "eval":
-        overrides["do_train"] = False
-        overrides.setdefault("do_eval", True)
-        if not overrides.get("eval_dataset"):
-            from ..config.loader import read_yaml
-
-            raw = read_yaml(ns.config)
-            raw.update(overrides)
-            if not raw.get("eval_dataset") and not raw.get("val_size") and raw.get("dataset"):
-                # Evaluating without training: the dataset itself is what gets evaluated.
-                overrides["eval_dataset"] = raw["dataset"]
-    cfg = load_config(ns.config, overrides, defaults=_defaults_for(ns.command, overrides, ns.config))
+    raw = read_yaml(ns.config)
+    raw.update(parse_overrides(ns.overrides))
+    has_eval = bool(raw.get("eval_dataset")) or bool(raw.get("val_size"))
+    if ns.command == "train":
+        # What a user of `train` expects without writing it: train, and evaluate when eval data is given.
+        defaults = {"do_train": True, "do_eval": has_eval}
+    else:
+        defaults = {}
+        raw.update(do_train=False, do_eval=True)
+        if not has_eval and raw.get("dataset"):
+            # Evaluating without training: the dataset itself is what gets evaluated.
+            raw["eval_dataset"] = raw["dataset"]
+    cfg = build_config(raw, source=repr(ns.config), defaults=defaults)
     run_exp(cfg)
     print(f"\nOutputs in {os.path.abspath(cfg.training.output_dir)}")
     return 0

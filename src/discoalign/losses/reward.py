@@ -9,6 +9,14 @@ import torch
 import torch.nn.functional as F
 
 
+def reward_difference(
+    chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`mu_c - mu_r - m` in fp32; all (B,), margin optional (0)."""
+    diff = chosen_mean.float() - rejected_mean.float()
+    return diff if margin is None else diff - margin.float()
+
+
 def bt_reward_loss(
     chosen_mean: torch.Tensor,
     rejected_mean: torch.Tensor,
@@ -23,10 +31,7 @@ def bt_reward_loss(
     Returns:
         (B,) fp32 per-pair losses.
     """
-    diff = chosen_mean.float() - rejected_mean.float()
-    if margin is not None:
-        diff = diff - margin.float()
-    return -F.logsigmoid(diff)
+    return -F.logsigmoid(reward_difference(chosen_mean, rejected_mean, margin))
 
 
 def disco_z(
@@ -40,9 +45,7 @@ def disco_z(
 
     All inputs (B,); returns (B,) fp32.
     """
-    diff = chosen_mean.float() - rejected_mean.float()
-    if margin is not None:
-        diff = diff - margin.float()
+    diff = reward_difference(chosen_mean, rejected_mean, margin)
     return diff / torch.sqrt(chosen_var.float() + rejected_var.float())
 
 
