@@ -1,7 +1,8 @@
 """Every speed switch leaves the numbers alone: its loss and gradients equal the plain path's to 1e-5.
 
-Switches covered here: `pack_pairs` (one row per pair, the prompt once), `group_by_length` (length-grouped
-batches), and the last-hidden-state-only backbone call. The DPO-side switches (chunked log-probs, reference under
+Switches covered here: `pack_pairs` (one row per pair, the prompt once; through the 4-D mask with eager attention,
+through the segment-aware sdpa with sdpa), `group_by_length` (length-grouped batches), and the
+last-hidden-state-only backbone call. The DPO-side switches (chunked log-probs, reference under
 `torch.inference_mode`) and DPO with packed pairs are in test_perf_dpo_switches.py.
 """
 
@@ -13,7 +14,7 @@ import torch
 from discoalign.config import build_config
 from discoalign.config.schema import FinetuningArguments, ModelArguments
 from discoalign.data.collator import PairwiseCollator
-from discoalign.data.packing import pack_pair_rows, pair_attention_mask
+from discoalign.data.packing import PAIR_SDPA, pack_pair_rows, pair_attention_mask
 from discoalign.errors import ConfigError
 from discoalign.models.loader import load_model_with_heads
 from discoalign.train.rm.trainer import RewardTrainer
@@ -108,6 +109,34 @@ def test_pair_mask_by_hand():
     assert additive[4, 2].item() == torch.finfo(torch.float32).min and additive[4, 1].item() == 0.0
 
 
+def test_segment_aware_sdpa_equals_sdpa_with_the_full_mask_values_and_grads():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from discoalign.models.pair_attention import pair_sdpa_attention
+
+    batch = pack_pair_rows([([5, 6, 7, 8], [9, 10], [11, 12, 13]), ([14], [15, 16, 17], [18])], pad_token_id=0)
+    segments = [tuple(r) for r in batch["pair_segments"].tolist()]
+    assert segments == [(3, 3, 4), (0, 4, 2)]
+    length = batch["input_ids"].shape[1]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, length, 8, generator=g).requires_grad_(True) for h in (4, 2, 2))  # GQA 4 / 2
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    mask = pair_attention_mask(batch["segment_ids"], "sdpa", torch.float32)
+    real = batch["attention_mask"].bool()
+    outputs, grads = [], []
+    for fn, kwargs in ((sdpa_attention_forward, {}), (pair_sdpa_attention, {"pair_segments": segments})):
+        out, _ = fn(module, q, k, v, mask, scaling=0.3, **kwargs)
+        (out[real] * torch.arange(out[real].numel()).reshape(out[real].shape).sin()).sum().backward()
+        outputs.append(out[real].detach())
+        grads.append([t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    assert torch.allclose(outputs[0], outputs[1], atol=TOL)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=TOL)
+
+
 # ---- pack_pairs: reward modelling equals the plain layout ------------------------------------------------
 
 
@@ -121,6 +150,8 @@ def test_rm_packed_pairs_equal_plain_loss_and_grads(tmp_path, tiny_dirs, arch, a
     packed = rm_trainer(tmp_path, tiny_dirs[arch], attn, pack_pairs=True, **keys)
     packed.model.load_state_dict(plain.model.state_dict())  # identical value head (its init draws RNG)
     assert packed.data_collator.pack_pairs and not plain.data_collator.pack_pairs
+    # sdpa models run packed pairs through the segment-aware sdpa; eager through the 4-D mask
+    assert packed.model.config._attn_implementation == (PAIR_SDPA if attn == "sdpa" else attn)
 
     rows = pair_rows(plain.processing_class.eos_token_id)
     loss_plain, grads_plain = rm_loss_and_grads(plain, plain.data_collator(rows))

@@ -106,6 +106,15 @@ class FinetuningArguments:
     precompute_ref_logps: bool = field(
         default=False, metadata={"help": "Compute reference log-probs (and beta features) once before training."}
     )
+    # speed switches of the DPO family (docs/performance.md); each leaves every loss and gradient unchanged
+    logps_chunk_size: int = field(
+        default=512,
+        metadata={"help": "Response tokens projected through the LM head at once for log-probs (recomputed in "
+                          "backward). 0: the plain path, one fp32 log-softmax over batch x length x vocab."},
+    )
+    reference_inference_mode: bool = field(
+        default=True, metadata={"help": "Run the reference forward under torch.inference_mode (else torch.no_grad)."}
+    )
     # PPO (stage ppo; names from TRL / LlamaFactory)
     reward_model: str | None = field(
         default=None, metadata={"help": "PPO: directory of the reward model (ours, LlamaFactory/TRL value head, ...)."}

@@ -79,6 +79,11 @@ def validate_combinations(
         fail(f"`max_samples` is {data.max_samples}; it must be a positive integer.")
     if ft.precompute_ref_logps and ft.stage != "dpo":
         fail("`precompute_ref_logps` applies to `stage: dpo` only.")
+    if model.image_min_pixels < 1 or model.image_max_pixels < model.image_min_pixels:
+        fail(
+            f"`image_min_pixels` ({model.image_min_pixels}) must be at least 1 and at most `image_max_pixels` "
+            f"({model.image_max_pixels})."
+        )
     if not model.model_name_or_path:
         fail("`model_name_or_path` is empty; give a local directory, a hub name or builtin:tiny-<arch>.")
     return notes

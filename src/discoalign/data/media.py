@@ -68,8 +68,10 @@ def image_refs(value: Any, base_dir: str | None, field: str = IMAGE_COLUMN) -> l
             if data is not None and not isinstance(data, (bytes, bytearray)):
                 raise RowProblem(WRONG_TYPE, where, f"`bytes` must hold the encoded image, got {type(data).__name__}")
             path = item.get("path")
-            refs.append({"path": os.path.abspath(_resolve(path, base_dir)) if path and data is None else path,
-                         "bytes": bytes(data) if data is not None else None})  # fmt: skip
+            if data is None:
+                refs.append({"path": os.path.abspath(_resolve(path, base_dir)), "bytes": None})
+            else:  # the bytes are the image; a path beside them is only its name
+                refs.append({"path": path, "bytes": bytes(data)})
         else:
             raise RowProblem(
                 WRONG_TYPE, where, f"expected an image path or {{bytes, path}} object, got {type(item).__name__}"
@@ -100,12 +102,12 @@ def audio_refs(value: Any, base_dir: str | None, field: str = AUDIO_COLUMN) -> l
             array = item.get("array")
             if array is not None and not (_is_number_list(array) or isinstance(array, np.ndarray)):
                 raise RowProblem(WRONG_TYPE, f"{where}.array", "expected a list of numbers (one waveform)")
-            path = None if array is not None else os.path.abspath(_resolve(item["path"], base_dir))
-            refs.append({
-                "path": path,
-                "array": [float(x) for x in np.asarray(array).reshape(-1)] if array is not None else None,
-                "sampling_rate": int(rate) if rate is not None else None,
-            })  # fmt: skip
+            rate = int(rate) if rate is not None else None
+            if array is None:
+                refs.append({"path": os.path.abspath(_resolve(item["path"], base_dir)), "array": None, "sampling_rate": rate})
+            else:
+                samples = [float(x) for x in np.asarray(array).reshape(-1)]
+                refs.append({"path": None, "array": samples, "sampling_rate": rate})
         else:
             raise RowProblem(
                 WRONG_TYPE, where,

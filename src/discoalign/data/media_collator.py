@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .checks import RowProblem
 from .collator import PairwiseCollator
 from .media import AUDIO_COLUMN, IMAGE_COLUMN
@@ -59,10 +59,16 @@ class MultimodalPairwiseCollator:
         return batch
 
 
-def make_pairwise_collator(tokenizer, model, padding_side: str = "right"):
+def make_pairwise_collator(tokenizer, model, padding_side: str = "right", pack_pairs: bool = False):
     """The pairwise collator for `model`: `MultimodalPairwiseCollator` when it has a media processor, else
-    the text `PairwiseCollator`."""
+    the text `PairwiseCollator` (which the trainer switches to packed pairs when `pack_pairs` is set)."""
     media = getattr(model, "media_processor", None)
     if media is None:
         return PairwiseCollator(tokenizer.pad_token_id, padding_side=padding_side)
+    if pack_pairs:
+        raise ConfigError(
+            "`pack_pairs: true` cannot be used with a multimodal model: packed rows would share one set of position "
+            "ids, while the model derives positions (and placeholder order) from its images / audio. Set "
+            "`pack_pairs: false` (`group_by_length: true` still cuts padding)."
+        )
     return MultimodalPairwiseCollator(tokenizer.pad_token_id, media, padding_side=padding_side)

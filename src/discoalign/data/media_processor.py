@@ -153,8 +153,11 @@ class MediaProcessor:
         """Language-model tokens of each image: grid_t * grid_h * grid_w / merge_size^2."""
         if not images:
             return []
-        grid = self.image_inputs(images)["image_grid_thw"]
         merge = int(getattr(self.image_processor, "merge_size", 1) or 1)
+        count_patches = getattr(self.image_processor, "get_number_of_image_patches", None)
+        if count_patches is not None:  # the processor's own resize arithmetic, without processing the pixels
+            return [int(count_patches(image.height, image.width, {})) // merge**2 for image in images]
+        grid = self.image_inputs(images)["image_grid_thw"]
         return [int(n) for n in (grid.prod(-1) // merge**2).tolist()]
 
     def audio_token_counts(self, waves: list[np.ndarray]) -> list[int]:

@@ -12,7 +12,8 @@ at the head of each response segment: in the plain layout its hidden state predi
 and it must not see the other response. Every real token therefore sees exactly the context it sees in the
 plain layout, at the same positions, so hidden states, log-probs, scores and losses are the same; only the
 prompt is computed once. The mask is an arbitrary (not block-causal) pattern, which `eager` and `sdpa` attention
-take and flash-attention kernels do not (see `check_pair_packing`).
+take and flash-attention kernels do not (see `prepare_pair_packing`); sdpa models are switched to a segment-aware
+sdpa (`models.pair_attention`) that skips the masked blocks instead of computing them.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from ..errors import ConfigError
 IGNORE_INDEX = -100
 SHARED, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 # Batch keys only a packed batch has; a trainer passes them on to the model.
-PACKED_MODEL_INPUTS = ("position_ids", "segment_ids", "score_index")
-# Attention implementations that accept an arbitrary 4-D mask (bool for sdpa, additive float for eager).
-MASKED_ATTENTION = ("sdpa", "eager")
+PACKED_MODEL_INPUTS = ("position_ids", "segment_ids", "pair_segments", "score_index")
+# Attention implementations that run packed pairs: those taking an arbitrary 4-D mask (bool for sdpa, additive
+# float for eager), and our segment-aware sdpa (`models.pair_attention`), which sdpa models switch to.
+PAIR_SDPA = "discoalign_pair_sdpa"
+MASKED_ATTENTION = ("sdpa", "eager", PAIR_SDPA)
 
 
 def packed_row_length(prompt_len: int, chosen_len: int, rejected_len: int) -> int:
@@ -50,7 +53,9 @@ def pack_pair_rows(
         prompt_last_index (2B,) long: position of the last prompt token seen by each response (the copy heading
         its segment), for the beta head;
         score_index (2B,) long: flat index into (B * L) of each sequence's last token, chosen rows first, for
-        the reward / variance heads.
+        the reward / variance heads;
+        pair_segments (B, 3) long: the lengths of each row's shared, chosen and rejected segments (for the
+        segment-aware attention of `models.pair_attention`).
     """
     if any(len(prompt) < 1 for prompt, _, _ in pairs):
         raise ValueError("pair packing needs at least one prompt token per pair")
@@ -63,6 +68,7 @@ def pack_pair_rows(
     labels = torch.full((2 * n, width), IGNORE_INDEX, dtype=torch.long)
     prompt_last_index = torch.zeros(2 * n, dtype=torch.long)
     score_index = torch.zeros(2 * n, dtype=torch.long)
+    pair_segments = torch.zeros((n, 3), dtype=torch.long)
     for b, (prompt, chosen, rejected) in enumerate(pairs):
         shared = len(prompt) - 1
         input_ids[b, :shared] = torch.tensor(list(prompt[:-1]), dtype=torch.long)
@@ -78,7 +84,9 @@ def pack_pair_rows(
             labels[side * n + b, start + 1 : end] = torch.tensor(list(response), dtype=torch.long)
             prompt_last_index[side * n + b] = start
             score_index[side * n + b] = b * width + end - 1
+            pair_segments[b, 1 + side] = len(tokens)
             start = end
+        pair_segments[b, 0] = shared
         attention_mask[b, :start] = 1
     return {
         "input_ids": input_ids,
@@ -88,6 +96,7 @@ def pack_pair_rows(
         "labels": labels,
         "prompt_last_index": prompt_last_index,
         "score_index": score_index,
+        "pair_segments": pair_segments,
     }
 
 
@@ -96,7 +105,8 @@ def pair_attention_mask(segment_ids: torch.Tensor, attn_implementation: str | No
 
     Query q sees key k when k <= q and k is in the shared prompt or in q's own segment. Padding sees earlier
     padding (never an empty row, which would make softmax NaN); real tokens never see padding (it comes last).
-    sdpa takes it as bool (True = attend), eager as an additive float mask (0 or the dtype's minimum).
+    sdpa takes it as bool (True = attend), eager as an additive float mask (0 or the dtype's minimum). The
+    segment-aware sdpa does not read it on packed pairs, but takes the bool form like sdpa.
     """
     check_attention_implementation(attn_implementation)
     length = segment_ids.shape[1]
@@ -120,8 +130,9 @@ def check_attention_implementation(attn_implementation: str | None) -> None:
         )
 
 
-def check_pair_packing(model: Any) -> None:
-    """Raise ConfigError when `model` (a `ModelWithHeads`) cannot run packed pairs, before any step runs."""
+def prepare_pair_packing(model: Any) -> None:
+    """Before any step: raise ConfigError when `model` (a `ModelWithHeads`) cannot run packed pairs, and switch
+    an sdpa model to the segment-aware sdpa (`models.pair_attention`: same numbers, less attention work)."""
     modality = getattr(model, "modality", None)
     if modality is not None and getattr(modality, "value", modality) != "language_only":
         raise ConfigError(
@@ -129,6 +140,9 @@ def check_pair_packing(model: Any) -> None:
             "inputs are laid out per sequence. Set `pack_pairs: false`."
         )
     check_attention_implementation(getattr(model.config, "_attn_implementation", None))
+    from ..models.pair_attention import use_pair_sdpa
+
+    use_pair_sdpa(model.causal_lm)
 
 
 def packed_model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

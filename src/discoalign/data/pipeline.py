@@ -62,8 +62,9 @@ def _with_media(
     if has_media(raw):
         field = next(c for c in (IMAGE_COLUMN, AUDIO_COLUMN, VIDEO_COLUMN) if raw.get(c))
         why = "stage ppo takes text prompts only" if stage == "ppo" else (
-            "the model is a text-only causal LM; use a vision-language or audio-language model (e.g. "
-            "`model_name_or_path: builtin:tiny-qwen2-vl`), or drop the column"
+            "the model is a text-only causal LM (or this command reads text only); train or evaluate a "
+            "vision-language or audio-language model (e.g. `model_name_or_path: builtin:tiny-qwen2-vl`), or drop "
+            "the column"
         )  # fmt: skip
         raise RowProblem(MEDIA_UNSUPPORTED, field, f"the row has `{field}` but {why}")
     return row

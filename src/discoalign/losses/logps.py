@@ -78,3 +78,50 @@ def sequence_logps(
 def response_lengths(labels: torch.Tensor) -> torch.Tensor:
     """labels: (N, T) -> (N,) long, the number of scored (next-token) positions of each row."""
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)
+
+
+def full_sequence_logps(
+    hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, final_logit_softcapping: float | None = None
+) -> torch.Tensor:
+    """The plain path `sequence_logps` replaces: one fp32 log-softmax over every position, (N, T, V) at once.
+
+    Kept for `logps_chunk_size: 0`, to compare against (same arguments and result as `sequence_logps`).
+    """
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on (N, T)")
+    logits = lm_head(hidden[:, :-1]).float()
+    if final_logit_softcapping is not None:
+        logits = torch.tanh(logits / final_logit_softcapping) * final_logit_softcapping
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    picked = torch.gather(logits.log_softmax(-1), -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def pair_sequence_logps(
+    hidden: torch.Tensor,
+    lm_head: nn.Module,
+    labels: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    final_logit_softcapping: float | None = None,
+) -> torch.Tensor:
+    """Summed response log-probs of a pairwise batch in either layout: (2B,) fp32, chosen first.
+
+    Args:
+        hidden: (2B, T, H) for the plain layout (one row per sequence), or (B, T, H) for packed pairs
+            (`data.packing`: both responses of a pair in one row).
+        labels: (2B, T) long in both layouts; with packed pairs row b scores pair b's chosen tokens and row B+b
+            its rejected tokens, both read from hidden row b.
+        chunk_size: tokens per LM-head chunk (see `sequence_logps`); 0 takes the plain full log-softmax.
+    """
+    def logps(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if chunk_size == 0:
+            return full_sequence_logps(h, lm_head, y, final_logit_softcapping)
+        return sequence_logps(h, lm_head, y, chunk_size, final_logit_softcapping)
+
+    if labels.shape[0] == hidden.shape[0]:
+        return logps(hidden, labels)
+    if labels.shape[0] != 2 * hidden.shape[0]:
+        raise ValueError(f"labels {tuple(labels.shape)} fit neither layout of hidden {tuple(hidden.shape)}")
+    batch = hidden.shape[0]
+    return torch.cat([logps(hidden, labels[:batch]), logps(hidden, labels[batch:])])

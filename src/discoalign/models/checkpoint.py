@@ -215,6 +215,19 @@ def _tied_names(module: torch.nn.Module) -> set[str]:
     return tied
 
 
+def _as_loaded_by_transformers(model: ModelWithHeads, checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """The backbone state of a multimodal checkpoint under the model's own parameter names.
+
+    transformers saves composite models in their original hub layout (Qwen2-VL's `model.language_model.layers.*`
+    is written as `model.layers.*`) and renames on `from_pretrained`, so the file's keys cannot be loaded as they
+    are; loading the checkpoint through the model's class applies the renaming.
+    """
+    dtype = next(model.causal_lm.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):  # nothing is left to initialise at random, but keep the run's stream
+        loaded = type(model.causal_lm).from_pretrained(checkpoint_dir, dtype=dtype)
+    return loaded.state_dict()
+
+
 def load_checkpoint_weights(model: ModelWithHeads, checkpoint_dir: str) -> None:
     """Load a checkpoint written by `save_checkpoint` into an existing model of the same shape (for resuming).
 
@@ -245,6 +258,8 @@ def load_checkpoint_weights(model: ModelWithHeads, checkpoint_dir: str) -> None:
                 f"Checkpoint {checkpoint_dir!r} has no model.safetensors (or pytorch_model.bin), but the model being "
                 "resumed is fully fine-tuned."
             )
+        if getattr(model, "media_processor", None) is not None:
+            state = _as_loaded_by_transformers(model, checkpoint_dir)
         result = model.causal_lm.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if k not in _tied_names(model.causal_lm)]
         if missing:

@@ -13,7 +13,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..data.packing import pair_attention_mask
+from ..data.packing import PAIR_SDPA, pair_attention_mask
+from ..losses.logps import DEFAULT_CHUNK_SIZE, pair_sequence_logps
 from .heads import BetaHead, ValueHead, VarianceHead, gather_last_token
 from .modality import MODALITY_INPUTS, ActorModality, supported_parameters
 
@@ -25,11 +26,15 @@ class HeadsOutput:
     last_hidden_state: (N, T, H) in the backbone's dtype.
     mean: (N,) fp32 at each row's last real token, or None without a value head.
     variance: (N,) fp32, or None without a variance head (or when not asked for).
+    logps: (2B,) fp32 summed response log-probs, when `labels` were given.
+    beta_scale: (B,) fp32 s(x) of the beta head, when `beta_features` were given.
     """
 
     last_hidden_state: torch.Tensor
     mean: torch.Tensor | None = None
     variance: torch.Tensor | None = None
+    logps: torch.Tensor | None = None
+    beta_scale: torch.Tensor | None = None
 
 
 def _is_peft_model(module: nn.Module) -> bool:
@@ -149,12 +154,17 @@ class ModelWithHeads(nn.Module):
         grids and the mask itself. `model_inputs` may hold media inputs (see `supported_parameters`).
         """
         segment_ids = model_inputs.pop("segment_ids", None)
+        pair_segments = model_inputs.pop("pair_segments", None)
         if segment_ids is not None:
             # Packed pairs (`data.packing`): the collator's position ids, and a mask that keeps chosen and
             # rejected apart while both see the shared prompt.
             if model_inputs.get("position_ids") is None:
                 raise ValueError("packed pairs (segment_ids) need their position_ids")
-            attention_mask = pair_attention_mask(segment_ids, self.config._attn_implementation, self.causal_lm.dtype)
+            implementation = self.config._attn_implementation
+            attention_mask = pair_attention_mask(segment_ids, implementation, self.causal_lm.dtype)
+            if implementation == PAIR_SDPA and pair_segments is not None:
+                # The segment-aware sdpa (`models.pair_attention`) reads the segment lengths instead of the mask.
+                model_inputs["pair_segments"] = [tuple(row) for row in pair_segments.tolist()]
         has_grids = any(model_inputs.get(k) is not None for k in ("image_grid_thw", "video_grid_thw"))
         if not (has_grids and self.uses_media_positions):
             model_inputs.setdefault("position_ids", positions_from_mask(attention_mask))
@@ -200,13 +210,18 @@ class ModelWithHeads(nn.Module):
         with_heads: bool = True,
         with_variance: bool = True,
         score_index: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        logps_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        beta_features: torch.Tensor | None = None,
         **model_inputs: Any,
     ) -> HeadsOutput:
         """input_ids, attention_mask: (N, T) -> HeadsOutput (hidden (N, T, H); mean, variance (N,) fp32).
 
-        `with_heads=False` returns the hidden state only (DPO computes log-probs from it via `lm_head`).
-        Packed pairs pass `segment_ids`, `position_ids` and `score_index` (see `data.packing`); the heads then
-        read one value per sequence, (2N,), chosen first.
+        `with_heads=False` skips the value / variance heads. Packed pairs pass `segment_ids`, `position_ids` and
+        `score_index` (see `data.packing`); the heads then read one value per sequence, (2N,), chosen first.
+        `labels` (2B, T): also return the summed response log-probs (`losses.logps.pair_sequence_logps`, chunks of
+        `logps_chunk_size`). `beta_features` (B, H): also return the beta head's s(x). Both are computed here,
+        inside the forward, because DDP and FSDP only see (and, for FSDP, only gather) parameters used in it.
         """
         hidden = self.hidden_states(input_ids, attention_mask, **model_inputs)
         out = HeadsOutput(last_hidden_state=hidden)
@@ -214,6 +229,13 @@ class ModelWithHeads(nn.Module):
             out.mean, out.variance = self.heads_at_last_token(hidden, attention_mask, with_variance, score_index)
         elif with_heads and with_variance and self.variance_head is not None:
             out.variance = self.variance_head(last_token_hidden(hidden, attention_mask, score_index).float())
+        if labels is not None:
+            softcap = getattr(self.config, "final_logit_softcapping", None)
+            out.logps = pair_sequence_logps(hidden, self.lm_head, labels, logps_chunk_size, softcap)
+        if beta_features is not None:
+            if self.beta_head is None:
+                raise RuntimeError("beta_features were given but this model has no beta head")
+            out.beta_scale = self.beta_head(beta_features)
         return out
 
     # ---- Trainer / reference-model plumbing ----------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .modality import ActorModality, detect_modality
 from .multimodal_parts import freeze_parts, frozen_prefixes, multimodal_parts
 
@@ -26,6 +26,12 @@ def multimodal_auto_class(config: Any):
     modality = detect_modality(config)
     if modality == ActorModality.LANGUAGE_ONLY:
         return None
+    if modality == ActorModality.OMNI:
+        model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+        raise ConfigError(
+            f"`model_name_or_path` is an omni (vision + audio) model (model_type {model_type!r}); discoalign trains "
+            "vision-language (Qwen2-VL, Qwen2.5-VL) and audio-language (Qwen2-Audio) models so far."
+        )
     from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM
 
     return AutoModelForImageTextToText if modality == ActorModality.VISION_LANGUAGE else AutoModelForMultimodalLM

@@ -41,9 +41,9 @@ class DiscoTrainer(Trainer):
     def _enable_pair_packing(self, model: torch.nn.Module) -> None:
         """`pack_pairs`: check the model can take packed pairs, and make the pairwise collator pack them."""
         from ..data.collator import PairwiseCollator
-        from ..data.packing import check_pair_packing
+        from ..data.packing import prepare_pair_packing
 
-        check_pair_packing(model)
+        prepare_pair_packing(model)
         collator = self.data_collator
         while collator is not None and not isinstance(collator, PairwiseCollator):
             collator = getattr(collator, "inner", None)  # stage wrappers keep the pairwise collator as `inner`
@@ -69,6 +69,16 @@ class DiscoTrainer(Trainer):
                 lengths=pair_row_lengths(dataset, self.pack_pairs),
             )
         return super()._get_train_sampler(train_dataset)
+
+    # ---- multimodal inputs ---------------------------------------------------------------------------
+
+    def media_inputs(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch's media inputs that the model takes (`pixel_values`, `image_grid_thw`, `input_features`, ...,
+        per `ModelWithHeads.supported_parameters`); {} for a text model."""
+        from ..models.modality import select_model_inputs
+
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return select_model_inputs(inputs, getattr(model, "supported_parameters", ()))
 
     # ---- metrics -------------------------------------------------------------------------------------
 
@@ -129,7 +139,8 @@ class DiscoTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        save_checkpoint(self._unwrapped(), output_dir, tokenizer=self.processing_class)
+        # DeepSpeed ZeRO-3 and FSDP hand over the gathered full state dict: the module's own holds only shards.
+        save_checkpoint(self._unwrapped(), output_dir, tokenizer=self.processing_class, state_dict=state_dict or None)
         self.run_config.save(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 

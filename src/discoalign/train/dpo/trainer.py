@@ -1,9 +1,10 @@
 """`DPOTrainer`: DPO, DiscoDPO and dynamic-beta DPO (DESIGN.md §2-§3), one `transformers.Trainer` subclass.
 
-One step is one concatenated (2B, T) forward of the policy (rows [0, B) chosen, [B, 2B) rejected) and, unless
-precomputed, one such forward of the reference under `torch.no_grad`. Whether a head exists and whether the
-loss uses it are separate: an unused head is run only for logging, without gradient and without dropout, so it
-changes no number of the run.
+One step is one concatenated (2B, T) forward of the policy (rows [0, B) chosen, [B, 2B) rejected; or B packed
+rows with `pack_pairs`) and, unless precomputed, one such forward of the reference under `torch.inference_mode`
+(`torch.no_grad` with `reference_inference_mode: false`). Whether a head exists and whether the loss uses it are
+separate: an unused head is run only for logging, without gradient and without dropout, so it changes no number
+of the run.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from torch.utils.data import DataLoader
 from ...data.collator import PairwiseCollator
 from ...errors import ConfigError
 from ...losses.dpo import dpo_loss
-from ...losses.logps import response_lengths, sequence_logps
-from ...models.heads import gather_last_token
+from ...data.packing import packed_model_inputs, prepare_pair_packing
+from ...losses.logps import pair_sequence_logps, response_lengths
+from ...models.model_with_heads import last_token_hidden
 from ..base_trainer import DiscoTrainer
 from .metric import LABEL_COLUMNS, compute_metrics, step_metrics
 
@@ -97,12 +99,15 @@ class DPOTrainer(DiscoTrainer):
         super().__init__(model, run_config, **kwargs)
         # Our loss is a mean over pairs; let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
-        if getattr(self, "pack_pairs", False):
-            raise ConfigError(
-                "`pack_pairs: true` is not supported by `stage: dpo` yet: its trainer runs chosen and rejected as "
-                "separate rows. Set `pack_pairs: false`."
-            )
         ft = self.finetuning_args
+        if ft.logps_chunk_size < 0:
+            raise ConfigError(
+                f"`logps_chunk_size` is {ft.logps_chunk_size}; it must be a positive number of tokens, or 0 for the "
+                "plain full log-softmax."
+            )
+        self.logps_chunk_size = ft.logps_chunk_size
+        # inference_mode skips autograd's version counters and views bookkeeping entirely; no_grad is the fallback.
+        self.reference_grad_off = torch.inference_mode if ft.reference_inference_mode else torch.no_grad
         self.pref_beta = ft.pref_beta
         self.loss_type = ft.pref_loss
         self.label_smoothing = ft.label_smoothing
@@ -120,6 +125,8 @@ class DPOTrainer(DiscoTrainer):
 
         self.ref_model = ref_model
         if ref_model is not None:
+            if self.pack_pairs:
+                prepare_pair_packing(ref_model)  # the reference runs the same packed batches
             ref_model.requires_grad_(False)
             disable_dropout(ref_model)
             self.ref_model = self.accelerator.prepare_model(ref_model.eval(), evaluation_mode=True)
@@ -142,8 +149,12 @@ class DPOTrainer(DiscoTrainer):
     def _set_signature_columns_if_needed(self) -> None:
         # Keep our columns even when a user sets `remove_unused_columns: true`.
         if self._signature_columns is None:
-            token_columns = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "margin"]
+            token_columns = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "margin", "images", "audios"]
             self._signature_columns = [*token_columns, *LABEL_COLUMNS, *REFERENCE_COLUMNS]
+
+    def sequence_logps(self, hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+        """(2B,) summed response log-probs of either batch layout (plain or packed pairs), chosen first."""
+        return pair_sequence_logps(hidden, lm_head, labels, self.logps_chunk_size, self.softcap)
 
     @property
     def needs_beta_features(self) -> bool:
@@ -165,14 +176,20 @@ class DPOTrainer(DiscoTrainer):
             # LoRA: the base model is the reference. Full fine-tuning only lands here while precomputing, before
             # the first optimizer step, when the policy still equals the reference.
             ref, adapters_off = policy, policy.disable_adapter()
-        batch = inputs["input_ids"].shape[0] // 2
-        with torch.no_grad(), adapters_off:
-            hidden = ref.hidden_states(inputs["input_ids"], inputs["attention_mask"])
-            logps = sequence_logps(hidden, ref.lm_head, inputs["labels"], final_logit_softcapping=self.softcap)
+        batch = inputs["labels"].shape[0] // 2
+        # A packed batch (`pack_pairs`) carries position/segment ids; the model builds its mask from them.
+        model_inputs = {**self.media_inputs(inputs), **packed_model_inputs(inputs)}
+        model_inputs.pop("score_index", None)
+        with self.reference_grad_off(), adapters_off:
+            hidden = ref.hidden_states(inputs["input_ids"], inputs["attention_mask"], **model_inputs)
+            logps = self.sequence_logps(hidden, ref.lm_head, inputs["labels"])
             prompt_hidden = None
             if self.needs_beta_features:
                 rows = torch.arange(batch, device=hidden.device)
                 prompt_hidden = hidden[rows, inputs["prompt_last_index"][:batch]].float()
+        if prompt_hidden is not None:
+            prompt_hidden = prompt_hidden.clone()  # an inference tensor cannot be saved for the beta head's backward
+        logps = logps.clone()
         return logps[:batch], logps[batch:], prompt_hidden
 
     def precompute_reference(self, dataset, name: str):
@@ -227,26 +244,39 @@ class DPOTrainer(DiscoTrainer):
         policy = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         labels = inputs["labels"]
         batch = labels.shape[0] // 2
-        # Through the module call (not `policy.hidden_states`) so DDP/FSDP wrappers see the forward. With
-        # `disco_pref` the model's forward also reads the variance head at each row's last real token, i.e. at
-        # the end of each response.
+        ref_chosen, ref_rejected, ref_prompt_hidden = self.reference_outputs(inputs)
+        # Through the module call (not `policy.hidden_states`) so DDP/FSDP wrappers see the forward; the LM head
+        # (log-probs) and the beta head run inside it too, since DDP/FSDP only handle parameters used there. With
+        # `disco_pref` the forward also reads the variance head at the end of each response.
         disco = self.use_disco
-        out = model(inputs["input_ids"], inputs["attention_mask"], with_heads=disco, with_variance=disco)
+        media = self.media_inputs(inputs)  # images / audio of a multimodal model; {} for text
+        packed = packed_model_inputs(inputs)  # `pack_pairs`: position/segment ids, where each sequence ends
+        beta_features = ref_prompt_hidden.to(labels.device) if self.use_dynamic_beta else None
+        out = model(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            with_heads=disco,
+            with_variance=disco,
+            labels=labels,
+            logps_chunk_size=self.logps_chunk_size,
+            beta_features=beta_features,
+            **media,
+            **packed,
+        )
         hidden = out.last_hidden_state
-        logps = sequence_logps(hidden, policy.lm_head, labels, final_logit_softcapping=self.softcap)
+        logps = out.logps
         lengths = response_lengths(labels).clamp(min=1)
         chosen_logps, rejected_logps = logps[:batch], logps[batch:]
-        ref_chosen, ref_rejected, ref_prompt_hidden = self.reference_outputs(inputs)
 
         variances = out.variance if self.use_disco else None
         if policy.variance_head is not None and not self.use_disco:
             with _head_for_logging(policy.variance_head) as head:
-                variances = head(gather_last_token(hidden, inputs["attention_mask"]))
+                variances = head(last_token_hidden(hidden, inputs["attention_mask"], inputs.get("score_index")))
         var_c, var_r = (variances[:batch], variances[batch:]) if variances is not None else (None, None)
 
         beta: float | torch.Tensor = self.pref_beta
         if self.use_dynamic_beta:
-            beta = self.pref_beta * policy.beta_head(ref_prompt_hidden.to(hidden.device))
+            beta = self.pref_beta * out.beta_scale
 
         if self.loss_type == "ipo":
             # IPO on length-averaged log-probs, as TRL and LlamaFactory compute it.

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from ...config.loader import RunConfig
 from ...data import get_dataset
-from ...data.collator import PairwiseCollator
+from ...data.media_collator import make_pairwise_collator
 from ...errors import ConfigError
 from ...eval.plots import plot_history
 from ...models.loader import load_model_with_heads
@@ -66,7 +66,7 @@ def build_dpo_trainer(cfg: RunConfig, callbacks: list[TrainerCallback] | None = 
     set_seed(args.seed)
     model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, add_value_head=False, is_trainable=True)
     model.train()
-    bundle = get_dataset(cfg.data, tokenizer, stage="dpo", seed=args.seed)
+    bundle = get_dataset(cfg.data, tokenizer, stage="dpo", seed=args.seed, media=model.media_processor)
     if args.do_train and bundle.train is None:
         raise ConfigError("`do_train` is true but no training data was given: set `dataset`.")
     trainer = DPOTrainer(
@@ -75,7 +75,7 @@ def build_dpo_trainer(cfg: RunConfig, callbacks: list[TrainerCallback] | None = 
         ref_model=load_reference(cfg, model),
         train_dataset=bundle.train if args.do_train else None,
         eval_dataset=bundle.eval,
-        data_collator=PairwiseCollator(tokenizer.pad_token_id),
+        data_collator=make_pairwise_collator(tokenizer, model, pack_pairs=getattr(cfg.data, "pack_pairs", False)),
         processing_class=tokenizer,
         callbacks=callbacks,
     )

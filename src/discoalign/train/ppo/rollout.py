@@ -158,7 +158,9 @@ def token_logprobs(
     Returns:
         logprobs (B, L) fp32 and entropy (B, L) fp32 or None.
     """
-    logits = lm_head(hidden).float()
+    # Contiguous input: a strided slice can take another matmul kernel whose rounding then depends on whether the
+    # weight requires grad, and the policy and its frozen copy would disagree (a KL of 1e-7 at step 0).
+    logits = lm_head(hidden.contiguous()).float()
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     logits = logits / temperature

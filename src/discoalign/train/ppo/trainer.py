@@ -313,9 +313,10 @@ class PPOTrainer(DiscoTrainer):
         ft = self.finetuning_args
         policy = self._policy()
         mask = batch.response_mask
-        # Through the module call, so DDP / DeepSpeed wrappers see the forward.
-        hidden = model(batch.input_ids, batch.attention_mask, with_heads=False).last_hidden_state
-        hidden = response_hidden(hidden, batch.query_ids.shape[1])
+        # Through the module call, so DDP / DeepSpeed wrappers see the forward; the beta head runs inside it too.
+        beta_features = batch.ref_prompt_hidden if ft.use_dynamic_beta else None
+        out = model(batch.input_ids, batch.attention_mask, with_heads=False, beta_features=beta_features)
+        hidden = response_hidden(out.last_hidden_state, batch.query_ids.shape[1])
         logprobs, entropy = token_logprobs(
             hidden, policy.lm_head, batch.response_ids, ft.temperature, self.softcap, with_entropy=True
         )
@@ -334,8 +335,7 @@ class PPOTrainer(DiscoTrainer):
             "val/mean": masked_mean(values.detach(), mask),
         }
         if ft.use_dynamic_beta:
-            scale = policy.beta_head(batch.ref_prompt_hidden)
-            beta_loss = beta_controller_loss(scale, batch.kl.sum(dim=1), ft.target_kl)
+            beta_loss = beta_controller_loss(out.beta_scale, batch.kl.sum(dim=1), ft.target_kl)
             loss = loss + beta_loss
             stats["beta/loss"] = beta_loss.detach()
         stats["loss/total"] = loss.detach()

@@ -34,7 +34,8 @@ class RewardTrainer(DiscoTrainer):
         # Call the module, not `.score`: under DDP `model` is the wrapper, whose forward is the only entry.
         # A packed batch (`pack_pairs`) adds position/segment ids and where each sequence ends.
         packed = packed_model_inputs(inputs)
-        out = model(inputs["input_ids"], inputs["attention_mask"], with_variance=with_variance, **packed)
+        media = self.media_inputs(inputs)  # images / audio of a multimodal model; {} for text
+        out = model(inputs["input_ids"], inputs["attention_mask"], with_variance=with_variance, **packed, **media)
         mean, var = out.mean, out.variance
         half = mean.shape[0] // 2
         if var is None:

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from ...config.loader import RunConfig
 from ...data import get_dataset
-from ...data.collator import PairwiseCollator
+from ...data.media_collator import make_pairwise_collator
 from ...eval.calibration import reliability_bins
 from ...eval.plots import plot_history, plot_reliability
 from ...eval.report import print_table
@@ -27,7 +27,7 @@ def run_rm(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> di
     """Train and/or evaluate a reward model as `cfg` says; returns the train and eval metrics."""
     args = cfg.training
     model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, add_value_head=True)
-    bundle = get_dataset(cfg.data, tokenizer, stage="rm", seed=args.seed)
+    bundle = get_dataset(cfg.data, tokenizer, stage="rm", seed=args.seed, media=model.media_processor)
     if args.do_train and bundle.train is None:
         from ...errors import ConfigError
 
@@ -37,7 +37,7 @@ def run_rm(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> di
         cfg,
         train_dataset=bundle.train if args.do_train else None,
         eval_dataset=bundle.eval,
-        data_collator=PairwiseCollator(tokenizer.pad_token_id),
+        data_collator=make_pairwise_collator(tokenizer, model, pack_pairs=getattr(cfg.data, "pack_pairs", False)),
         processing_class=tokenizer,
         compute_metrics=make_compute_metrics(cfg.finetuning.disco_pref),
         callbacks=callbacks,
