@@ -17,7 +17,9 @@ What is compared (docs/performance.md explains the choices):
 * Peak memory: each side runs alone in a fresh child process (warm-up + 2 steps) and reports its peak resident
   set (CPU) or peak allocated GPU memory; in one process the allocator's high-water mark would be shared.
 * Model-FLOPs utilisation of a step: (6 x params x tokens, plus 2 x params x tokens for a live reference forward)
-  / step time / the matmul throughput measured here at start. `params` excludes the input embedding (a lookup).
+  / step time / the matmul throughput measured here at start. `params` excludes the input embedding (a lookup),
+  and for `rm` the LM head (a reward model has none). These are the FLOPs of the nominal work (every token of
+  both sequences); packed pairs compute the shared prompt once, so ours can do the nominal work in fewer FLOPs.
 
 Writes everything printed as JSON (`--json`, default benchmarks/results/bench_<mode>_<device>.json).
 """
@@ -25,11 +27,11 @@ Writes everything printed as JSON (`--json`, default benchmarks/results/bench_<m
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -295,6 +297,13 @@ class Runner:
         return head.summary.weight.detach().clone() if head is not None else None
 
 
+def lm_head_params(model_dir: str) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return config.vocab_size * config.hidden_size
+
+
 def non_embedding_params(model_dir: str) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -331,11 +340,11 @@ def load_average() -> list[float]:
         return []
 
 
-def measure_memory(pair: str, side: str, setup: Setup, workdir: str) -> dict[str, float]:
+def measure_memory(pair: str, side: str, setup: Setup, batches, workdir: str) -> dict[str, float]:
     """Peak memory of one side alone, from a fresh child process (see the module docstring)."""
     spec = os.path.join(workdir, f"setup_{pair}_{side}.json")
     with open(spec, "w") as f:
-        json.dump(asdict(setup), f)
+        json.dump({"setup": asdict(setup), "batches": batches}, f)
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", pair, side, spec]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -345,34 +354,40 @@ def measure_memory(pair: str, side: str, setup: Setup, workdir: str) -> dict[str
 
 
 def memory_child(pair: str, side: str, spec: str) -> None:
-    """Entry of the child process: build one side, run warm-up + 2 steps, print its peak memory as JSON."""
+    """Entry of the child process: build one side, run 3 steps, print its peak memory as JSON.
+
+    Peak resident set is the kernel's high-water mark of this process (VmHWM; `ru_maxrss` would carry the
+    parent's over the exec). Both sides import the same modules and hold the same rows, so the difference of
+    their peaks is the difference of their trainers.
+    """
     import trl  # noqa: F401  both sides import the same modules, so the baselines match
 
     with open(spec) as f:
-        setup = Setup(**json.load(f))
+        saved = json.load(f)
+    setup, batches = Setup(**saved["setup"]), saved["batches"]
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    batches = make_rows(setup, _vocab(setup.policy_dir), _eos(setup.policy_dir))
-    if pair == "dpo_precomputed":
-        reference_logps(setup.ref_dir, batches, setup.device)
     gc.collect()
-    before = _rss_mib()
+    before = _proc_status_mib("VmRSS")
     if setup.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
         runner = Runner(side, pair, setup, batches, out)
-        setup_rss = _rss_mib()
+        after_setup = _proc_status_mib("VmRSS")
         for _ in range(3):
             runner.step()
-    result = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "before_mib": before,
-              "after_setup_mib": setup_rss}  # fmt: skip
+    result = {"peak_rss_mib": _proc_status_mib("VmHWM"), "before_build_mib": before, "after_setup_mib": after_setup}
     if setup.device == "cuda":
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result))
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _proc_status_mib(field_name: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
 def _vocab(model_dir: str) -> int:
@@ -392,13 +407,14 @@ def _eos(model_dir: str) -> int:
 
 def compare(args, setup: Setup, workdir: str, peak_flops: float) -> dict[str, Any]:
     """Ours vs TRL for each pair: tokens/s (median), ratio (min-max), peak memory, step-0 loss, MFU."""
-    batches = make_rows(setup, _vocab(setup.policy_dir), _eos(setup.policy_dir))
-    if "dpo_precomputed" in args.pairs:
-        reference_logps(setup.ref_dir, batches, setup.device)
+    plain_batches = make_rows(setup, _vocab(setup.policy_dir), _eos(setup.policy_dir))
     params = non_embedding_params(setup.policy_dir)
     results: dict[str, Any] = {}
     for pair in args.pairs:
         print(f"\n== {pair}: building both sides", flush=True)
+        batches = copy.deepcopy(plain_batches)  # only the precomputed pair's rows carry reference columns
+        if pair == "dpo_precomputed":
+            reference_logps(setup.ref_dir, batches, setup.device)
         ours = Runner("ours", pair, setup, batches, os.path.join(workdir, f"{pair}_ours"))
         trl = Runner("trl", pair, setup, batches, os.path.join(workdir, f"{pair}_trl"), ours.value_weight())
         step0 = {"ours": ours.step(), "trl": trl.step()}  # the first step of each is step 0 (then warm-up)
@@ -414,10 +430,13 @@ def compare(args, setup: Setup, workdir: str, peak_flops: float) -> dict[str, An
         del ours, trl
         gc.collect()
         tokens = setup.tokens_per_step
-        flops = (6 + (2 if pair == "dpo" else 0)) * params * tokens
+        # A reward model has no LM head (TRL's has a 1-wide score layer instead); DPO uses it.
+        model_params = params - (lm_head_params(setup.policy_dir) if pair == "rm" else 0)
+        flops = (6 + (2 if pair == "dpo" else 0)) * model_params * tokens
         ratios = [t / o for o, t in zip(times["ours"], times["trl"])]
         entry: dict[str, Any] = {
             "tokens_per_step": tokens,
+            "model_params": model_params,
             "step_seconds": times,
             "step0_loss": step0,
             "ratio_median": statistics.median(ratios),
@@ -431,7 +450,7 @@ def compare(args, setup: Setup, workdir: str, peak_flops: float) -> dict[str, An
         if not args.no_memory:
             for side in SIDES:
                 print(f"   measuring peak memory of {side} in a child process", flush=True)
-                entry[f"{side}_memory"] = measure_memory(pair, side, setup, workdir)
+                entry[f"{side}_memory"] = measure_memory(pair, side, setup, batches, workdir)
         results[pair] = entry
     return results
 

@@ -103,3 +103,11 @@ def test_validation_runs_before_any_model_loads(monkeypatch):
     with pytest.raises(ConfigError):
         cfg(stage="rm", disco_pref=True)
     assert called == []
+
+
+def test_yaml_no_for_strategies_and_exponent_floats(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("save_strategy: no\nlearning_rate: 3e-4\n")
+    c = load_config(str(path), ["eval_strategy=no", "output_dir=" + str(tmp_path)])
+    assert c.training.save_strategy == "no" and c.training.eval_strategy == "no"
+    assert c.training.learning_rate == 3e-4

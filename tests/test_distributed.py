@@ -153,6 +153,7 @@ def test_torchrun_two_processes_equal_single_process_and_only_rank0_writes(tmp_p
     assert sum(event == "torch.save" for event, _ in rank1) == 2 * len(ddp_dirs)  # the recorder works on rank 1
     written = {path for _, path in rank0}
     for ddp_dir in ddp_dirs:
-        for expected in ("checkpoint-2", "checkpoint-4", "model.safetensors", "heads.safetensors",
-                         "discoalign_config.yaml", "trainer_state.json", os.path.join("plots", "loss.png")):  # fmt: skip
+        expected_files = ("checkpoint-2", "checkpoint-4", "model.safetensors", "heads.safetensors",
+                          "discoalign_config.yaml", "trainer_state.json", os.path.join("plots", "loss.png"))  # fmt: skip
+        for expected in expected_files:
             assert os.path.join(ddp_dir, expected) in written, (ddp_dir, expected)

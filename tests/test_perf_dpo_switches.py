@@ -123,7 +123,8 @@ def test_chunked_logps_equal_full_log_softmax(tmp_path, ref_dir, chunk_size):
 def test_chunked_logps_never_build_batch_by_length_by_vocab_logits(tmp_path, ref_dir):
     trainer = make_trainer(tmp_path, ref_model_name_or_path=ref_dir, logps_chunk_size=16)
     widest: list[int] = []
-    hook = trainer.model.lm_head.register_forward_hook(lambda m, i, o: widest.append(o.reshape(-1, o.shape[-1]).shape[0]))
+    record = lambda module, args, out: widest.append(out.reshape(-1, out.shape[-1]).shape[0])  # noqa: E731
+    hook = trainer.model.lm_head.register_forward_hook(record)
     loss_and_grads(trainer)
     hook.remove()
     assert widest and max(widest) <= 16  # never (2B x T) rows of logits at once, forward or recompute

@@ -29,7 +29,9 @@ def test_ppo_without_reward_model():
         build_config({"stage": "ppo", "dataset": "builtin:synthetic"})
 
 
-@pytest.mark.parametrize("keys", [{"add_disco_head": True}, {"disco_pref": True, "add_disco_head": True}, {"disco_pref": True}])
+@pytest.mark.parametrize(
+    "keys", [{"add_disco_head": True}, {"disco_pref": True, "add_disco_head": True}, {"disco_pref": True}]
+)
 def test_policy_variance_head_is_refused_in_ppo(keys):
     with pytest.raises(ConfigError, match="cannot be used with `stage: ppo`") as info:
         build_config({**PPO, **keys})

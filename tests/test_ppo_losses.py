@@ -77,7 +77,9 @@ def test_clipped_value_loss_hand_computed():
     old = t([[0.8, 0.5], [0.5, 2.0]])
     returns = t([[2.0, -1.0], [0.0, 2.5]])
     loss, clipfrac = clipped_value_loss(values, old, returns, torch.ones(2, 2), cliprange_value=0.2)
-    # (1.0 -> clip 1.0): 1 vs 1 | (0.0 -> clip 0.3): 1 vs 1.69 clipped | (0.5): 0.25 vs 0.25 | (3.0 -> 2.2): 0.25 vs 0.09
+    # unclipped vs clipped squared error per token:
+    # (1.0 -> clip 1.0): 1 vs 1 | (0.0 -> clip 0.3): 1 vs 1.69, clipped wins | (0.5): 0.25 vs 0.25
+    # (3.0 -> clip 2.2): 0.25 vs 0.09
     assert loss.item() == pytest.approx(0.5 * (1.0 + 1.69 + 0.25 + 0.25) / 4, abs=1e-6)
     assert clipfrac.item() == pytest.approx(0.25)
 

@@ -23,6 +23,7 @@ from discoalign.train.ppo.prompts import left_pad
 from discoalign.train.ppo.reward_model import load_reward_model, score_responses
 
 BASE = "builtin:tiny-qwen3"
+MODEL = ModelArguments(model_name_or_path=BASE)  # the policy's model_name_or_path
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_our_lora_reward_adapter_scores_like_the_model_that_saved_it(tmp_path, t
     batch = _batch(tok)
     expected = score_responses(model.eval(), *batch)
 
-    rm = load_reward_model(ModelArguments(model_name_or_path=BASE), _ppo_args(str(tmp_path / "rm"), reward_model_type="lora"), tok)
+    rm = load_reward_model(MODEL, _ppo_args(str(tmp_path / "rm"), reward_model_type="lora"), tok)
     assert rm.is_peft and rm.variance_head is not None
     assert not any(p.requires_grad for p in rm.parameters())
     mean, variance = score_responses(rm, *batch)
@@ -74,7 +75,7 @@ def test_our_lora_reward_adapter_scores_like_the_model_that_saved_it(tmp_path, t
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = str(tmp_path / "moved-away")
     config_path.write_text(json.dumps(config))
-    rm = load_reward_model(ModelArguments(model_name_or_path=BASE), _ppo_args(str(tmp_path / "rm"), reward_model_type="lora"), tok)
+    rm = load_reward_model(MODEL, _ppo_args(str(tmp_path / "rm"), reward_model_type="lora"), tok)
     mean, variance = score_responses(rm, *batch)
     assert torch.equal(mean, expected[0]) and torch.equal(variance, expected[1])
 
@@ -100,7 +101,7 @@ def test_llamafactory_value_head_checkpoint(tmp_path, tiny_dirs, tok):
     path = shutil.copytree(tiny_dirs["qwen2"], str(tmp_path / "lf-rm"))
     heads = _value_head_file(path, 64, seed=3)
     batch = _batch(tok)
-    rm = load_reward_model(ModelArguments(model_name_or_path=BASE), _ppo_args(path), tok)
+    rm = load_reward_model(MODEL, _ppo_args(path), tok)
     mean, variance = score_responses(rm, *batch)
     assert variance is None
     expected, _ = score_responses(_direct(build_tiny_model("qwen2", tok), heads), *batch)
@@ -124,7 +125,7 @@ def test_llamafactory_lora_reward_adapter_with_value_head_file(tmp_path, tok):
     peft_model.save_pretrained(path, save_embedding_layers=False)
     heads = _value_head_file(path, 64, seed=5)
     batch = _batch(tok)
-    rm = load_reward_model(ModelArguments(model_name_or_path=BASE), _ppo_args(path, reward_model_type="lora"), tok)
+    rm = load_reward_model(MODEL, _ppo_args(path, reward_model_type="lora"), tok)
     mean, _ = score_responses(rm, *batch)
     expected, _ = score_responses(_direct(peft_model, heads), *batch)
     assert torch.equal(mean, expected)
@@ -136,7 +137,7 @@ def test_llamafactory_lora_reward_adapter_with_value_head_file(tmp_path, tok):
 @pytest.fixture(scope="module")
 def scalar_rm(tmp_path_factory):
     torch.manual_seed(0)
-    model, tok = load_model_with_heads(ModelArguments(model_name_or_path=BASE), FinetuningArguments(), add_value_head=True)
+    model, tok = load_model_with_heads(MODEL, FinetuningArguments(), add_value_head=True)
     return save_checkpoint(model, str(tmp_path_factory.mktemp("scalar-rm")), tok)
 
 
@@ -150,7 +151,7 @@ def scalar_rm(tmp_path_factory):
 )
 def test_bad_reward_model_names(name, error, words, tok):
     with pytest.raises(error) as info:
-        load_reward_model(ModelArguments(model_name_or_path=BASE), _ppo_args(name), tok)
+        load_reward_model(MODEL, _ppo_args(name), tok)
     for word in words:
         assert word in str(info.value)
 
@@ -159,24 +160,24 @@ def test_reward_model_is_a_file(tmp_path, tok):
     path = tmp_path / "rm.safetensors"
     path.write_bytes(b"x")
     with pytest.raises(CheckpointError, match="is a file"):
-        load_reward_model(ModelArguments(model_name_or_path=BASE), _ppo_args(str(path)), tok)
+        load_reward_model(MODEL, _ppo_args(str(path)), tok)
 
 
 def test_plain_model_without_reward_head(tiny_dirs, tok):
     with pytest.raises(CheckpointError, match="holds no reward head") as info:
-        load_reward_model(ModelArguments(model_name_or_path=BASE), _ppo_args(tiny_dirs["qwen3"]), tok)
+        load_reward_model(MODEL, _ppo_args(tiny_dirs["qwen3"]), tok)
     assert f"reward_model: {tiny_dirs['qwen3']}" in str(info.value)
 
 
 def test_lora_type_on_a_full_checkpoint(scalar_rm, tok):
     with pytest.raises(CheckpointError, match="reward_model_type: lora") as info:
-        load_reward_model(ModelArguments(model_name_or_path=BASE), _ppo_args(scalar_rm, reward_model_type="lora"), tok)
+        load_reward_model(MODEL, _ppo_args(scalar_rm, reward_model_type="lora"), tok)
     assert "adapter_config.json" in str(info.value)
 
 
 def test_risk_coefficient_needs_a_disco_reward_model(scalar_rm, tok):
     with pytest.raises(ConfigError, match="disco_risk_coef: 0.5") as info:
-        load_reward_model(ModelArguments(model_name_or_path=BASE), _ppo_args(scalar_rm, disco_risk_coef=0.5), tok)
+        load_reward_model(MODEL, _ppo_args(scalar_rm, disco_risk_coef=0.5), tok)
     assert "variance head" in str(info.value)
 
 
@@ -184,12 +185,12 @@ def test_reward_model_with_another_tokenizer(scalar_rm, tok):
     other = build_tiny_tokenizer()
     other.add_tokens(["<extra-token>"])
     with pytest.raises(ConfigError, match="tokenizer different"):
-        load_reward_model(ModelArguments(model_name_or_path=BASE), _ppo_args(scalar_rm), other)
+        load_reward_model(MODEL, _ppo_args(scalar_rm), other)
 
 
 def test_loading_the_reward_model_leaves_the_random_stream_alone(scalar_rm, tok):
     torch.manual_seed(11)
-    load_reward_model(ModelArguments(model_name_or_path=BASE), _ppo_args(scalar_rm), tok)
+    load_reward_model(MODEL, _ppo_args(scalar_rm), tok)
     after = torch.rand(3)
     torch.manual_seed(11)
     assert torch.equal(after, torch.rand(3))

@@ -95,7 +95,9 @@ def test_full_run_writes_checkpoint_metrics_samples_and_plots(tmp_path, reward_m
     assert [s["step"] for s in samples] == [1, 1, 2, 2]
     assert {"prompt", "response", "score", "variance", "kl", "true_reward"} <= set(samples[0])
     # The saved policy reloads with its critic.
-    policy, _ = load_model_with_heads(ModelArguments(model_name_or_path=str(out)), FinetuningArguments(), add_value_head=True)
+    policy, _ = load_model_with_heads(
+        ModelArguments(model_name_or_path=str(out)), FinetuningArguments(), add_value_head=True
+    )
     torch.testing.assert_close(policy.value_head.summary.weight, heads["value_head.summary.weight"])
 
 
@@ -107,6 +109,15 @@ def test_lora_policy_saves_an_adapter_and_starts_at_zero_kl(tmp_path, reward_mod
     logs = _train_logs(out)
     assert abs(logs[0]["objective/kl"]) < 1e-6  # LoRA B = 0 at init: the adapters change nothing yet
     assert "reward/variance" not in logs[0]
+
+
+def test_reference_from_ref_model_name_or_path(tmp_path, reward_models, tiny_dirs):
+    # tiny_dirs["qwen3"] holds the weights builtin:tiny-qwen3 builds: the reference equals the starting policy.
+    cfg = ppo_config(tmp_path, reward_models["scalar"], ref_model_name_or_path=tiny_dirs["qwen3"])
+    trainer, bundle = build_ppo_trainer(cfg)
+    assert trainer.ref_model is not None and trainer.ref_model.value_head is None
+    rollout = trainer.make_rollout(prompt_rows(bundle.train, list(range(4))))
+    torch.testing.assert_close(rollout.kl, torch.zeros_like(rollout.kl), atol=1e-5, rtol=0)
 
 
 def test_rollout_scores_follow_risk_clip_and_missing_eos_penalty(tmp_path, reward_models):
@@ -161,6 +172,28 @@ def test_alpaca_prompts(tmp_path, reward_models, shared_data):
     results = run_exp(cfg)
     assert results["train"]["train_loss"] == pytest.approx(results["train"]["train_loss"])  # finite
     assert "objective/true_reward" not in _train_logs(out)[0]  # only builtin:synthetic has a known reward
+
+
+USER = {"role": "user", "content": "Describe a calm river."}
+PROMPT_ROWS = {
+    "prompt string": {"prompt": "Describe a calm river."},
+    "prompt messages": {"prompt": [{"role": "system", "content": "Be brief."}, USER]},
+    "alpaca": {"instruction": "Describe a river.", "input": "calm", "output": "ignored"},
+    "messages": {"messages": [USER, {"role": "assistant", "content": "ignored"}]},
+    "sharegpt": {"conversations": [{"from": "human", "value": USER["content"]}, {"from": "gpt", "value": "ignored"}]},
+}
+
+
+@pytest.mark.parametrize("layout", list(PROMPT_ROWS))
+def test_every_prompt_only_format_rolls_out(tmp_path, reward_models, layout):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(PROMPT_ROWS[layout]) for _ in range(4)))
+    trainer, bundle = build_ppo_trainer(ppo_config(tmp_path, reward_models["scalar"], dataset=str(path)))
+    rollout = trainer.make_rollout(prompt_rows(bundle.train, [0, 1]))
+    prompts, responses = trainer.decode_rollout(rollout)
+    assert "river" in prompts[0] and "ignored" not in prompts[0]
+    assert prompts[0].rstrip().endswith("assistant")  # the chat template's generation prompt
+    assert rollout.response_mask.sum() > 0 and len(responses) == 2
 
 
 def test_too_few_prompts_for_one_rollout(tmp_path, reward_models):

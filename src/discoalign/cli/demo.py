@@ -70,9 +70,14 @@ def run_rm_demo(output_root: str, **overrides: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def run_demo(output_root: str = "saves/demo", parts: str = "rm,dpo") -> None:
+def run_demo(output_root: str = "saves/demo", parts: str = "rm,dpo,ppo") -> None:
     """Run the requested demo parts and print their tables."""
     wanted = {p.strip() for p in parts.split(",") if p.strip()}
+    unknown = wanted - {"rm", "dpo", "ppo"}
+    if unknown:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--parts names unknown demo part(s) {sorted(unknown)}; the parts are rm, dpo and ppo.")
     tables: list[tuple[str, list[dict[str, Any]]]] = []
     if "rm" in wanted:
         rows = run_rm_demo(output_root)
@@ -81,6 +86,10 @@ def run_demo(output_root: str = "saves/demo", parts: str = "rm,dpo") -> None:
         from ..train.dpo.demo import run_dpo_grid_demo
 
         tables.append(("DPO grid on builtin:synthetic", run_dpo_grid_demo(os.path.join(output_root, "dpo"))))
+    if "ppo" in wanted:
+        from ..train.ppo.demo import run_ppo_demo
+
+        tables.append(("PPO against BT and Disco reward models", run_ppo_demo(os.path.join(output_root, "ppo"))))
     for title, rows in tables:
         print_table(title, rows)
     print(f"\nRuns, metrics, predictions and plots are under {os.path.abspath(output_root)}/")

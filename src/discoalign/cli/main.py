@@ -64,9 +64,11 @@ def cmd_score(ns: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(ns: argparse.Namespace) -> int:
-    from ..models.tiny import write_tiny_model
+    from ..models.tiny import TINY_ARCHS, write_tiny_model
+    from ..models.tiny_multimodal import write_tiny_multimodal_model
 
-    out = write_tiny_model(ns.arch, ns.out, seed=ns.seed)
+    write = write_tiny_model if ns.arch in TINY_ARCHS else write_tiny_multimodal_model
+    out = write(ns.arch, ns.out, seed=ns.seed)
     print(f"Wrote a tiny random {ns.arch} model and its tokenizer to {out}")
     return 0
 
@@ -118,21 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "tiny-model",
         help="Write a tiny random model and a locally trained tokenizer.",
-        description="Write a tiny random causal LM (hidden 64, 2 layers) and a byte-level BPE tokenizer with a "
-        "ChatML chat template, trained offline; loadable with AutoModelForCausalLM/AutoTokenizer.",
+        description="Write a tiny random model (hidden 64, 2 layers) and a byte-level BPE tokenizer with a "
+        "ChatML chat template, trained offline. Text archs load with AutoModelForCausalLM/AutoTokenizer; the "
+        "multimodal ones also write their image processor / feature extractor.",
     )
-    p.add_argument("--arch", required=True, choices=["llama", "qwen2", "qwen3", "gpt2"], help="Architecture.")
+    p.add_argument(
+        "--arch",
+        required=True,
+        choices=["llama", "qwen2", "qwen3", "gpt2", "qwen2-vl", "qwen2.5-vl", "qwen2-audio"],
+        help="Architecture.",
+    )
     p.add_argument("--out", required=True, help="Output directory.")
     p.add_argument("--seed", type=int, default=0, help="Weight seed (default 0).")
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser(
         "demo",
-        help="Train BT and Disco reward models (and the DPO grid) on built-in data and compare them.",
+        help="Train BT and Disco reward models, the DPO grid and PPO on built-in data and compare them.",
         description="Runs the main jobs on builtin:tiny-qwen3 and builtin:synthetic and prints comparison tables.",
     )
     p.add_argument("--output-dir", default="saves/demo", help="Where runs, metrics and plots go.")
-    p.add_argument("--parts", default="rm,dpo", help="Comma-separated parts to run: rm, dpo (default both).")
+    p.add_argument("--parts", default="rm,dpo,ppo", help="Comma-separated parts to run: rm, dpo, ppo (default all).")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -148,12 +148,15 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
 
 
 def _coerce_training(key: str, value: Any, source: str) -> Any:
-    """Cast YAML strings such as `3e-4` to the float/int a TrainingArguments field declares."""
+    """Undo YAML 1.1's guesses for TrainingArguments fields: `3e-4` (a string) becomes the float the field
+    declares, and `no` (read as false) becomes the string "no" for strategy fields such as `save_strategy`."""
     from transformers import TrainingArguments
 
     hint = typing.get_type_hints(TrainingArguments).get(key)
     if isinstance(value, str) and hint in (float, int, float | None, int | None):
         return _coerce(key, value, hint, source) if hint in (float, float | None) else value
+    if value is False and hint not in (bool, bool | None) and key.endswith("_strategy"):
+        return "no"
     return value
 
 

@@ -124,9 +124,10 @@ def check_attention_implementation(attn_implementation: str | None) -> None:
     """Raise ConfigError unless the attention takes the arbitrary mask pair packing needs."""
     if attn_implementation not in MASKED_ATTENTION:
         raise ConfigError(
-            f"`pack_pairs: true` runs chosen and rejected in one row with an attention mask that keeps them apart, "
-            f"which needs `attn_implementation` eager or sdpa; this model uses {attn_implementation!r} (flash-attention "
-            "kernels take only block-causal masks). Set `attn_implementation: sdpa`, or `pack_pairs: false`."
+            "`pack_pairs: true` runs chosen and rejected in one row with an attention mask that keeps them apart, "
+            f"which needs `attn_implementation` eager or sdpa; this model uses {attn_implementation!r} "
+            "(flash-attention kernels take only block-causal masks). Set `attn_implementation: sdpa`, or "
+            "`pack_pairs: false`."
         )
 
 

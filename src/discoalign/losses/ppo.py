@@ -90,7 +90,9 @@ def last_token_positions(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=-1).values
 
 
-def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: torch.Tensor | float, mask: torch.Tensor) -> torch.Tensor:
+def token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, kl_coef: torch.Tensor | float, mask: torch.Tensor
+) -> torch.Tensor:
     """Per-token rewards of RLHF: `-kl_coef(x) * kl_t` on every response token, plus the score on the last one.
 
     Args:

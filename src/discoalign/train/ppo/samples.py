@@ -28,7 +28,8 @@ def show_samples(title: str, rows: list[dict[str, Any]]) -> None:
 
     table = []
     for row in rows:
-        entry = {"prompt": short(row["prompt"], 50), "response": short(row["response"], 60), "score": f"{row['score']:.3f}"}
+        entry = {"prompt": short(row["prompt"], 50), "response": short(row["response"], 60)}
+        entry["score"] = f"{row['score']:.3f}"
         if row.get("variance") is not None:
             entry["variance"] = f"{row['variance']:.3f}"
         entry["kl"] = f"{row['kl']:.3f}"

@@ -45,17 +45,10 @@ from ...losses.ppo import (
 )
 from ..base_trainer import DiscoTrainer
 from .metric import rollout_metrics
+from .policy import PPOPolicy
 from .prompts import PromptSchedule, left_pad, prompt_rows
 from .reward_model import score_responses
-from .rollout import (
-    Rollout,
-    pad_columns,
-    response_hidden,
-    sample_responses,
-    stop_token_ids,
-    token_logprobs,
-    truncate_at_stop,
-)
+from .rollout import Rollout, pad_columns, sample_responses, stop_token_ids, truncate_at_stop
 from .samples import SAMPLES_FILE, append_samples, show_samples
 
 
@@ -67,11 +60,9 @@ def disable_dropout(module: nn.Module) -> None:
             m.p = 0.0
 
 
-def make_frozen_reference(policy: nn.Module) -> nn.Module:
+def make_frozen_reference(policy: nn.Module) -> PPOPolicy:
     """The reference of full fine-tuning: a frozen copy of the policy's backbone (no heads)."""
-    from ...models.model_with_heads import ModelWithHeads
-
-    reference = ModelWithHeads(copy.deepcopy(policy.backbone))
+    reference = PPOPolicy(copy.deepcopy(policy.backbone))
     reference.requires_grad_(False)
     return reference.eval()
 
@@ -110,6 +101,8 @@ class PPOTrainer(DiscoTrainer):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("data_collator", lambda rows: rows)  # prompts are batched by `PromptSchedule`
+        if not isinstance(model, PPOPolicy):
+            model = PPOPolicy.from_model(model)
         super().__init__(model, run_config, **kwargs)
         ft = self.finetuning_args
         policy = self._policy()
@@ -121,12 +114,14 @@ class PPOTrainer(DiscoTrainer):
         if tokenizer is None or tokenizer.pad_token_id is None:
             raise ConfigError("PPO pads prompts, but the tokenizer has no pad token; set one (e.g. the EOS token).")
         disable_dropout(policy.backbone)
+        if policy.beta_head is not None and not ft.use_dynamic_beta:
+            # Present but unused: frozen, so that DDP does not wait for gradients it will never get.
+            policy.beta_head.requires_grad_(False)
         self.true_reward = true_reward
         self.pad_token_id = int(tokenizer.pad_token_id)
         self.stop_ids = stop_token_ids(tokenizer, getattr(policy.causal_lm, "generation_config", None))
         if not self.stop_ids:
             raise ConfigError("PPO needs an end-of-sequence token to end responses, but the tokenizer has no EOS.")
-        self.softcap = getattr(policy.config, "final_logit_softcapping", None)
         self.generation_config = GenerationConfig(
             do_sample=True,
             max_new_tokens=ft.max_new_tokens,
@@ -148,6 +143,7 @@ class PPOTrainer(DiscoTrainer):
             ref_model = make_frozen_reference(policy)
         self.ref_model = None
         if ref_model is not None:
+            ref_model = ref_model if isinstance(ref_model, PPOPolicy) else PPOPolicy.from_model(ref_model)
             ref_model.requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(ref_model.eval(), evaluation_mode=True)
 
@@ -178,30 +174,25 @@ class PPOTrainer(DiscoTrainer):
     @torch.no_grad()
     def _score_tokens(self, query_ids, query_mask, response_ids, response_mask) -> dict[str, torch.Tensor | None]:
         """Policy log-probs and values, reference log-probs (+ prompt hidden state) and reward of one chunk."""
-        policy = self._policy()
-        prompt_length = query_ids.shape[1]
-        input_ids = torch.cat([query_ids, response_ids], dim=1)
-        attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
-        temperature = self.finetuning_args.temperature
-
-        hidden = response_hidden(policy.hidden_states(input_ids, attention_mask), prompt_length)
-        logprobs, _ = token_logprobs(hidden, policy.lm_head, response_ids, temperature, self.softcap)
-        values = policy.value_head(hidden)
-
+        inputs = {
+            "input_ids": torch.cat([query_ids, response_ids], dim=1),
+            "attention_mask": torch.cat([query_mask, response_mask.long()], dim=1),
+            "response_ids": response_ids,
+            "prompt_length": query_ids.shape[1],
+            "temperature": self.finetuning_args.temperature,
+        }
+        policy_out = self._policy()(**inputs)
         reference, adapters_off = self._reference()
         with adapters_off:
-            ref_hidden = reference.hidden_states(input_ids, attention_mask)
-        ref_logprobs, _ = token_logprobs(
-            response_hidden(ref_hidden, prompt_length), reference.lm_head, response_ids, temperature, self.softcap
-        )
+            ref_out = reference(**inputs, with_values=False)
         # Left padding puts every prompt's last token at P - 1: the beta head's input.
-        ref_prompt_hidden = ref_hidden[:, prompt_length - 1].float() if self.finetuning_args.use_dynamic_beta else None
+        ref_prompt_hidden = ref_out.prompt_hidden.float() if self.finetuning_args.use_dynamic_beta else None
 
         reward_model = self.accelerator.unwrap_model(self.reward_model)
         mean, variance = score_responses(reward_model, query_ids, query_mask, response_ids, response_mask)
         return {
-            "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "reward_mean": mean,
-            "reward_variance": variance, "ref_prompt_hidden": ref_prompt_hidden,
+            "logprobs": policy_out.logprobs, "ref_logprobs": ref_out.logprobs, "values": policy_out.values,
+            "reward_mean": mean, "reward_variance": variance, "ref_prompt_hidden": ref_prompt_hidden,
         }  # fmt: skip
 
     @torch.no_grad()
@@ -311,17 +302,18 @@ class PPOTrainer(DiscoTrainer):
     def ppo_loss(self, model: nn.Module, batch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The micro-batch loss `pg_loss + vf_coef * vf_loss (+ beta controller loss)` and its statistics."""
         ft = self.finetuning_args
-        policy = self._policy()
         mask = batch.response_mask
-        # Through the module call, so DDP / DeepSpeed wrappers see the forward; the beta head runs inside it too.
-        beta_features = batch.ref_prompt_hidden if ft.use_dynamic_beta else None
-        out = model(batch.input_ids, batch.attention_mask, with_heads=False, beta_features=beta_features)
-        hidden = response_hidden(out.last_hidden_state, batch.query_ids.shape[1])
-        logprobs, entropy = token_logprobs(
-            hidden, policy.lm_head, batch.response_ids, ft.temperature, self.softcap, with_entropy=True
+        # Through the module call, so DDP / DeepSpeed wrappers see every parameter used (LM head, value head and
+        # beta head included) inside the forward.
+        out = model(
+            batch.input_ids, batch.attention_mask, response_ids=batch.response_ids,
+            prompt_length=batch.query_ids.shape[1], temperature=ft.temperature, with_entropy=True,
+            beta_features=batch.ref_prompt_hidden if ft.use_dynamic_beta else None,
+        )  # fmt: skip
+        logprobs, values, entropy = out.logprobs, out.values, out.entropy
+        pg_loss, pg_clipfrac, approxkl = clipped_policy_loss(
+            logprobs, batch.logprobs, batch.advantages, mask, ft.cliprange
         )
-        values = policy.value_head(hidden)
-        pg_loss, pg_clipfrac, approxkl = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, ft.cliprange)
         vf_loss, vf_clipfrac = clipped_value_loss(values, batch.values, batch.returns, mask, ft.cliprange_value)
         loss = pg_loss + ft.vf_coef * vf_loss
         stats = {
@@ -393,7 +385,9 @@ class PPOTrainer(DiscoTrainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(args.output_dir)
             if resume_from_checkpoint is None:
-                raise ConfigError(f"`resume_from_checkpoint: true` but {args.output_dir!r} holds no checkpoint-* folder.")
+                raise ConfigError(
+                    f"`resume_from_checkpoint: true` but {args.output_dir!r} holds no checkpoint-* folder."
+                )
         self.is_in_train = True
         schedule = PromptSchedule(
             len(self.train_dataset), self.rollout_batch_size, args.seed,

@@ -4,10 +4,12 @@ save the checkpoint, metrics, samples and plots."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from ...config.loader import RunConfig
@@ -40,10 +42,6 @@ def load_reference(cfg: RunConfig) -> Any | None:
         logger.warning("`ref_model_name_or_path` is ignored with `finetuning_type: lora`: the reference is the base "
                        "model with the adapters disabled.")
         return None
-    import dataclasses
-
-    import torch
-
     ref_args = copy.copy(cfg.model)
     ref_args.model_name_or_path = cfg.model.ref_model_name_or_path
     ref_ft = dataclasses.replace(cfg.finetuning, finetuning_type="full", add_disco_head=False, add_beta_head=False)
