@@ -98,6 +98,33 @@ class DiscoTrainer(Trainer):
         self._stored_metrics[train_eval].clear()
         super().log(logs, start_time)
 
+    # ---- the steps every stage's workflow runs ------------------------------------------------------
+
+    def train_and_save(self) -> dict[str, float]:
+        """Train (resuming when `resume_from_checkpoint` is set), save model + state + `train_results.json`."""
+        result = self.train(resume_from_checkpoint=self.args.resume_from_checkpoint)
+        self.save_model()
+        self.save_state()
+        self.log_metrics("train", result.metrics)
+        self.save_metrics("train", result.metrics)
+        return result.metrics
+
+    def evaluate_and_save(self) -> dict[str, float]:
+        """Evaluate on `eval_dataset`, print and save `eval_results.json`."""
+        metrics = self.evaluate(metric_key_prefix="eval")
+        self.log_metrics("eval", metrics)
+        self.save_metrics("eval", metrics)
+        return metrics
+
+    def plot_history(self, plots: list[tuple[str, str, list[str]]]) -> None:
+        """Write `output_dir/plots/<file>` for each (file, title, logged keys) on the main process."""
+        from ..eval.plots import plot_history
+
+        if not (self.finetuning_args.plot_loss and self.is_world_process_zero()):
+            return
+        for file_name, title, keys in plots:
+            plot_history(self.state.log_history, keys, os.path.join(self.args.output_dir, "plots", file_name), title)
+
     # ---- optimizer -----------------------------------------------------------------------------------
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:

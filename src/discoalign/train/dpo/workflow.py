@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from typing import Any
 
 from transformers import TrainerCallback
@@ -13,7 +12,6 @@ from ...config.loader import RunConfig
 from ...data import get_dataset
 from ...data.media_collator import make_pairwise_collator
 from ...errors import ConfigError
-from ...eval.plots import plot_history
 from ...models.loader import load_model_with_heads
 from .trainer import DPOTrainer, make_frozen_reference
 
@@ -92,21 +90,10 @@ def run_dpo(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> d
     trainer, bundle = build_dpo_trainer(cfg, callbacks)
     results: dict[str, Any] = {"data_stats": dict(bundle.stats)}
     if args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.save_state()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        results["train"] = train_result.metrics
+        results["train"] = trainer.train_and_save()
     if args.do_eval and trainer.eval_dataset is not None:
-        metrics = trainer.evaluate(metric_key_prefix="eval")
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results["eval"] = metrics
+        results["eval"] = trainer.evaluate_and_save()
+    trainer.plot_history(PLOTS)
     if trainer.is_world_process_zero():
-        if cfg.finetuning.plot_loss:
-            plots_dir = os.path.join(args.output_dir, "plots")
-            for file_name, title, keys in PLOTS:
-                plot_history(trainer.state.log_history, keys, os.path.join(plots_dir, file_name), title)
         cfg.save(args.output_dir)
     return results

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import torch
@@ -16,7 +15,6 @@ from ...config.loader import RunConfig
 from ...data import get_dataset
 from ...data.sources import BUILTIN_SYNTHETIC, split_specs
 from ...errors import ConfigError
-from ...eval.plots import plot_history
 from ...models.loader import load_model_with_heads
 from .metric import synthetic_true_reward
 from .reward_model import load_reward_model
@@ -92,25 +90,14 @@ def run_ppo(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> d
     trainer, bundle = build_ppo_trainer(cfg, callbacks)
     results: dict[str, Any] = {"data_stats": dict(bundle.stats)}
     if args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.save_state()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        results["train"] = train_result.metrics
+        results["train"] = trainer.train_and_save()
         if args.eval_on_start:
             first_eval = next((e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)), None)
             if first_eval is not None:
                 results["eval_start"] = {k: v for k, v in first_eval.items() if k.startswith("eval_")}
+        trainer.plot_history(PLOTS)
     if args.do_eval and trainer.eval_dataset is not None:
-        metrics = trainer.evaluate(metric_key_prefix="eval")
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results["eval"] = metrics
+        results["eval"] = trainer.evaluate_and_save()
     if trainer.is_world_process_zero():
-        if cfg.finetuning.plot_loss and args.do_train:
-            plots_dir = os.path.join(args.output_dir, "plots")
-            for file_name, title, keys in PLOTS:
-                plot_history(trainer.state.log_history, keys, os.path.join(plots_dir, file_name), title)
         cfg.save(args.output_dir)
     return results

@@ -14,13 +14,19 @@ from ...config.loader import RunConfig
 from ...data import get_dataset
 from ...data.media_collator import make_pairwise_collator
 from ...eval.calibration import reliability_bins
-from ...eval.plots import plot_history, plot_reliability
+from ...eval.plots import plot_reliability
 from ...eval.report import print_table
 from ...models.loader import load_model_with_heads
 from .metric import make_compute_metrics, preference_log_prob
 from .trainer import RewardTrainer
 
 logger = logging.getLogger(__name__)
+
+
+PLOTS = [
+    ("loss.png", "loss", ["loss", "eval_loss"]),
+    ("accuracy.png", "preference accuracy", ["accuracy", "eval_accuracy", "eval_true_accuracy"]),
+]
 
 
 def run_rm(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
@@ -46,20 +52,8 @@ def run_rm(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> di
     plots_dir = os.path.join(args.output_dir, "plots")
 
     if args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        trainer.save_model()
-        trainer.save_state()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        results["train"] = train_result.metrics
-        if cfg.finetuning.plot_loss and trainer.is_world_process_zero():
-            plot_history(trainer.state.log_history, ["loss", "eval_loss"], os.path.join(plots_dir, "loss.png"), "loss")
-            plot_history(
-                trainer.state.log_history,
-                ["accuracy", "eval_accuracy", "eval_true_accuracy"],
-                os.path.join(plots_dir, "accuracy.png"),
-                "preference accuracy",
-            )
+        results["train"] = trainer.train_and_save()
+        trainer.plot_history(PLOTS)
 
     if args.do_eval and bundle.eval is not None:
         output = trainer.predict(bundle.eval, metric_key_prefix="eval")
