@@ -183,7 +183,3 @@ def test_grid_demo_returns_one_row_per_cell(tmp_path):
         assert {"final loss", "reward acc.", "true-pref acc."} <= set(row)
         assert 0.0 <= float(row["true-pref acc."]) <= 1.0 and float(row["final loss"]) > 0
 
-
-def test_pack_pairs_is_refused_clearly(tmp_path):
-    with pytest.raises(ConfigError, match="pack_pairs"):
-        build_dpo_trainer(config(tmp_path, pack_pairs=True, attn_implementation="sdpa"))

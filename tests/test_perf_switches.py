@@ -167,6 +167,19 @@ def test_rm_packed_pairs_equal_plain_loss_and_grads(tmp_path, tiny_dirs, arch, a
     )
 
 
+def test_rm_packed_pairs_with_gradient_checkpointing_equal_plain(tmp_path, tiny_dirs):
+    plain = rm_trainer(tmp_path, tiny_dirs["qwen3"])
+    packed = rm_trainer(tmp_path, tiny_dirs["qwen3"], pack_pairs=True)
+    packed.model.gradient_checkpointing_enable()  # the segment lengths must survive the recomputation
+    packed.model.load_state_dict(plain.model.state_dict())
+    rows = pair_rows(plain.processing_class.eos_token_id, seed=1)
+    loss_plain, grads_plain = rm_loss_and_grads(plain, plain.data_collator(rows))
+    loss_packed, grads_packed = rm_loss_and_grads(packed, packed.data_collator(rows))
+    assert packed.model.is_gradient_checkpointing
+    assert abs(loss_plain - loss_packed) < TOL
+    assert_same_grads(grads_plain, grads_packed)
+
+
 def test_rm_packed_eval_predictions_equal_plain(tmp_path, tiny_dirs):
     plain = rm_trainer(tmp_path, tiny_dirs["qwen3"], add_disco_head=True, disco_pref=True)
     packed = rm_trainer(tmp_path, tiny_dirs["qwen3"], pack_pairs=True, add_disco_head=True, disco_pref=True)
