@@ -229,9 +229,15 @@ def build_tiny_model(arch: str, tokenizer=None, seed: int = 0):
         bos_id=tokenizer.bos_token_id,
         eos_id=tokenizer.eos_token_id,
     )
+    return seeded_from_config(AutoModelForCausalLM, config, tokenizer, seed)
+
+
+def seeded_from_config(auto_class, config, tokenizer, seed: int):
+    """`auto_class.from_config(config)` in fp32 with weights drawn from `seed`, leaving the global RNG untouched,
+    and generation settings that match `tokenizer`'s special tokens."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto_class.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -245,7 +251,11 @@ def write_tiny_model(arch: str, out_dir: str, seed: int = 0) -> str:
     `AutoTokenizer.from_pretrained(out_dir)`.
     """
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(arch, tokenizer=tokenizer, seed=seed)
+    return save_model_and_tokenizer(build_tiny_model(arch, tokenizer=tokenizer, seed=seed), tokenizer, out_dir)
+
+
+def save_model_and_tokenizer(model, tokenizer, out_dir: str) -> str:
+    """Write `model` (safetensors) and `tokenizer` to `out_dir`; returns `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -11,10 +11,6 @@ Deterministic: the same arch and seed give the same weights bit for bit; the glo
 
 from __future__ import annotations
 
-import os
-
-import torch
-
 from .tiny import (
     TINY_HEADS,
     TINY_HIDDEN,
@@ -23,6 +19,8 @@ from .tiny import (
     TINY_LAYERS,
     TINY_MAX_POSITIONS,
     build_tiny_tokenizer,
+    save_model_and_tokenizer,
+    seeded_from_config,
 )
 
 TINY_MULTIMODAL_ARCHS = ("qwen2-vl", "qwen2.5-vl", "qwen2-audio")
@@ -154,13 +152,7 @@ def build_tiny_multimodal_model(arch: str, tokenizer=None, seed: int = 0):
     tokenizer = tokenizer if tokenizer is not None else build_tiny_multimodal_tokenizer(arch)
     config = _tiny_config(arch, tokenizer)
     auto_class = AutoModelForMultimodalLM if arch == "qwen2-audio" else AutoModelForImageTextToText
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = auto_class.from_config(config, dtype=torch.float32)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model.eval()
+    return seeded_from_config(auto_class, config, tokenizer, seed)
 
 
 def write_tiny_multimodal_model(arch: str, out_dir: str, seed: int = 0) -> str:
@@ -170,8 +162,6 @@ def write_tiny_multimodal_model(arch: str, out_dir: str, seed: int = 0) -> str:
     """
     tokenizer = build_tiny_multimodal_tokenizer(arch)
     model = build_tiny_multimodal_model(arch, tokenizer=tokenizer, seed=seed)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_model_and_tokenizer(model, tokenizer, out_dir)
     build_tiny_media_processor_parts(arch).save_pretrained(out_dir)
     return out_dir
