@@ -111,3 +111,14 @@ def test_yaml_no_for_strategies_and_exponent_floats(tmp_path):
     c = load_config(str(path), ["eval_strategy=no", "output_dir=" + str(tmp_path)])
     assert c.training.save_strategy == "no" and c.training.eval_strategy == "no"
     assert c.training.learning_rate == 3e-4
+
+
+def test_speed_switches_checked_before_loading():
+    with pytest.raises(ConfigError, match="logps_chunk_size"):
+        cfg(stage="dpo", logps_chunk_size=-1)
+    with pytest.raises(ConfigError, match="attn_implementation"):
+        cfg(stage="dpo", pack_pairs=True, attn_implementation="flash_attention_2")
+    with pytest.raises(ConfigError, match="text-only"):
+        cfg(stage="rm", pack_pairs=True, model_name_or_path="builtin:tiny-qwen2-vl")
+    c = cfg(stage="rm", pack_pairs=True, attn_implementation="sdpa")
+    assert c.data.pack_pairs

@@ -84,6 +84,24 @@ def validate_combinations(
             f"`image_min_pixels` ({model.image_min_pixels}) must be at least 1 and at most `image_max_pixels` "
             f"({model.image_max_pixels})."
         )
+    if ft.logps_chunk_size < 0:
+        fail(f"`logps_chunk_size` is {ft.logps_chunk_size}; it must be a positive number of tokens, or 0 for the "
+             "plain full log-softmax.")  # fmt: skip
+    if data.pack_pairs:
+        # Caught here, before a model loads, where the config alone says so; the trainer re-checks what only
+        # the loaded model can tell (its actual attention implementation and modality).
+        if ft.stage not in ("rm", "dpo"):
+            fail(f"`pack_pairs` packs preference pairs and applies to `stage: rm` and `dpo`, not `{ft.stage}`.")
+        if model.attn_implementation not in (None, "sdpa", "eager"):
+            fail(
+                f"`pack_pairs: true` needs `attn_implementation` sdpa or eager (an arbitrary attention mask), not "
+                f"`{model.attn_implementation}`. Set `pack_pairs: false`, or use `group_by_length` instead."
+            )
+        from ..models.tiny_multimodal import TINY_MULTIMODAL_ARCHS
+
+        if model.model_name_or_path in {f"builtin:tiny-{arch}" for arch in TINY_MULTIMODAL_ARCHS}:
+            fail("`pack_pairs: true` supports text-only models; the built-in multimodal models are not. "
+                 "Set `pack_pairs: false`.")  # fmt: skip
     if not model.model_name_or_path:
         fail("`model_name_or_path` is empty; give a local directory, a hub name or builtin:tiny-<arch>.")
     return notes
