@@ -100,13 +100,23 @@ def write_predictions(predictions: np.ndarray, dataset, disco: bool, path: str) 
 def show_samples(rows: list[dict[str, Any]], dataset, tokenizer, num: int) -> None:
     """Print a `rich` table of the first `num` scored eval pairs."""
     table_rows = []
+
+    def clip(text: str, n: int) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= n else text[: n - 1] + "…"
+
+    def content(messages, ids) -> str:
+        # The canonical messages when the dataset kept them; the decoded tokens otherwise.
+        if messages:
+            return str(messages[-1]["content"])
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
     for row in rows[:num]:
         example = dataset[row["index"]]
-        text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip().replace("\n", " ")[:60]  # noqa: E731
         entry = {
-            "prompt": text(example["prompt_input_ids"])[-50:],
-            "chosen": text(example["chosen_input_ids"]),
-            "rejected": text(example["rejected_input_ids"]),
+            "prompt": clip(content(example.get("prompt"), example["prompt_input_ids"]), 50),
+            "chosen": clip(content(example.get("chosen"), example["chosen_input_ids"]), 60),
+            "rejected": clip(content(example.get("rejected"), example["rejected_input_ids"]), 60),
             "mu_c": f"{row['mean_chosen']:.3f}",
             "mu_r": f"{row['mean_rejected']:.3f}",
         }
