@@ -16,13 +16,17 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 512
 
 
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma-style final logit soft-capping `cap * tanh(logits / cap)`; identity when `cap` is None."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
 def _token_logps(
     hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, final_logit_softcapping: float | None
 ) -> torch.Tensor:
     """hidden: (M, H), targets: (M,) -> (M,) fp32 log p(target | hidden)."""
     logits = lm_head(hidden).float()
-    if final_logit_softcapping is not None:
-        logits = torch.tanh(logits / final_logit_softcapping) * final_logit_softcapping
+    logits = softcap(logits, final_logit_softcapping)
     picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -90,8 +94,7 @@ def full_sequence_logps(
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on (N, T)")
     logits = lm_head(hidden[:, :-1]).float()
-    if final_logit_softcapping is not None:
-        logits = torch.tanh(logits / final_logit_softcapping) * final_logit_softcapping
+    logits = softcap(logits, final_logit_softcapping)
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     picked = torch.gather(logits.log_softmax(-1), -1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)

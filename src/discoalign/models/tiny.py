@@ -173,6 +173,23 @@ def build_tiny_tokenizer():
     )
 
 
+def tiny_decoder_kwargs(vocab_size: int, pad_token_id: int, bos_token_id: int, eos_token_id: int) -> dict:
+    """Config keys of the tiny Llama-style decoder shared by the text and multimodal built-in models."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=TINY_INTERMEDIATE,
+        num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=TINY_HEADS,
+        num_key_value_heads=TINY_KV_HEADS,
+        max_position_embeddings=TINY_MAX_POSITIONS,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
 def _tiny_config(arch: str, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
     from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
@@ -187,17 +204,7 @@ def _tiny_config(arch: str, vocab_size: int, pad_id: int, bos_id: int, eos_id: i
             n_positions=TINY_MAX_POSITIONS,
             **ids,
         )
-    decoder = dict(
-        vocab_size=vocab_size,
-        hidden_size=TINY_HIDDEN,
-        intermediate_size=TINY_INTERMEDIATE,
-        num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=TINY_HEADS,
-        num_key_value_heads=TINY_KV_HEADS,
-        max_position_embeddings=TINY_MAX_POSITIONS,
-        tie_word_embeddings=False,
-        **ids,
-    )
+    decoder = tiny_decoder_kwargs(vocab_size, **ids)
     if arch == "llama":
         return LlamaConfig(**decoder)
     if arch == "qwen2":

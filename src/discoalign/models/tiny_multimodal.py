@@ -12,15 +12,11 @@ Deterministic: the same arch and seed give the same weights bit for bit; the glo
 from __future__ import annotations
 
 from .tiny import (
-    TINY_HEADS,
     TINY_HIDDEN,
-    TINY_INTERMEDIATE,
-    TINY_KV_HEADS,
-    TINY_LAYERS,
-    TINY_MAX_POSITIONS,
     build_tiny_tokenizer,
     save_model_and_tokenizer,
     seeded_from_config,
+    tiny_decoder_kwargs,
 )
 
 TINY_MULTIMODAL_ARCHS = ("qwen2-vl", "qwen2.5-vl", "qwen2-audio")
@@ -59,19 +55,7 @@ def build_tiny_multimodal_tokenizer(arch: str):
 
 
 def _text_config(tokenizer) -> dict:
-    return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=TINY_HIDDEN,
-        intermediate_size=TINY_INTERMEDIATE,
-        num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=TINY_HEADS,
-        num_key_value_heads=TINY_KV_HEADS,
-        max_position_embeddings=TINY_MAX_POSITIONS,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    return tiny_decoder_kwargs(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
 
 
 def _tiny_config(arch: str, tokenizer):
