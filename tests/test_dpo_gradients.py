@@ -145,8 +145,13 @@ def test_precomputed_full_reference_runs_zero_times_during_training(tmp_path, re
     trainer.train()
     assert counter.calls == precompute_calls and trainer.reference_forward_calls == precompute_calls
 
-    # the same run with the reference computed on the fly gives the same losses
+    # the same run with the reference computed on the fly gives the same losses, once its beta head is centred on
+    # the same (exact) feature mean that precomputing set
+    features = torch.tensor(trainer.train_dataset["ref_prompt_hidden"])
+    assert torch.allclose(trainer.model.beta_head.feature_mean, features.mean(0))
+    assert trainer.model.beta_head.feature_count.item() == 12
     live = make_trainer(tmp_path / "live", **common)
+    live.model.beta_head.set_statistics(features.mean(0), features.shape[0])
     live_losses = _record_losses(live)
     live.train()
     assert live.reference_forward_calls == 3

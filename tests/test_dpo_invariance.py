@@ -131,4 +131,10 @@ def test_d_disco_dpo_with_variances_half_is_minus_log_ndtr_beta_d(tmp_path, othe
     d = (policy[:4] - ref[:4]) - (policy[4:] - ref[4:])
     assert d.abs().min() > 1e-2  # the reference really differs from the policy
     by_hand = [-math.log(0.5 * (1.0 + math.erf(0.1 * float(di) / math.sqrt(2.0)))) for di in d]
-    assert loss == pytest.approx(sum(by_hand) / 4, abs=1e-5)
+    # plus the variance-scale prior, lambda/2 (log 0.5)^2 for each of the two responses of a pair
+    prior = cfg.finetuning.disco_variance_prior
+    assert prior > 0
+    assert loss == pytest.approx(sum(by_hand) / 4 + prior * math.log(0.5) ** 2, abs=1e-5)
+    trainer.variance_prior = 0.0  # `disco_variance_prior: 0`: exactly -log_ndtr(beta d)
+    with torch.no_grad():
+        assert trainer.compute_loss(model, batch).item() == pytest.approx(sum(by_hand) / 4, abs=1e-5)

@@ -54,8 +54,9 @@ def test_eval_metrics_by_hand():
     # true rewards: pairs 0, 1 truly prefer chosen; 2, 3 (noisy labels) prefer rejected
     labels = np.array([[0.5, 0.1, 0.0], [0.3, 0.2, 0.0], [0.1, 0.4, 0.3], [0.0, 0.2, 0.3]])
     m = eval_metrics(predictions, labels)
-    assert m["implicit_accuracy"] == 0.5
-    assert m["true_pref_accuracy"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)  # a zero margin is a coin flip
+    # a tie (margin exactly 0) is dropped from every accuracy, as TRL's reward accuracy drops it
+    assert m["implicit_accuracy"] == pytest.approx(2 / 3)
+    assert m["true_pref_accuracy"] == pytest.approx((1 + 0 + 0) / 3)
     assert m["true_pref_logp_accuracy"] == pytest.approx((1 + 1 + 1 + 1) / 4)
     assert m["beta_clean"] == pytest.approx(0.15) and m["beta_noisy"] == pytest.approx(0.35)
     assert m["variance_clean"] == pytest.approx(1.5) and m["variance_noisy"] == pytest.approx(3.5)
@@ -65,3 +66,6 @@ def test_eval_metrics_by_hand():
     no_heads[:, 2:] = nan
     m = eval_metrics(no_heads, np.full((4, 3), nan))
     assert set(m) == {"implicit_accuracy"}
+    all_tied = predictions.copy()
+    all_tied[:, 0] = 0.0  # the starting policy: d = 0 everywhere, so no pair has a prediction
+    assert np.isnan(eval_metrics(all_tied, labels)["true_pref_accuracy"])

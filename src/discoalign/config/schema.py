@@ -94,14 +94,42 @@ class FinetuningArguments:
     )
     beta_head_epsilon: float = field(default=0.5, metadata={"help": "s(x) = 1 + eps * tanh(.), eps in (0, 1)."})
     beta_head_lr_ratio: float = field(default=1.0, metadata={"help": "Beta head lr = learning_rate * ratio."})
+    beta_head_pooling: Literal["last", "mean"] = field(
+        default="mean",
+        metadata={"help": "Beta head features: the reference's hidden state at the last prompt token (`last`) or "
+                          "its mean over the prompt's tokens (`mean`)."},
+    )
+    disco_variance_prior: float = field(
+        default=0.1,
+        metadata={"help": "Disco (rm and DiscoDPO): strength lambda of a Normal(0, 1/lambda) prior on each "
+                          "log-variance, adding lambda/2 * (log sigma^2)^2 per response; anchors the variance scale "
+                          "(0 turns it off)."},
+    )
     # reward modelling
     center_rewards_coefficient: float | None = field(
         default=None, metadata={"help": "Adds c * mean((mu_c + mu_r)^2) to the reward loss."}
     )
     # preference optimisation
     pref_beta: float = field(default=0.1, metadata={"help": "DPO beta (KL coefficient in PPO)."})
-    pref_loss: Literal["sigmoid", "ipo", "hinge"] = field(default="sigmoid", metadata={"help": "sigmoid | ipo | hinge."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "Robust DPO label smoothing in [0, 0.5)."})
+    pref_loss: Literal["sigmoid", "robust", "ipo", "hinge"] = field(
+        default="sigmoid", metadata={"help": "sigmoid | robust | ipo | hinge."}
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "Label-flip rate in [0, 0.5): conservative DPO with `sigmoid`, the known flip rate of "
+                          "robust DPO with `robust`."},
+    )
+    pref_beta_mode: Literal["static", "batch"] = field(
+        default="static",
+        metadata={"help": "static: beta = pref_beta. batch: beta-DPO (Wu et al. 2024), one beta per batch from the "
+                          "implicit margins' running statistics, with beta-guided data filtering."},
+    )
+    beta_dpo_alpha: float = field(
+        default=0.6, metadata={"help": "beta-DPO: beta = pref_beta * (1 + alpha * (mean margin - running mean))."}
+    )
+    beta_dpo_filter: float = field(
+        default=0.2, metadata={"help": "beta-DPO: fraction of each batch dropped by the margin-guided filter."}
+    )
     pref_ftx: float = field(default=0.0, metadata={"help": "Weight of an SFT loss on chosen responses."})
     precompute_ref_logps: bool = field(
         default=False, metadata={"help": "Compute reference log-probs (and beta features) once before training."}

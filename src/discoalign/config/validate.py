@@ -63,8 +63,23 @@ def validate_combinations(
         fail(f"`pref_beta` is {ft.pref_beta}; it must be positive.")
     if not 0.0 <= ft.label_smoothing < 0.5:
         fail(f"`label_smoothing` is {ft.label_smoothing}; it must lie in [0, 0.5).")
-    if ft.label_smoothing > 0 and ft.pref_loss != "sigmoid":
-        fail(f"`label_smoothing` applies to `pref_loss: sigmoid` only, not `{ft.pref_loss}`.")
+    if ft.label_smoothing > 0 and ft.pref_loss not in ("sigmoid", "robust"):
+        fail(f"`label_smoothing` applies to `pref_loss: sigmoid` and `robust` only, not `{ft.pref_loss}`.")
+    if ft.pref_beta_mode == "batch":
+        if ft.use_dynamic_beta or ft.disco_pref or ft.pref_loss != "sigmoid":
+            clash = "`use_dynamic_beta: true`" if ft.use_dynamic_beta else (
+                "`disco_pref: true`" if ft.disco_pref else f"`pref_loss: {ft.pref_loss}`")
+            fail(
+                f"`pref_beta_mode: batch` (beta-DPO, Wu et al. 2024) is a baseline for the logistic DPO loss and "
+                f"cannot be combined with {clash}. Use `pref_loss: sigmoid` with `disco_pref: false` and "
+                "`use_dynamic_beta: false`, or `pref_beta_mode: static`."
+            )
+        if ft.beta_dpo_alpha < 0:
+            fail(f"`beta_dpo_alpha` is {ft.beta_dpo_alpha}; it must be 0 or more.")
+        if not 0.0 <= ft.beta_dpo_filter < 1.0:
+            fail(f"`beta_dpo_filter` is {ft.beta_dpo_filter}; it must lie in [0, 1) (the fraction of a batch dropped).")
+    if ft.disco_variance_prior < 0:
+        fail(f"`disco_variance_prior` is {ft.disco_variance_prior}; it must be 0 (off) or positive.")
     if ft.head_dropout < 0 or ft.head_dropout >= 1:
         fail(f"`head_dropout` is {ft.head_dropout}; it must lie in [0, 1).")
     if ft.head_init_std is not None and ft.head_init_std <= 0:

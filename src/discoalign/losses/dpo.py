@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+from .variance import probit_log_likelihood, probit_z
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 
 
 def dpo_loss(
@@ -28,15 +30,18 @@ def dpo_loss(
 
     With ``d = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))`` and ``ls = label_smoothing``:
 
-    * ``sigmoid`` (DPO, Rafailov et al. 2023, https://arxiv.org/abs/2305.18290; conservative DPO when ls > 0):
-      ``-(1 - ls) log sigmoid(beta d) - ls log sigmoid(-beta d)``
+    * ``sigmoid`` (DPO, Rafailov et al. 2023, https://arxiv.org/abs/2305.18290; conservative DPO when ls > 0,
+      Mitchell 2023): ``-(1 - ls) log sigmoid(beta d) - ls log sigmoid(-beta d)``
+    * ``robust`` (robust DPO, Chowdhury et al. 2024, https://arxiv.org/abs/2403.00409; ls = the known label-flip
+      rate): ``(-(1 - ls) log sigmoid(beta d) + ls log sigmoid(-beta d)) / (1 - 2 ls)``, an unbiased estimate of
+      the clean-label DPO loss (TRL's ``robust``)
     * ``ipo`` (Azar et al. 2023, https://arxiv.org/abs/2310.12036): ``(d - 1 / (2 beta))^2``.
       The trainer passes length-averaged log-probs here, as TRL and LlamaFactory do.
     * ``hinge`` (SLiC, Zhao et al. 2023, https://arxiv.org/abs/2305.10425): ``relu(1 - beta d)``
     * DiscoDPO, selected by passing ``chosen_var`` and ``rejected_var`` (only with ``sigmoid``): the probit
       (Thurstone) member of the sigmoid family, ``z = beta d / sqrt(var_w + var_l)``,
-      ``-(1 - ls) log Phi(z) - ls log Phi(-z)`` computed with ``torch.special.log_ndtr`` so it stays finite
-      for very negative z.
+      ``-(1 - ls) log Phi(z) - ls log Phi(-z)`` with z and ``torch.special.log_ndtr`` in float64, so loss and
+      gradient stay exact for very negative z. The variance-scale prior (``losses.variance``) is the trainer's.
 
     Args:
         policy_chosen_logps: (B,) summed log-probs of the chosen responses under the policy.
@@ -44,8 +49,8 @@ def dpo_loss(
         ref_chosen_logps: (B,) summed log-probs of the chosen responses under the reference (no gradient needed).
         ref_rejected_logps: (B,) same for the rejected responses.
         beta: float, or (B,) tensor of per-pair beta (gradients flow into it, which trains the beta head).
-        loss_type: ``sigmoid`` | ``ipo`` | ``hinge``.
-        label_smoothing: ls in [0, 0.5); used by ``sigmoid`` and DiscoDPO only.
+        loss_type: ``sigmoid`` | ``robust`` | ``ipo`` | ``hinge``.
+        label_smoothing: ls in [0, 0.5); used by ``sigmoid``, ``robust`` and DiscoDPO only.
         chosen_var: (B,) variances of the chosen responses from the policy's variance head, or None.
         rejected_var: (B,) variances of the rejected responses, or None.
 
@@ -69,11 +74,16 @@ def dpo_loss(
     d = chosen_logratios - rejected_logratios
 
     if disco:
-        z = beta * d / torch.sqrt(chosen_var.float() + rejected_var.float())
-        losses = -(1.0 - label_smoothing) * torch.special.log_ndtr(z) - label_smoothing * torch.special.log_ndtr(-z)
+        beta64 = beta.double() if isinstance(beta, torch.Tensor) else beta
+        z = probit_z(beta64 * d.double(), chosen_var, rejected_var)
+        losses = -probit_log_likelihood(z, label_smoothing)
     elif loss_type == "sigmoid":
         logits = beta * d
         losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    elif loss_type == "robust":
+        logits = beta * d
+        ls = label_smoothing
+        losses = (-(1.0 - ls) * F.logsigmoid(logits) + ls * F.logsigmoid(-logits)) / (1.0 - 2.0 * ls)
     elif loss_type == "ipo":
         losses = (d - 1.0 / (2.0 * beta)) ** 2
     else:  # hinge

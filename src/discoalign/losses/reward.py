@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .variance import probit_log_likelihood, probit_z
+
 
 def reward_difference(
     chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, margin: torch.Tensor | None = None
@@ -43,10 +45,9 @@ def disco_z(
 ) -> torch.Tensor:
     """Probit argument `z = (mu_c - mu_r - m) / sqrt(var_c + var_r)`, so that P(chosen > rejected) = Phi(z).
 
-    All inputs (B,); returns (B,) fp32.
+    All inputs (B,); returns (B,) float64 (the loss needs it; see `losses.variance`).
     """
-    diff = reward_difference(chosen_mean, rejected_mean, margin)
-    return diff / torch.sqrt(chosen_var.float() + rejected_var.float())
+    return probit_z(reward_difference(chosen_mean, rejected_mean, margin), chosen_var, rejected_var)
 
 
 def disco_reward_loss(
@@ -59,7 +60,8 @@ def disco_reward_loss(
     """Disco (Thurstone) loss, `-log Phi((mu_c - mu_r - m) / sqrt(var_c + var_r))`.
 
     The reward of each response is N(mu, var); the probability that chosen beats rejected is the probit
-    `Phi(z)`. `torch.special.log_ndtr` keeps the loss finite and accurate for very negative z (about z^2/2).
+    `Phi(z)`. z and `torch.special.log_ndtr` run in float64, so loss and gradient stay exact for very negative z
+    (about z^2/2 and z). The variance-scale prior (`losses.variance.log_variance_prior`) is added by the trainer.
 
     Args:
         chosen_mean, rejected_mean: (B,) means.
@@ -68,7 +70,7 @@ def disco_reward_loss(
     Returns:
         (B,) fp32 per-pair losses.
     """
-    return -torch.special.log_ndtr(disco_z(chosen_mean, rejected_mean, chosen_var, rejected_var, margin))
+    return -probit_log_likelihood(disco_z(chosen_mean, rejected_mean, chosen_var, rejected_var, margin))
 
 
 def center_rewards_penalty(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 An output directory holds:
 * the backbone: full weights via `save_pretrained` (safetensors), or only the PEFT adapter
   (`adapter_config.json` + `adapter_model.safetensors`) whose base is named in the adapter config;
-* `heads.safetensors`: keys `value_head.summary.{weight,bias}`, `variance_head.summary.*`, `beta_head.summary.*`;
+* `heads.safetensors`: keys `value_head.summary.{weight,bias}`, `variance_head.summary.*`, `beta_head.summary.*`
+  and the beta head's centring statistics `beta_head.feature_mean` (H,), `beta_head.feature_count` ();
 * `heads_config.json`: which heads exist and their hyper-parameters;
 * the tokenizer, when one is given, and a multimodal model's image processor / feature extractor
   (`preprocessor_config.json`).
@@ -58,6 +59,7 @@ def heads_config_of(model: ModelWithHeads) -> dict[str, Any]:
     config.setdefault("head_init_std", None)
     if model.beta_head is not None:
         config["beta_head_epsilon"] = model.beta_head.epsilon
+        config["beta_head_centered"] = model.beta_head.centered
     config.setdefault("beta_head_epsilon", 0.5)
     config.setdefault("base_model_name_or_path", getattr(model.causal_lm, "name_or_path", None))
     config["finetuning_type"] = "lora" if model.is_peft else "full"
@@ -146,10 +148,24 @@ def _checkpoint_head_tensors(name_or_path: str, cache_dir: str | None) -> tuple[
     return tensors, weights_path
 
 
+# Beta-head entries a checkpoint may lack: heads saved before the head was centred have a bias and no centring
+# statistics; a centred head has no bias. A missing one keeps its fresh value (bias 0, no statistics yet).
+OPTIONAL_BETA_KEYS = ("summary.bias", "feature_mean", "feature_count")
+
+
 def _copy_head(head: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    if name == "beta_head" and getattr(head, "centered", False):
+        bias = tensors.get(f"{name}.summary.bias")
+        if bias is not None and bias.abs().max() > 0:
+            logger.warning(
+                "%r holds an uncentred beta head (nonzero bias %s); this run's beta head is centred and has no "
+                "bias, so the bias is dropped and s(x) keeps its mean of 1 over the data.", source, bias.tolist(),
+            )
     for key, param in head.state_dict().items():
         full_key = f"{name}.{key}"
         if full_key not in tensors:
+            if name == "beta_head" and key in OPTIONAL_BETA_KEYS:
+                continue
             raise CheckpointError(f"{source!r} has `{name}.summary.weight` but no `{full_key}`.")
         value = tensors[full_key]
         if value.numel() != param.numel() or (value.dim() == 2 and tuple(value.shape) != tuple(param.shape)):

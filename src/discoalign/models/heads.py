@@ -65,22 +65,75 @@ class VarianceHead(nn.Module):
 
 
 class BetaHead(nn.Module):
-    """Beta scale `s(x) = 1 + eps * tanh(w . h_ref + b)`, zero-initialised so s(x) = 1 at step 0.
+    """Beta scale `s(x) = 1 + eps * tanh(u(x))`, zero-initialised so s(x) = 1 at step 0.
 
-    `h_ref` is the *reference* model's hidden state at the last prompt token, computed without gradient;
-    only this head's parameters learn, through the preference loss. s(x) lies in (1 - eps, 1 + eps).
+    `h_ref` is the *reference* model's prompt feature (last prompt token, or the mean over the prompt's tokens),
+    computed without gradient; only this head's parameters learn, through the preference loss. s(x) lies in
+    (1 - eps, 1 + eps).
+
+    Centred (the DPO default, docs/dynamic_beta.md): `u = w . (h_ref - m)` with no bias, where `m` is the mean of
+    every feature the head has seen in training (a cumulative mean, exact after one epoch; set from the whole
+    data set when the reference is precomputed). Over the data `u` then has mean 0 whatever `w` is, so the head
+    can only *redistribute* `pref_beta` across contexts: the global-scale direction, along which the
+    preference likelihood alone would push beta to `1 + eps` everywhere, gets no gradient. `m` and the count
+    behind it are buffers, saved with the head.
+
+    Uncentred (`centered=False`, the PPO KL controller): `u = w . h_ref + b`; there a target KL fixes the
+    overall level, so the bias is identifiable and needed.
     """
 
-    def __init__(self, hidden_size: int, epsilon: float = 0.5) -> None:
+    def __init__(self, hidden_size: int, epsilon: float = 0.5, centered: bool = True) -> None:
         super().__init__()
         if not 0.0 < epsilon < 1.0:
             raise ValueError(f"beta_head_epsilon must lie in (0, 1), got {epsilon}")
         self.epsilon = epsilon
-        self.summary = _constant_linear(hidden_size, 0.0, 0.0)
+        self.centered = centered
+        if centered:
+            layer = nn.Linear(hidden_size, 1, bias=False, device="meta", dtype=torch.float32)
+            layer.to_empty(device="cpu")
+            with torch.no_grad():
+                layer.weight.zero_()
+            self.summary = layer
+        else:
+            self.summary = _constant_linear(hidden_size, 0.0, 0.0)
+        # Centring statistics (unused when uncentred, but always present so checkpoints have one layout).
+        self.register_buffer("feature_mean", torch.zeros(hidden_size, dtype=torch.float32))
+        self.register_buffer("feature_count", torch.zeros((), dtype=torch.float32))
+        # False once `set_statistics` gave the exact data mean: nothing is left to estimate.
+        self.track_statistics = True
+
+    @torch.no_grad()
+    def update_statistics(self, features: torch.Tensor) -> None:
+        """Fold (B, H) features into the cumulative mean `feature_mean` (count in `feature_count`)."""
+        features = features.detach().float().reshape(-1, self.feature_mean.shape[0])
+        n = features.shape[0]
+        if n == 0:
+            return
+        self.feature_count.add_(n)
+        self.feature_mean.add_((features.sum(0) - n * self.feature_mean) / self.feature_count)
+
+    @torch.no_grad()
+    def set_statistics(self, mean: torch.Tensor, count: int) -> None:
+        """Set the centring mean exactly (e.g. over the whole training set, when the reference is precomputed).
+
+        Training then leaves it as it is (no running update).
+        """
+        self.feature_mean.copy_(mean.detach().float().to(self.feature_mean.device))
+        self.feature_count.fill_(float(count))
+        self.track_statistics = False
+
+    def logit(self, ref_hidden: torch.Tensor) -> torch.Tensor:
+        """ref_hidden: (B, H) -> u(x): (B,) fp32 (centred on the running feature mean when `centered`)."""
+        h = ref_hidden.float()
+        if self.centered:
+            if self.training and self.track_statistics:
+                self.update_statistics(h)
+            h = h - self.feature_mean
+        return self.summary(h).squeeze(-1)
 
     def forward(self, ref_hidden: torch.Tensor) -> torch.Tensor:
-        """ref_hidden: (B, H) -> s(x): (B,) fp32 in (1 - eps, 1 + eps)."""
-        return 1.0 + self.epsilon * torch.tanh(self.summary(ref_hidden.float()).squeeze(-1))
+        """ref_hidden: (B, H) -> s(x): (B,) fp32 in (1 - eps, 1 + eps). In training mode, also updates the mean."""
+        return 1.0 + self.epsilon * torch.tanh(self.logit(ref_hidden))
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

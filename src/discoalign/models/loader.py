@@ -336,6 +336,7 @@ def load_model_with_heads(
         "head_dropout": finetuning_args.head_dropout,
         "head_init_std": finetuning_args.head_init_std,
         "beta_head_epsilon": finetuning_args.beta_head_epsilon,
+        "beta_head_pooling": getattr(finetuning_args, "beta_head_pooling", "last"),
         "base_model_name_or_path": getattr(causal_lm, "name_or_path", None) or name,
         "finetuning_type": "lora" if isinstance(backbone, PeftModel) else "full",
     }
@@ -344,7 +345,10 @@ def load_model_with_heads(
         # Order matters for reproducibility: only the value head draws random numbers (after LoRA's init).
         value_head = ValueHead(hidden_size, ft.head_dropout, ft.head_init_std) if add_value_head else None
         variance_head = VarianceHead(hidden_size, ft.head_dropout) if ft.add_disco_head else None
-        beta_head = BetaHead(hidden_size, ft.beta_head_epsilon) if ft.add_beta_head else None
+        # PPO's beta head is a KL controller with a target, which fixes its level; in DPO only the centred head
+        # is identifiable (docs/dynamic_beta.md).
+        centered = ft.stage != "ppo"
+        beta_head = BetaHead(hidden_size, ft.beta_head_epsilon, centered=centered) if ft.add_beta_head else None
     except ValueError as e:  # e.g. beta_head_epsilon outside (0, 1)
         raise ConfigError(f"Bad head setting: {e}.") from None
     modality = detect_modality(causal_lm.config)

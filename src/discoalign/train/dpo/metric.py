@@ -33,16 +33,18 @@ def step_metrics(
         chosen_logps, rejected_logps: (B,) summed policy log-probs of the responses.
         ref_chosen_logps, ref_rejected_logps: (B,) the same under the reference.
         beta: the beta the loss used: float ``pref_beta`` or (B,) ``beta_eff``.
-        log_beta: add ``beta/*`` (the run has a beta head).
+        log_beta: add ``beta/*`` (the run has a beta head, or uses beta-DPO).
         chosen_var, rejected_var: (B,) variance-head outputs, or None (no variance head).
 
-    Implicit rewards are ``beta * (log pi - log pi_ref)`` on summed log-probs, as TRL logs them.
+    Implicit rewards are ``beta * (log pi - log pi_ref)`` on the log-probs the loss used (summed; length-averaged
+    for ``ipo``), as TRL logs them. ``rewards/accuracies`` is TRL's: a tie (d = 0) counts as wrong.
     """
     with torch.no_grad():
         batch = chosen_logps.shape[0]
         beta_t = (beta.detach().float() if isinstance(beta, torch.Tensor) else torch.full((batch,), float(beta))).to(
             chosen_logps.device
         )
+        beta_t = beta_t.expand(batch)  # beta-DPO's beta is one 0-dim value per batch
         chosen_rewards = beta_t * (chosen_logps.detach().float() - ref_chosen_logps.float())
         rejected_rewards = beta_t * (rejected_logps.detach().float() - ref_rejected_logps.float())
         metrics = {
@@ -70,25 +72,32 @@ def step_metrics(
 
 
 def _agreement(margin: np.ndarray, truth: np.ndarray) -> float:
-    """Fraction of pairs where sign(margin) matches sign(truth); a zero margin counts as a coin flip (0.5)."""
-    score = np.where(margin == 0, 0.5, (np.sign(margin) == np.sign(truth)).astype(np.float64))
-    return float(score.mean())
+    """Fraction of untied pairs where sign(margin) matches sign(truth).
+
+    Ties (margin == 0) carry no prediction and are dropped, as TRL's reward accuracy drops them; NaN when every
+    pair is tied (e.g. the starting policy's implicit margin, d = 0 everywhere).
+    """
+    untied = margin != 0
+    if not untied.any():
+        return float("nan")
+    return float(np.mean(np.sign(margin[untied]) == np.sign(truth[untied])))
 
 
 def eval_metrics(predictions: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
     """Dataset-level eval metrics from the arrays of `prediction_step` (columns: PREDICTION_COLUMNS, LABEL_COLUMNS).
 
     With ground truth (`builtin:synthetic`), reports:
-    * ``true_pref_accuracy``: the policy's implicit reward margin d agrees with the true preference
-      (the starting policy has d = 0 everywhere, i.e. 0.5);
+    * ``implicit_accuracy``: d > 0 (agreement with the possibly noisy labels);
+    * ``true_pref_accuracy``: the policy's implicit reward margin d agrees with the true preference;
     * ``true_pref_logp_accuracy``: the policy's own log-prob margin ``log pi(y_c) - log pi(y_r)`` agrees with the
       truth (meaningful for the starting policy too);
+    * accuracies drop tied pairs (margin exactly 0) and are NaN when all are tied (the starting policy's d);
     * with a beta head / variance head: mean beta and variance on the cleanest topics (lowest noise level) and the
       others, and their Spearman correlation with the label noise.
     """
     predictions = np.asarray(predictions, dtype=np.float64)
     d, logp_margin, beta, var_c, var_r = (predictions[:, i] for i in range(len(PREDICTION_COLUMNS)))
-    metrics: dict[str, float] = {"implicit_accuracy": float(np.mean(d > 0))}
+    metrics: dict[str, float] = {"implicit_accuracy": _agreement(d, np.ones_like(d))}
     has_var = not np.isnan(var_c).any()
     if not np.isnan(beta).any():
         metrics["beta_mean"] = float(beta.mean())

@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader
 
 from ...data.collator import PairwiseCollator
 from ...errors import ConfigError
+from ...losses.beta_dpo import beta_dpo_batch, update_margin_statistics
 from ...losses.dpo import dpo_loss
+from ...losses.variance import log_variance_prior
 from ...data.packing import packed_model_inputs, prepare_pair_packing
 from ...losses.logps import pair_sequence_logps, response_lengths
 from ...models.model_with_heads import last_token_hidden
@@ -65,6 +67,32 @@ def make_frozen_reference(model: nn.Module) -> nn.Module:
     return ref.eval()
 
 
+def prompt_features(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, prompt_last_index: torch.Tensor, pooling: str
+) -> torch.Tensor:
+    """The beta head's reference features of each pair's prompt.
+
+    Args:
+        hidden: (N, T, H) reference hidden states of the batch; its first B rows hold each pair's prompt (the chosen
+            rows of the plain layout, or the packed rows of `pack_pairs`, which start with the shared prompt).
+        attention_mask: (N, T) 0/1.
+        prompt_last_index: (B,) position of each pair's last prompt token in those rows.
+        pooling: ``last`` (the hidden state at the last prompt token) or ``mean`` (the mean over the prompt's tokens:
+            real tokens up to and including the last prompt token; with packing that is the shared prompt plus the
+            copy of its last token heading the chosen segment).
+    Returns:
+        (B, H) fp32.
+    """
+    batch = prompt_last_index.shape[0]
+    rows = torch.arange(batch, device=hidden.device)
+    if pooling == "last":
+        return hidden[rows, prompt_last_index].float()
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    mask = (positions[None, :] <= prompt_last_index[:, None]) & attention_mask[:batch].bool()
+    weights = mask.float()
+    return (hidden[:batch].float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+
+
 @contextlib.contextmanager
 def _head_for_logging(head: nn.Module):
     """Run a head the loss does not use: no gradient, no dropout (so no RNG draw), mode restored after."""
@@ -99,12 +127,7 @@ class DPOTrainer(DiscoTrainer):
         super().__init__(model, run_config, **kwargs)
         # Our loss is a mean over pairs; let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
-        ft = self.finetuning_args
-        if ft.logps_chunk_size < 0:
-            raise ConfigError(
-                f"`logps_chunk_size` is {ft.logps_chunk_size}; it must be a positive number of tokens, or 0 for the "
-                "plain full log-softmax."
-            )
+        ft = self.finetuning_args  # every combination was checked by `config.validate` before any model loaded
         self.logps_chunk_size = ft.logps_chunk_size
         # inference_mode skips autograd's version counters and views bookkeeping entirely; no_grad is the fallback.
         self.reference_grad_off = torch.inference_mode if ft.reference_inference_mode else torch.no_grad
@@ -117,10 +140,12 @@ class DPOTrainer(DiscoTrainer):
         self.is_lora = ft.finetuning_type == "lora"
         self.reference_forward_calls = 0
         self.softcap = getattr(self._policy().config, "final_logit_softcapping", None)
-        if self.use_disco and self._policy().variance_head is None:
-            raise ConfigError("`disco_pref: true` needs the variance head; set `add_disco_head: true`.")
-        if self.use_dynamic_beta and self._policy().beta_head is None:
-            raise ConfigError("`use_dynamic_beta: true` needs the beta head; set `add_beta_head: true`.")
+        self.beta_pooling = ft.beta_head_pooling
+        self.variance_prior = ft.disco_variance_prior
+        # beta-DPO's running margin statistics (`losses.beta_dpo`); None until the first training batch.
+        self.beta_dpo = ft.pref_beta_mode == "batch"
+        self.margin_mean: torch.Tensor | None = None
+        self.margin_std: torch.Tensor | None = None
         disable_dropout(self._policy().backbone)
 
         self.ref_model = ref_model
@@ -136,6 +161,11 @@ class DPOTrainer(DiscoTrainer):
         if ft.precompute_ref_logps:
             if self.train_dataset is not None:
                 self.train_dataset = self.precompute_reference(self.train_dataset, "train")
+                beta_head = self._policy().beta_head
+                if self.needs_beta_features and beta_head is not None and beta_head.centered:
+                    # The exact mean over the training set: the beta head is centred from its first step.
+                    features = torch.tensor(self.train_dataset[REF_PROMPT_HIDDEN], dtype=torch.float32)
+                    beta_head.set_statistics(features.mean(0), features.shape[0])
             if self.eval_dataset is not None:
                 self.eval_dataset = self.precompute_reference(self.eval_dataset, "eval")
             # Never loaded or run again: everything training reads from the reference is in the dataset now.
@@ -185,8 +215,9 @@ class DPOTrainer(DiscoTrainer):
             logps = self.sequence_logps(hidden, ref.lm_head, inputs["labels"])
             prompt_hidden = None
             if self.needs_beta_features:
-                rows = torch.arange(batch, device=hidden.device)
-                prompt_hidden = hidden[rows, inputs["prompt_last_index"][:batch]].float()
+                prompt_hidden = prompt_features(
+                    hidden, inputs["attention_mask"], inputs["prompt_last_index"][:batch], self.beta_pooling
+                )
         if prompt_hidden is not None:
             prompt_hidden = prompt_hidden.clone()  # an inference tensor cannot be saved for the beta head's backward
         logps = logps.clone()
@@ -277,6 +308,9 @@ class DPOTrainer(DiscoTrainer):
         beta: float | torch.Tensor = self.pref_beta
         if self.use_dynamic_beta:
             beta = self.pref_beta * out.beta_scale
+        keep = None
+        if self.beta_dpo:
+            beta, keep = self.beta_dpo_step(chosen_logps, rejected_logps, ref_chosen, ref_rejected)
 
         if self.loss_type == "ipo":
             # IPO on length-averaged log-probs, as TRL and LlamaFactory compute it.
@@ -295,11 +329,21 @@ class DPOTrainer(DiscoTrainer):
             chosen_var=var_c if self.use_disco else None,
             rejected_var=var_r if self.use_disco else None,
         )
+        if self.use_disco and self.variance_prior:
+            # Anchors the variance scale (losses/variance.py, docs/disco_variance.md).
+            losses = losses + log_variance_prior(var_c, self.variance_prior) + log_variance_prior(var_r, self.variance_prior)
         if self.pref_ftx > 0:
             # SFT term on chosen responses: mean token negative log-likelihood (LlamaFactory's `pref_ftx`).
             losses = losses + self.pref_ftx * (-chosen_logps / lengths[:batch])
+        # beta-DPO's filter drops pairs from the mean; everything else averages over the batch.
+        loss = losses.mean() if keep is None else losses[keep].mean()
+        # Implicit rewards are logged on the scale the loss used (length-averaged for ipo, as TRL logs them).
         return {
-            "loss": losses.mean(),
+            "loss": loss,
+            "loss_chosen_logps": pc,
+            "loss_rejected_logps": pr,
+            "loss_ref_chosen_logps": rc,
+            "loss_ref_rejected_logps": rr,
             "chosen_logps": chosen_logps,
             "rejected_logps": rejected_logps,
             "ref_chosen_logps": ref_chosen,
@@ -309,15 +353,36 @@ class DPOTrainer(DiscoTrainer):
             "rejected_var": var_r,
         }
 
+    def beta_dpo_step(
+        self, chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """beta-DPO (`losses.beta_dpo`): the batch's beta (0-dim) and, in training, the mask of kept pairs.
+
+        The running margin statistics move only on training batches; eval uses them as they stand (and keeps
+        every pair, so eval metrics cover the whole set).
+        """
+        margins = ((chosen - ref_chosen) - (rejected - ref_rejected)).detach().float()
+        training = self.model.training
+        if training:
+            self.margin_mean, self.margin_std = update_margin_statistics(margins, self.margin_mean, self.margin_std)
+        if self.margin_mean is None:  # eval before any training step: plain DPO
+            return torch.tensor(self.pref_beta, device=margins.device), None
+        ft = self.finetuning_args
+        beta, keep = beta_dpo_batch(
+            margins, self.margin_mean, self.margin_std, self.pref_beta, ft.beta_dpo_alpha,
+            ft.beta_dpo_filter if training else 0.0,
+        )
+        return beta, keep if training else None
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = self.pair_forward(model, inputs)
         metrics = step_metrics(
-            out["chosen_logps"],
-            out["rejected_logps"],
-            out["ref_chosen_logps"],
-            out["ref_rejected_logps"],
+            out["loss_chosen_logps"],
+            out["loss_rejected_logps"],
+            out["loss_ref_chosen_logps"],
+            out["loss_ref_rejected_logps"],
             out["beta"],
-            log_beta=self._policy().beta_head is not None,
+            log_beta=self._policy().beta_head is not None or self.beta_dpo,
             chosen_var=out["chosen_var"],
             rejected_var=out["rejected_var"],
         )
@@ -336,8 +401,8 @@ class DPOTrainer(DiscoTrainer):
         margin = (chosen - out["ref_chosen_logps"]) - (rejected - out["ref_rejected_logps"])
         nan = torch.full_like(chosen, float("nan"))
         beta = out["beta"]
-        if self._policy().beta_head is not None:
-            beta_col = beta.float() if isinstance(beta, torch.Tensor) else torch.full_like(chosen, beta)
+        if self._policy().beta_head is not None or self.beta_dpo:
+            beta_col = beta.float().expand_as(chosen) if isinstance(beta, torch.Tensor) else torch.full_like(chosen, beta)
         else:
             beta_col = nan
         var_c = out["chosen_var"].float() if out["chosen_var"] is not None else nan

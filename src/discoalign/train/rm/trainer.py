@@ -8,6 +8,7 @@ import torch
 
 from ...data.packing import packed_model_inputs
 from ...losses.reward import bt_reward_loss, center_rewards_penalty, disco_reward_loss
+from ...losses.variance import log_variance_prior
 from ..base_trainer import DiscoTrainer
 
 # Columns of the (B, 7) array handed to `compute_metrics`; NaN where a value does not exist.
@@ -52,7 +53,12 @@ class RewardTrainer(DiscoTrainer):
     ) -> torch.Tensor:
         """The batch loss of DESIGN.md §3 (mean over pairs, plus centering when configured)."""
         if self.use_disco:
-            loss = disco_reward_loss(mu_c, mu_r, var_c, var_r, margin).mean()
+            losses = disco_reward_loss(mu_c, mu_r, var_c, var_r, margin)
+            prior = self.finetuning_args.disco_variance_prior
+            if prior:
+                # Anchors the variance scale (losses/variance.py); the same prior as DiscoDPO's.
+                losses = losses + log_variance_prior(var_c, prior) + log_variance_prior(var_r, prior)
+            loss = losses.mean()
         else:
             loss = bt_reward_loss(mu_c, mu_r, margin).mean()
         if self.finetuning_args.center_rewards_coefficient:
