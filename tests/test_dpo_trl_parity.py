@@ -1,7 +1,7 @@
 """Parity with TRL 1.16 `DPOTrainer` on conversational data with the tokenizer's chat template.
 
 Same rows, same weights: our prompt/chosen/rejected token ids equal TRL's processing, and the loss at step 0
-equals TRL's to 1e-5 for sigmoid (label_smoothing 0 and 0.1), ipo and hinge, with a full model and with LoRA.
+equals TRL's to 1e-5 for sigmoid (label_smoothing 0 and 0.1), robust (0.2), ipo and hinge, with a full model and with LoRA.
 The policy must differ from the reference or every loss is a constant (d = 0): the full model gets a reference
 built with another seed, and the LoRA adapter gets non-zero B matrices (copied into TRL's adapter).
 
@@ -46,6 +46,7 @@ ROWS = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in synthetic_p
 CASES = {
     ("sigmoid", 0.0): (["sigmoid"], None),
     ("sigmoid", 0.1): (["sigmoid", "robust"], [2 * (1 - 0.1), -(1 - 2 * 0.1)]),
+    ("robust", 0.2): (["robust"], None),  # robust DPO (Chowdhury et al. 2024), label_smoothing = flip rate
     ("ipo", 0.0): (["ipo"], None),
     ("hinge", 0.0): (["hinge"], None),
 }
@@ -149,7 +150,7 @@ def test_full_model_ids_and_step0_losses_match_trl(tmp_path, tiny_dirs, data_fil
                                                                         pref_loss, ls, ref_dir)  # fmt: skip
         our_loss, trl_loss = _our_loss(ours), _trl_loss(theirs, loss_type, weights, ls)
         assert abs(our_loss - trl_loss) < 1e-5, (pref_loss, ls, our_loss, trl_loss)
-        assert abs(our_loss - {"sigmoid": 0.6931, "ipo": 25.0, "hinge": 1.0}[pref_loss]) > 1e-3  # not d = 0
+        assert abs(our_loss - {"sigmoid": 0.6931, "robust": 0.6931, "ipo": 25.0, "hinge": 1.0}[pref_loss]) > 1e-3  # not d = 0
 
 
 def test_lora_ids_and_step0_losses_match_trl(tmp_path, tiny_dirs, data_file):
@@ -181,4 +182,4 @@ def test_lora_ids_and_step0_losses_match_trl(tmp_path, tiny_dirs, data_file):
     for (pref_loss, ls), (loss_type, weights) in CASES.items():
         our_loss, trl_loss = _our_loss(trainers[(pref_loss, ls)]), _trl_loss(theirs, loss_type, weights, ls)
         assert abs(our_loss - trl_loss) < 1e-5, (pref_loss, ls, our_loss, trl_loss)
-        assert abs(our_loss - {"sigmoid": 0.6931, "ipo": 25.0, "hinge": 1.0}[pref_loss]) > 1e-3
+        assert abs(our_loss - {"sigmoid": 0.6931, "robust": 0.6931, "ipo": 25.0, "hinge": 1.0}[pref_loss]) > 1e-3

@@ -21,9 +21,10 @@ from ..errors import DataError
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
 BUILTIN_SYNTHETIC = "builtin:synthetic"
+BUILTIN_SYNTHETIC_NOISY = "builtin:synthetic-noisy"  # eight contexts, flip rates 0-0.45 (docs/noisy_labels.md)
 BUILTIN_SYNTHETIC_VL = "builtin:synthetic-vl"  # images (for vision-language models)
 BUILTIN_SYNTHETIC_AUDIO = "builtin:synthetic-audio"  # tones (for audio-language models)
-BUILTINS = (BUILTIN_SYNTHETIC, BUILTIN_SYNTHETIC_VL, BUILTIN_SYNTHETIC_AUDIO)
+BUILTINS = (BUILTIN_SYNTHETIC, BUILTIN_SYNTHETIC_NOISY, BUILTIN_SYNTHETIC_VL, BUILTIN_SYNTHETIC_AUDIO)
 SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -129,6 +130,8 @@ def read_spec(spec: str, synthetic_num_pairs: int, synthetic_seed: int) -> list[
             raise DataError(f"Unknown builtin dataset {spec!r}; the builtins are {', '.join(map(repr, BUILTINS))}.")
         if spec == BUILTIN_SYNTHETIC:
             from .synthetic import synthetic_pair_rows as make_rows
+        elif spec == BUILTIN_SYNTHETIC_NOISY:
+            from .synthetic import noisy_synthetic_pair_rows as make_rows
         elif spec == BUILTIN_SYNTHETIC_VL:
             from .synthetic_media import synthetic_vl_rows as make_rows
         else:

@@ -57,12 +57,43 @@ def _prompt(topic: str, noun: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Topic: {topic}. Describe a {noun}."}]
 
 
+# `builtin:synthetic-noisy`: the noisy-label benchmark's regime (benchmarks/dpo_noise.py, docs/noisy_labels.md).
+# Eight contexts with flip rates from 0 to 0.45, imbalanced so that most pairs come from noisy contexts: a
+# model that trusts every label equally learns the shared word values mostly from unreliable pairs.
+NOISY_TOPIC_NOISE: dict[str, float] = {
+    "science": 0.0, "history": 0.05, "music": 0.1, "travel": 0.15,
+    "health": 0.25, "art": 0.35, "sports": 0.4, "food": 0.45,
+}  # fmt: skip
+NOISY_TOPIC_WEIGHTS: dict[str, float] = {
+    "science": 1.0, "history": 1.0, "music": 1.0, "travel": 1.0,
+    "health": 2.0, "art": 2.0, "sports": 3.0, "food": 3.0,
+}  # fmt: skip
+
+
 def synthetic_pair_rows(num_pairs: int, seed: int) -> list[dict[str, Any]]:
     """`num_pairs` canonical conversational rows (see `make_synthetic_pairs`), as plain dicts."""
+    return _pair_rows(num_pairs, seed, topic_noise=TOPIC_NOISE, topic_weights=None)
+
+
+def noisy_synthetic_pair_rows(num_pairs: int, seed: int) -> list[dict[str, Any]]:
+    """`builtin:synthetic-noisy`: the same task over NOISY_TOPIC_NOISE's eight contexts, drawn with
+    NOISY_TOPIC_WEIGHTS (imbalanced, mostly noisy). Same columns as `synthetic_pair_rows`."""
+    return _pair_rows(num_pairs, seed, topic_noise=NOISY_TOPIC_NOISE, topic_weights=NOISY_TOPIC_WEIGHTS)
+
+
+def _pair_rows(
+    num_pairs: int, seed: int, topic_noise: dict[str, float], topic_weights: dict[str, float] | None
+) -> list[dict[str, Any]]:
+    """Rows over `topic_noise`'s topics; in turn when `topic_weights` is None, else drawn with those weights."""
     rng = random.Random(seed)
+    topics = list(topic_noise)
+    weights = None if topic_weights is None else [topic_weights[t] for t in topics]
     rows = []
     for i in range(num_pairs):
-        topic = TOPICS[i % len(TOPICS)]  # topics take turns, so every topic is equally represented
+        if weights is None:
+            topic = topics[i % len(topics)]  # topics take turns, so every topic is equally represented
+        else:
+            topic = rng.choices(topics, weights=weights)[0]
         noun = rng.choice(NOUNS)
         better = _response(rng)
         worse = _response(rng)
@@ -70,7 +101,7 @@ def synthetic_pair_rows(num_pairs: int, seed: int) -> list[dict[str, Any]]:
             worse = _response(rng)
         if true_reward(better) < true_reward(worse):
             better, worse = worse, better
-        noise = TOPIC_NOISE[topic]
+        noise = topic_noise[topic]
         if rng.random() < noise:  # label noise: the annotator prefers the worse response
             better, worse = worse, better
         rows.append(
