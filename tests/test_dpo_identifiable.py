@@ -287,3 +287,23 @@ def test_beta_dpo_trainer_loss_is_the_kept_pairs_mean(tmp_path):
     losses = -F.logsigmoid(beta * d)
     assert out["loss"].item() == pytest.approx(losses[keep].mean().item(), abs=1e-6)
     assert float(out["beta"]) == pytest.approx(beta.item(), abs=1e-7)
+
+
+def test_ipo_rewards_are_logged_on_the_loss_scale(tmp_path):
+    """IPO's loss uses length-averaged log-probs; `rewards/*` are logged on that scale, as TRL logs them."""
+    from discoalign.losses.logps import response_lengths
+
+    trainer = make_trainer(tmp_path, pref_loss="ipo", per_device_train_batch_size=2, max_steps=1)
+    trainer.train()
+    trainer.model.train()
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
+    trainer._stored_metrics["train"].clear()
+    with torch.no_grad():
+        out = trainer.pair_forward(trainer.model, batch)
+        trainer.compute_loss(trainer.model, batch)
+    lengths = response_lengths(batch["labels"]).clamp(min=1)
+    per_token = (out["chosen_logps"] - out["ref_chosen_logps"]) / lengths[:2]
+    logged = trainer._stored_metrics["train"]["rewards/chosen"][-1]
+    assert logged == pytest.approx(0.1 * per_token.mean().item(), rel=1e-5)
+    summed = 0.1 * (out["chosen_logps"] - out["ref_chosen_logps"]).mean().item()
+    assert abs(logged - summed) > 1e-6  # the two scales differ, so the test can tell them apart

@@ -94,6 +94,9 @@ class FinetuningArguments:
     )
     beta_head_epsilon: float = field(default=0.5, metadata={"help": "s(x) = 1 + eps * tanh(.), eps in (0, 1)."})
     beta_head_lr_ratio: float = field(default=1.0, metadata={"help": "Beta head lr = learning_rate * ratio."})
+    variance_head_lr_ratio: float = field(
+        default=1.0, metadata={"help": "Variance head lr = learning_rate * ratio (rm and DiscoDPO)."}
+    )
     beta_head_pooling: Literal["last", "mean"] = field(
         default="mean",
         metadata={"help": "Beta head features: the reference's hidden state at the last prompt token (`last`) or "

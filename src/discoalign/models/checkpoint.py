@@ -150,7 +150,7 @@ def _checkpoint_head_tensors(name_or_path: str, cache_dir: str | None) -> tuple[
 
 # Beta-head entries a checkpoint may lack: heads saved before the head was centred have a bias and no centring
 # statistics; a centred head has no bias. A missing one keeps its fresh value (bias 0, no statistics yet).
-OPTIONAL_BETA_KEYS = ("summary.bias", "feature_mean", "feature_count")
+OPTIONAL_BETA_KEYS = ("summary.bias", "feature_mean", "feature_count", "logit_offset")
 
 
 def _copy_head(head: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -16,6 +16,8 @@ from torch import nn
 # softplus(log(e - 1)) == 1: every variance is 1 at step 0.
 VARIANCE_BIAS_INIT = math.log(math.e - 1.0)
 VARIANCE_FLOOR = 1e-6
+# Per-pair step of the beta head's offset (see BetaHead): a time constant of ~500 pairs whatever the batch size.
+OFFSET_RATE = 2e-3
 
 
 def _constant_linear(hidden_size: int, weight: float, bias: float) -> nn.Linear:
@@ -99,6 +101,11 @@ class BetaHead(nn.Module):
         # Centring statistics (unused when uncentred, but always present so checkpoints have one layout).
         self.register_buffer("feature_mean", torch.zeros(hidden_size, dtype=torch.float32))
         self.register_buffer("feature_count", torch.zeros((), dtype=torch.float32))
+        # The offset c in tanh(u - c) that keeps the data mean of tanh, hence of s(x), at 0 (respectively 1):
+        # centring makes E[u] = 0, but tanh is not linear, and a head that saturates on a frequent context would
+        # move the mean of s. c is not learned from the loss (that would be the bias again); it follows the
+        # root of E[tanh(u - c)] = 0 by stochastic approximation (docs/dynamic_beta.md).
+        self.register_buffer("logit_offset", torch.zeros((), dtype=torch.float32))
         # False once `set_statistics` gave the exact data mean: nothing is left to estimate.
         self.track_statistics = True
 
@@ -123,16 +130,24 @@ class BetaHead(nn.Module):
         self.track_statistics = False
 
     def logit(self, ref_hidden: torch.Tensor) -> torch.Tensor:
-        """ref_hidden: (B, H) -> u(x): (B,) fp32 (centred on the running feature mean when `centered`)."""
+        """ref_hidden: (B, H) -> u(x) - c: (B,) fp32, centred on the feature mean and offset when `centered`.
+
+        In training mode a centred head first folds the features into `feature_mean`, then, after computing
+        the logits, moves `logit_offset` (used from the next batch on) towards the root of E[tanh(u - c)] = 0.
+        """
         h = ref_hidden.float()
-        if self.centered:
-            if self.training and self.track_statistics:
-                self.update_statistics(h)
-            h = h - self.feature_mean
-        return self.summary(h).squeeze(-1)
+        if not self.centered:
+            return self.summary(h).squeeze(-1)
+        if self.training and self.track_statistics:
+            self.update_statistics(h)
+        logit = self.summary(h - self.feature_mean).squeeze(-1) - self.logit_offset
+        if self.training:
+            with torch.no_grad():
+                self.logit_offset.add_(OFFSET_RATE * torch.tanh(logit.detach()).sum())
+        return logit
 
     def forward(self, ref_hidden: torch.Tensor) -> torch.Tensor:
-        """ref_hidden: (B, H) -> s(x): (B,) fp32 in (1 - eps, 1 + eps). In training mode, also updates the mean."""
+        """ref_hidden: (B, H) -> s(x): (B,) fp32 in (1 - eps, 1 + eps). In training mode, also updates statistics."""
         return 1.0 + self.epsilon * torch.tanh(self.logit(ref_hidden))
 
 

@@ -21,6 +21,7 @@ from transformers import Trainer
 from ..config.loader import RunConfig
 
 BETA_HEAD_PREFIX = "beta_head."
+VARIANCE_HEAD_PREFIX = "variance_head."
 
 
 class DiscoTrainer(Trainer):
@@ -128,27 +129,37 @@ class DiscoTrainer(Trainer):
     # ---- optimizer -----------------------------------------------------------------------------------
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer, with `beta_head.*` in groups of their own at a scaled learning rate."""
+        """The Trainer's optimizer, with the beta and variance heads in groups of their own at scaled learning rates.
+
+        `beta_head.*` learns at `learning_rate * beta_head_lr_ratio`, `variance_head.*` at
+        `learning_rate * variance_head_lr_ratio`; a head whose ratio is 1 stays with the backbone's groups.
+        """
         opt_model = self.model if model is None else model
-        beta_params = [p for n, p in opt_model.named_parameters() if n.startswith(BETA_HEAD_PREFIX) and p.requires_grad]
-        if self.optimizer is not None or not beta_params:
+        ft = self.finetuning_args
+        ratios = {BETA_HEAD_PREFIX: ft.beta_head_lr_ratio, VARIANCE_HEAD_PREFIX: getattr(ft, "variance_head_lr_ratio", 1.0)}
+        ratios = {prefix: r for prefix, r in ratios.items() if r != 1.0}
+        named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+
+        def prefix_of(name: str) -> str | None:
+            return next((prefix for prefix in ratios if name.startswith(prefix)), None)
+
+        # The beta head keeps a group of its own whatever its ratio (as before: its parameters are found by name).
+        has_beta = any(n.startswith(BETA_HEAD_PREFIX) for n, _ in named)
+        if self.optimizer is not None or not (ratios or has_beta):
             return super().create_optimizer(model)
+        ratios.setdefault(BETA_HEAD_PREFIX, ft.beta_head_lr_ratio)
 
         decay = set(self.get_decay_parameter_names(opt_model))
         groups: list[dict[str, Any]] = []
         lr = self.args.learning_rate
-        beta_lr = lr * self.finetuning_args.beta_head_lr_ratio
-        for is_beta, group_lr in ((False, lr), (True, beta_lr)):
+        for prefix, ratio in ((None, 1.0), *ratios.items()):
             for use_decay in (True, False):
-                params = [
-                    p
-                    for n, p in opt_model.named_parameters()
-                    if p.requires_grad and n.startswith(BETA_HEAD_PREFIX) == is_beta and (n in decay) == use_decay
-                ]
+                params = [p for n, p in named if prefix_of(n) == prefix and (n in decay) == use_decay]
                 if params:
                     groups.append(
-                        {"params": params, "weight_decay": self.args.weight_decay if use_decay else 0.0, "lr": group_lr}
-                    )
+                        {"params": params, "weight_decay": self.args.weight_decay if use_decay else 0.0,
+                         "lr": lr * ratio}
+                    )  # fmt: skip
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(groups, lr=lr, **optimizer_kwargs)

@@ -10,7 +10,7 @@ from typing import Any
 
 from ...config.loader import build_config
 
-# Shared by the demo and `benchmarks/dpo_effect.py`: a short run per cell on 2 CPU cores.
+# The demo's short run per cell on 2 CPU cores (the measured comparison is benchmarks/dpo_noise.py).
 DPO_DEMO_CONFIG: dict[str, Any] = {
     "stage": "dpo",
     "model_name_or_path": "builtin:tiny-qwen3",
