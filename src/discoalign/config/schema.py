@@ -93,7 +93,11 @@ class FinetuningArguments:
         default=None, metadata={"help": "Value head init: PyTorch default when unset, else normal(0, std)."}
     )
     beta_head_epsilon: float = field(default=0.5, metadata={"help": "s(x) = 1 + eps * tanh(.), eps in (0, 1)."})
-    beta_head_lr_ratio: float = field(default=1.0, metadata={"help": "Beta head lr = learning_rate * ratio."})
+    beta_head_lr_ratio: float = field(
+        default=10.0,
+        metadata={"help": "Beta head lr = learning_rate * ratio (10: chosen on benchmarks/dpo_noise.py, where 1 "
+                          "left the head too slow to help)."},
+    )
     variance_head_lr_ratio: float = field(
         default=1.0, metadata={"help": "Variance head lr = learning_rate * ratio (rm and DiscoDPO)."}
     )
