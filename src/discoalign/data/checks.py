@@ -21,6 +21,7 @@ TRUNCATED = "response empty after truncation"
 UNREADABLE = "unreadable line (not JSON or not UTF-8)"
 OTHER_FORMAT = "row of another format"
 NOT_ASSISTANT = "response not from the assistant"
+BAD_TEXT = "invalid text"
 
 ROLES = ("system", "user", "assistant")
 # sharegpt (LlamaFactory) speaker names -> our roles.
@@ -35,6 +36,21 @@ class RowProblem(Exception):
         self.reason = reason
         self.field = field
         self.detail = detail
+
+
+def check_text(row: dict[str, Any]) -> None:
+    """Every string of the row must be valid Unicode: JSON's `\\ud800` escapes decode to lone surrogates, which
+    the tokenizer and Arrow cannot encode."""
+    import json
+
+    for key, value in row.items():
+        try:
+            json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RowProblem(
+                BAD_TEXT, str(key), f"the text holds a lone UTF-16 surrogate ({e.object[e.start]!r}), which is not "
+                "valid Unicode; fix the escape sequence in the file",
+            ) from None  # fmt: skip
 
 
 def require(row: dict[str, Any], field: str) -> Any:

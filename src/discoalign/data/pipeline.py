@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config.schema import DataArguments
 from ..errors import DataError
-from .checks import OTHER_FORMAT, TRUNCATED, UNREADABLE, RowProblem
+from .checks import OTHER_FORMAT, TRUNCATED, UNREADABLE, RowProblem, check_text
 from .encode import encode_pair, encode_prompt
 from .formats import PAIRWISE_FORMATS, check_columns, detect_rows_format, to_pairwise_row, to_prompt_row
 from .media import AUDIO_COLUMN, IMAGE_COLUMN, MEDIA_TRUNCATED, MEDIA_UNSUPPORTED, VIDEO_COLUMN, has_media
@@ -60,7 +60,7 @@ def _with_media(
     if media is not None and stage != "ppo":
         return media.prepare_row(row, raw, base_dir)
     if has_media(raw):
-        field = next(c for c in (IMAGE_COLUMN, AUDIO_COLUMN, VIDEO_COLUMN) if raw.get(c))
+        field = next(c for c in (IMAGE_COLUMN, AUDIO_COLUMN, VIDEO_COLUMN) if has_media({c: raw.get(c)}))
         why = "stage ppo takes text prompts only" if stage == "ppo" else (
             "the model is a text-only causal LM (or this command reads text only); train or evaluate a "
             "vision-language or audio-language model (e.g. `model_name_or_path: builtin:tiny-qwen2-vl`), or drop "
@@ -138,6 +138,8 @@ def _convert(
                     f"its columns ({', '.join(f'`{c}`' for c in raw)}) are those of format `{per_row[index]}`, but "
                     f"most rows of the file are `{fmt}`; a file holds one format (split it into two files)",
                 )  # fmt: skip
+            if isinstance(raw, dict):
+                check_text(raw)
             row = convert(raw, fmt)
             rows.append(_with_media(row, raw, media, stage, base_dir) if isinstance(raw, dict) else row)
         except RowProblem as problem:
