@@ -39,10 +39,10 @@ DEFAULT_CPU_THREADS = 4
 def _set_cpu_threads() -> None:
     """Torch's CPU thread count: OMP_NUM_THREADS when set, else min(4, half the cores).
 
-    Torch's default (one thread per physical core) oversubscribes a machine where anything else runs: a 6-step
-    tiny RM run took 0.36 s with 2 threads and 0.085 s with 1 while another process held one of the 2 cores.
-    Half the cores leaves room for the data pipeline and the rest of the machine; beyond 4 threads the small
-    matrices of CPU runs gain little. A GPU run is not affected (the threads only run CPU ops).
+    Torch's default (one thread per core) collapses when anything else runs: on 2 busy cores (load 5) a 6-step
+    tiny RM run took 0.15 s with 1 thread and 3-14 s with 2 (threads spin waiting for each other). Half the cores
+    leaves room for the data pipeline and other processes; the cap of 4 is a guess for larger machines (not
+    measured here), set OMP_NUM_THREADS to tune. The threads only run CPU ops: GPU runs are unaffected.
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return  # torch reads it itself
