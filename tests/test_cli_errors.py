@@ -72,6 +72,8 @@ CONFIG_MISTAKES = [
     ({"gradient_accumulation_steps": 0}, "`gradient_accumulation_steps` is 0"),
     ({"report_to": "nonsense"}, "`report_to: nonsense`"),
     ({"dataset": None}, "no training data"),
+    ({"overwrite_output_dir": True, "resume_from_checkpoint": "ckpt"}, "would delete the checkpoints"),
+    ({"lora_dropout": 1.5}, "`lora_dropout` is 1.5"),
 ]
 
 

@@ -92,11 +92,13 @@ def validate_combinations(
         # the loaded model can tell (its actual attention implementation and modality).
         if ft.stage not in ("rm", "dpo"):
             fail(f"`pack_pairs` packs preference pairs and applies to `stage: rm` and `dpo`, not `{ft.stage}`.")
-        if model.attn_implementation not in (None, "sdpa", "eager"):
-            fail(
-                f"`pack_pairs: true` needs `attn_implementation` sdpa or eager (an arbitrary attention mask), not "
-                f"`{model.attn_implementation}`. Set `pack_pairs: false`, or use `group_by_length` instead."
-            )
+        if model.attn_implementation is not None:  # None: sdpa (or eager), decided when the model loads
+            from ..data.packing import check_attention_implementation
+
+            try:
+                check_attention_implementation(model.attn_implementation)
+            except ConfigError as e:
+                fail(str(e))
         from ..models.tiny_multimodal import TINY_MULTIMODAL_ARCHS
 
         if model.model_name_or_path in {f"builtin:tiny-{arch}" for arch in TINY_MULTIMODAL_ARCHS}:
