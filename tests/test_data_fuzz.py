@@ -22,7 +22,7 @@ from discoalign.config.schema import DataArguments
 from discoalign.data import get_dataset
 from discoalign.errors import DiscoAlignError
 
-CASES = 300  # x 2 settings of skip_invalid_rows = 600 loader runs
+CASES = 500  # files, each loaded with both settings of skip_invalid_rows: 1000 loader runs
 
 WORDS = ["hello", "world", "café", "naïve", "日本語", "🙂", "\u202eRTL", "tab\tand\nnewline", "x" * 50, "", " "]
 
