@@ -196,11 +196,14 @@ def test_data_mistakes_name_file_row_and_field(tmp_path, capsys, caplog):
 
     # Accepted: a BOM; an unreadable JSONL line skipped and counted; short cutoff_len counted in the log.
     (data / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD] * 8).encode())
+    (data / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines([GOOD] * 8).encode())
     (data / "broken.jsonl").write_text(lines([GOOD] * 4) + "\n{not json\n" + lines([GOOD] * 4))
     config = write_config(tmp_path / "run.yaml", output_dir=str(tmp_path / "ok1"), dataset=str(data / "bom.json"),
                           cutoff_len=8)  # fmt: skip
     assert run(capsys, "train", config)[0] == 0
     assert "8 of 8 prompts (cut from the left)" in caplog.text
+    config = write_config(tmp_path / "run.yaml", output_dir=str(tmp_path / "ok0"), dataset=str(data / "bom.jsonl"))
+    assert run(capsys, "train", config)[0] == 0
     config = write_config(tmp_path / "run.yaml", output_dir=str(tmp_path / "ok2"), dataset=str(data / "broken.jsonl"),
                           skip_invalid_rows=True)  # fmt: skip
     assert run(capsys, "train", config)[0] == 0
