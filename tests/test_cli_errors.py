@@ -119,6 +119,14 @@ def test_output_dir_that_cannot_be_written(tmp_path, capsys, no_model):
     assert code == 2 and "cannot be written" in err and "/proc/discoalign-out" in err
 
 
+def test_resume_from_a_checkpoint_that_does_not_exist(tmp_path, capsys, no_model):
+    config = write_config(tmp_path / "run.yaml", output_dir=str(tmp_path / "out"))
+    code, err = run(capsys, "train", config, "resume_from_checkpoint=true")
+    assert code == 2 and "holds no checkpoint-* folder" in err
+    code, err = run(capsys, "train", config, f"resume_from_checkpoint={tmp_path / 'nope'}")
+    assert code == 2 and "is not a folder" in err and str(tmp_path / "nope") in err
+
+
 def test_used_output_dir_is_refused_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
     config = write_config(tmp_path / "run.yaml", output_dir=str(out))

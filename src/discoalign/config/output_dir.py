@@ -51,6 +51,23 @@ def ensure_writable(output_dir: str, key: str = "output_dir") -> None:
                           "you can write to, or fix its permissions.") from None  # fmt: skip
 
 
+def check_resume(output_dir: str, resume_from_checkpoint: str | bool | None) -> None:
+    """`resume_from_checkpoint` must name an existing checkpoint folder (`true`: the last one in `output_dir`);
+    the Trainer would otherwise stop with a traceback after the model and data loaded."""
+    if resume_from_checkpoint in (None, False, ""):
+        return
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        if not os.path.isdir(output_dir) or get_last_checkpoint(output_dir) is None:
+            raise ConfigError(f"`resume_from_checkpoint: true` but `output_dir: {output_dir}` holds no checkpoint-* "
+                              "folder to resume from. Name the checkpoint folder, or drop the key.")  # fmt: skip
+        return
+    if not os.path.isdir(str(resume_from_checkpoint)):
+        raise ConfigError(f"`resume_from_checkpoint: {resume_from_checkpoint}` is not a folder (relative paths start "
+                          f"from {os.getcwd()!r}); name a checkpoint-* folder of an earlier run.")  # fmt: skip
+
+
 def prepare_output_dir(output_dir: str, *, do_train: bool, overwrite: bool, resuming: bool) -> None:
     """Check `output_dir` before a run starts; with `overwrite`, delete an earlier run's files there first.
 

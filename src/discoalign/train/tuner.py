@@ -7,7 +7,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..config.loader import RunConfig
-from ..config.output_dir import prepare_output_dir
+from ..config.output_dir import check_resume, prepare_output_dir
 
 
 def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
@@ -18,6 +18,8 @@ def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> d
     # in an unused head must draw the same numbers.
     set_seed(cfg.training.seed)
     args = cfg.training
+    if args.do_train:
+        check_resume(args.output_dir, args.resume_from_checkpoint)
     if args.should_save:  # the main process: checked before any model loads
         prepare_output_dir(
             args.output_dir,
