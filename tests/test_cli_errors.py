@@ -73,11 +73,13 @@ CONFIG_MISTAKES = [
     ({"dataset": None}, "no training data"),
     ({"overwrite_output_dir": True, "resume_from_checkpoint": "ckpt"}, "would delete the checkpoints"),
     ({"lora_dropout": 1.5}, "`lora_dropout` is 1.5"),
+    ({"overwrite_output_dir": True, "model_name_or_path": "OUT"}, "would delete the model this run loads"),
 ]
 
 
 @pytest.mark.parametrize("changes, message", CONFIG_MISTAKES, ids=[m for _, m in CONFIG_MISTAKES])
 def test_config_mistakes_fail_before_any_model_loads(tmp_path, capsys, no_model, changes, message):
+    changes = {k: str(tmp_path / "out") if v == "OUT" else v for k, v in changes.items()}
     config = write_config(tmp_path / "run.yaml", output_dir=str(tmp_path / "out"), **changes)
     code, err = run(capsys, "train", config)
     assert code == 2

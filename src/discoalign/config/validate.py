@@ -116,6 +116,15 @@ def validate_combinations(
              "builtin:synthetic.")  # fmt: skip
     if training.get("do_eval") and not training.get("do_train") and not (data.dataset or data.eval_dataset):
         fail("evaluation needs data: set `eval_dataset` (or `dataset`).")
+    if ft.overwrite_output_dir and training.get("do_train"):
+        import os
+
+        out = os.path.abspath(os.path.expanduser(str(training.get("output_dir", ""))))
+        for key in ("model_name_or_path", "ref_model_name_or_path", "reward_model"):
+            value = getattr(model, key, None) or getattr(ft, key, None)
+            if value and os.path.abspath(os.path.expanduser(value)) == out:
+                fail(f"`overwrite_output_dir: true` would delete the model this run loads: `{key}` and `output_dir` "
+                     f"are both {value!r}. Train into another `output_dir`.")  # fmt: skip
     if ft.overwrite_output_dir and training.get("resume_from_checkpoint"):
         fail("`overwrite_output_dir: true` would delete the checkpoints that `resume_from_checkpoint` resumes from; "
              "set only one of them.")  # fmt: skip
