@@ -210,7 +210,7 @@ def build_config(
     # Trainer would otherwise drop every column its model's forward does not name.
     training_kwargs.setdefault("remove_unused_columns", False)
     notes = validate_combinations(model_args, data_args, ft_args, training_kwargs, source)
-    training_args = build_training_arguments(training_kwargs, data_args, ft_args, source)
+    training_args = build_training_arguments(training_kwargs, source)
 
     resolved: dict[str, Any] = {}
     for obj in (model_args, data_args, ft_args):

@@ -131,9 +131,7 @@ def validate_combinations(
     return notes
 
 
-def build_training_arguments(
-    training: dict[str, Any], data: DataArguments, ft: FinetuningArguments, source: str
-) -> Any:
+def build_training_arguments(training: dict[str, Any], source: str) -> Any:
     """Build the `transformers.TrainingArguments` once, here, and check what it accepts but a run cannot use.
 
     TrainingArguments takes `per_device_train_batch_size: 0`, `max_steps: -3` or `report_to: tensorboard` without
