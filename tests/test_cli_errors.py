@@ -234,8 +234,8 @@ def test_eval_of_a_full_dpo_checkpoint_uses_the_run_s_reference(tmp_path, capsys
     trained = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert abs(trained["eval_rewards/margins"]) > 1e-4  # training moved the policy away from its reference
     for out in ("eval1", "out"):  # a fresh folder, then the checkpoint's own folder (as docs/dpo.md shows)
-        code, _ = run(capsys, "eval", str(config), f"model_name_or_path={tmp_path / 'out'}", f"output_dir={tmp_path / out}")
-        assert code == 0
+        model = f"model_name_or_path={tmp_path / 'out'}"
+        assert run(capsys, "eval", str(config), model, f"output_dir={tmp_path / out}")[0] == 0
         again = json.loads((tmp_path / out / "eval_results.json").read_text())
         for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"):
             assert again[key] == pytest.approx(trained[key], abs=1e-5), key

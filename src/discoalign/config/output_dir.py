@@ -83,8 +83,9 @@ def prepare_output_dir(output_dir: str, *, do_train: bool, overwrite: bool, resu
         return
     ours = _matching(names, OUR_FILES)
     if not overwrite:
+        shown = ", ".join(ours[:6]) + (", ..." if len(ours) > 6 else "")
         raise ConfigError(
-            f"`output_dir: {output_dir}` already holds a run ({', '.join(ours[:6])}{', ...' if len(ours) > 6 else ''}); "
+            f"`output_dir: {output_dir}` already holds a run ({shown}); "
             "training into it would mix old checkpoints, predictions and results with new ones. Choose another "
             "`output_dir`, set `overwrite_output_dir: true` to delete that run's files first, or set "
             "`resume_from_checkpoint` to continue it."

@@ -88,8 +88,9 @@ def _readable_rows(source: RawRows, data_args: DataArguments, bad: Counter) -> l
     if not unreadable:
         return source.rows
     if not data_args.skip_invalid_rows:
-        more = (f" {len(unreadable)} of {len(source.rows)} lines are unreadable (lines "
-                f"{', '.join(str(r.line) for r in unreadable[:MAX_ROWS_NAMED])}{', ...' if len(unreadable) > MAX_ROWS_NAMED else ''}).")  # fmt: skip
+        shown = ", ".join(str(r.line) for r in unreadable[:MAX_ROWS_NAMED])
+        shown += ", ..." if len(unreadable) > MAX_ROWS_NAMED else ""
+        more = f" {len(unreadable)} of {len(source.rows)} lines are unreadable (lines {shown})."
         raise DataError(
             f"Data file {source.name!r} is neither a JSON array nor JSON lines (one object per line): "
             f"{unreadable[0].detail}.{more if len(unreadable) > 1 else ''} Fix the lines, or set "

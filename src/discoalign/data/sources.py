@@ -95,13 +95,14 @@ def _read_json(path: str) -> list[Any]:
         try:
             line = raw_line.decode("utf-8")
         except UnicodeDecodeError as e:
-            rows.append(UnreadableLine(line_number, f"line {line_number} is not UTF-8 text (byte 0x{raw_line[e.start]:02x} "
-                                                    f"at column {e.start + 1}); save the file as UTF-8"))  # fmt: skip
+            detail = f"line {line_number} is not UTF-8 text (byte 0x{raw_line[e.start]:02x} at column {e.start + 1})"
+            rows.append(UnreadableLine(line_number, detail + "; save the file as UTF-8"))
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            rows.append(UnreadableLine(line_number, f"line {line_number} is not valid JSON ({e.msg}, column {e.colno})"))
+            detail = f"line {line_number} is not valid JSON ({e.msg}, column {e.colno})"
+            rows.append(UnreadableLine(line_number, detail))
     if rows and all(isinstance(r, UnreadableLine) for r in rows):
         first = rows[0]
         raise DataError(f"Data file {path!r} is neither a JSON array nor JSON lines (one object per line): "
