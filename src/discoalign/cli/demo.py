@@ -36,7 +36,8 @@ RM_DEMO_CONFIG: dict[str, Any] = {
 
 def rm_config(output_dir: str, disco: bool, **overrides: Any) -> dict[str, Any]:
     """The demo's reward-model config, BT or Disco."""
-    raw = dict(RM_DEMO_CONFIG, output_dir=output_dir)
+    # `make demo` run twice writes into the same folders: the second run replaces the first.
+    raw = dict(RM_DEMO_CONFIG, output_dir=output_dir, overwrite_output_dir=True)
     if disco:
         raw.update(add_disco_head=True, disco_pref=True)
     raw.update(overrides)

@@ -18,7 +18,8 @@ import yaml
 
 from ..errors import ConfigError
 from .schema import ARGUMENT_CLASSES, DataArguments, FinetuningArguments, ModelArguments
-from .validate import validate_combinations
+from .aliases import apply_aliases
+from .validate import build_training_arguments, validate_combinations
 
 logger = logging.getLogger(__name__)
 
@@ -148,15 +149,19 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
 
 
 def _coerce_training(key: str, value: Any, source: str) -> Any:
-    """Undo YAML 1.1's guesses for TrainingArguments fields: `3e-4` (a string) becomes the float the field
-    declares, and `no` (read as false) becomes the string "no" for strategy fields such as `save_strategy`."""
+    """Check a TrainingArguments field against its declared type and undo YAML 1.1's guesses: `3e-4` (a string)
+    becomes the float the field declares, and `no` (read as false) becomes the string "no" for strategy fields
+    such as `save_strategy`. TrainingArguments itself accepts `max_steps: 2.5` and fails later, mid-run."""
     from transformers import TrainingArguments
 
     hint = typing.get_type_hints(TrainingArguments).get(key)
-    if isinstance(value, str) and hint in (float, int, float | None, int | None):
-        return _coerce(key, value, hint, source) if hint in (float, float | None) else value
     if value is False and hint not in (bool, bool | None) and key.endswith("_strategy"):
         return "no"
+    if value is None:
+        return value
+    if hint in (float, float | None, int, int | None, bool, bool | None):
+        base = {float | None: float, int | None: int, bool | None: bool}.get(hint, hint)
+        return _coerce(key, value, base, source)
     return value
 
 
@@ -164,18 +169,27 @@ def build_config(
     raw: dict[str, Any],
     source: str = "<dict>",
     defaults: dict[str, Any] | None = None,
+    require_stage: bool = False,
 ) -> RunConfig:
-    """Check a flat dict of keys and build the argument objects. Raises ConfigError on any mistake."""
+    """Check a flat dict of keys and build the argument objects. Raises ConfigError on any mistake.
+
+    `require_stage`: a run's YAML must name its `stage` (the CLI sets this; the default `rm` is for code).
+    """
     ours = _our_fields()
     theirs = _training_fields()
     merged: dict[str, Any] = dict(defaults or {})
     merged.update(raw)
+    merged, alias_notes = apply_aliases(merged, source)
 
     unknown = [k for k in merged if k not in ours and k not in theirs]
     if unknown:
         known = sorted(set(ours) | set(theirs))
         parts = [f"`{k}`.{_closest(k, known)}" for k in unknown]
         raise ConfigError(f"Unknown config key(s) in {source}: " + " ".join(parts))
+    if require_stage and merged.get("stage") is None:
+        raise ConfigError(
+            f"{source} has no `stage` key; say what to train: `stage: rm` (reward model), `stage: dpo` or `stage: ppo`."
+        )
 
     groups: dict[type, dict[str, Any]] = {cls: {} for cls in ARGUMENT_CLASSES}
     training_kwargs: dict[str, Any] = {}
@@ -191,25 +205,18 @@ def build_config(
     data_args = DataArguments(**groups[DataArguments])
     ft_args = FinetuningArguments(**groups[FinetuningArguments])
 
-    notes = validate_combinations(model_args, data_args, ft_args, training_kwargs, source)
-
     training_kwargs.setdefault("report_to", "none")
     training_kwargs.setdefault("output_dir", os.path.join("saves", ft_args.stage))
     # Trainer would otherwise drop every column its model's forward does not name.
     training_kwargs.setdefault("remove_unused_columns", False)
-    try:
-        from transformers import TrainingArguments
-
-        training_args = TrainingArguments(**training_kwargs)
-    except (ValueError, TypeError, ImportError) as e:
-        msg = str(e).strip().replace("\n", " ")
-        raise ConfigError(f"A transformers.TrainingArguments key in {source} is invalid: {msg}") from None
+    notes = validate_combinations(model_args, data_args, ft_args, training_kwargs, source)
+    training_args = build_training_arguments(training_kwargs, source)
 
     resolved: dict[str, Any] = {}
     for obj in (model_args, data_args, ft_args):
         resolved.update(dataclasses.asdict(obj))
     resolved.update({k: v for k, v in training_kwargs.items()})
-    for note in notes:
+    for note in alias_notes + notes:
         logger.warning(note)
     return RunConfig(model_args, data_args, ft_args, training_args, resolved, source)
 

@@ -187,7 +187,12 @@ class FinetuningArguments:
     target_kl: float = field(
         default=6.0, metadata={"help": "PPO + use_dynamic_beta: per-response KL the beta head steers each prompt to."}
     )
-    # evaluation outputs
+    # outputs
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an `output_dir` that already holds a run: its checkpoints, results, predictions "
+                          "and plots are deleted first (other files are kept). Off: such a run is refused."},
+    )
     plot_loss: bool = field(default=True, metadata={"help": "Write PNG plots to output_dir/plots/."})
     num_score_samples: int = field(default=5, metadata={"help": "Rows shown in the table printed after eval."})
 

@@ -109,19 +109,97 @@ def validate_combinations(
         # the loaded model can tell (its actual attention implementation and modality).
         if ft.stage not in ("rm", "dpo"):
             fail(f"`pack_pairs` packs preference pairs and applies to `stage: rm` and `dpo`, not `{ft.stage}`.")
-        if model.attn_implementation not in (None, "sdpa", "eager"):
-            fail(
-                f"`pack_pairs: true` needs `attn_implementation` sdpa or eager (an arbitrary attention mask), not "
-                f"`{model.attn_implementation}`. Set `pack_pairs: false`, or use `group_by_length` instead."
-            )
+        if model.attn_implementation is not None:  # None: sdpa (or eager), decided when the model loads
+            from ..data.packing import check_attention_implementation
+
+            try:
+                check_attention_implementation(model.attn_implementation)
+            except ConfigError as e:
+                fail(str(e))
         from ..models.tiny_multimodal import TINY_MULTIMODAL_ARCHS
 
         if model.model_name_or_path in {f"builtin:tiny-{arch}" for arch in TINY_MULTIMODAL_ARCHS}:
             fail("`pack_pairs: true` supports text-only models; the built-in multimodal models are not. "
                  "Set `pack_pairs: false`.")  # fmt: skip
+    if not 0.0 <= ft.lora_dropout < 1.0:
+        fail(f"`lora_dropout` is {ft.lora_dropout}; it must lie in [0, 1).")
+    if ft.lora_alpha is not None and ft.lora_alpha <= 0:
+        fail(f"`lora_alpha` is {ft.lora_alpha}; it must be positive (or unset for 2 * lora_rank).")
     if not model.model_name_or_path:
         fail("`model_name_or_path` is empty; give a local directory, a hub name or builtin:tiny-<arch>.")
+    if training.get("do_train") and not data.dataset:
+        what = "prompts" if ft.stage == "ppo" else "preference pairs"
+        fail(f"`do_train` is true but no training data is given: set `dataset` to a file or folder of {what}, or "
+             "builtin:synthetic.")  # fmt: skip
+    if training.get("do_eval") and not training.get("do_train") and not (data.dataset or data.eval_dataset):
+        fail("evaluation needs data: set `eval_dataset` (or `dataset`).")
+    if ft.overwrite_output_dir and training.get("do_train"):
+        import os
+
+        out = os.path.abspath(os.path.expanduser(str(training.get("output_dir", ""))))
+        for key in ("model_name_or_path", "ref_model_name_or_path", "reward_model"):
+            value = getattr(model, key, None) or getattr(ft, key, None)
+            if value and os.path.abspath(os.path.expanduser(value)) == out:
+                fail(f"`overwrite_output_dir: true` would delete the model this run loads: `{key}` and `output_dir` "
+                     f"are both {value!r}. Train into another `output_dir`.")  # fmt: skip
+    if ft.overwrite_output_dir and training.get("resume_from_checkpoint"):
+        fail("`overwrite_output_dir: true` would delete the checkpoints that `resume_from_checkpoint` resumes from; "
+             "set only one of them.")  # fmt: skip
     return notes
+
+
+def build_training_arguments(training: dict[str, Any], source: str) -> Any:
+    """Build the `transformers.TrainingArguments` once, here, and check what it accepts but a run cannot use.
+
+    TrainingArguments takes `per_device_train_batch_size: 0`, `max_steps: -3` or `report_to: tensorboard` without
+    the package, and the run fails (or silently trains epochs) later, after data loading. Raises ConfigError.
+    """
+
+    def fail(msg: str) -> None:
+        raise ConfigError(f"In {source}: {msg}")
+
+    try:
+        from transformers import TrainingArguments
+
+        args = TrainingArguments(**training)
+    except (ValueError, TypeError, ImportError) as e:
+        msg = str(e).strip().replace("\n", " ")
+        raise ConfigError(f"A transformers.TrainingArguments key in {source} is invalid: {msg}") from None
+
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, key) < 1:
+            fail(f"`{key}` is {getattr(args, key)}; it must be a positive integer.")
+    # The Trainer trains `max_steps` steps when it is positive, else `num_train_epochs` epochs: only the default -1
+    # means "use epochs"; 0 or -3 would silently train the epochs instead of what was written.
+    if args.max_steps != -1 and args.max_steps < 1:
+        fail(f"`max_steps` is {args.max_steps}; it must be a positive number of optimizer steps, or -1 (the "
+             "default) to train for `num_train_epochs`.")  # fmt: skip
+    if args.do_train and args.max_steps == -1 and not args.num_train_epochs > 0:
+        fail(f"`num_train_epochs` is {args.num_train_epochs}; it must be positive (or set `max_steps`).")
+    if args.learning_rate < 0:
+        fail(f"`learning_rate` is {args.learning_rate}; it must be non-negative.")
+    _check_report_to(args.report_to, fail)
+    return args
+
+
+def _check_report_to(report_to: list[str] | None, fail) -> None:
+    """Each `report_to` integration must be one transformers knows and whose package is installed."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    available = set(get_available_reporting_integrations())
+    for name in report_to or []:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            fail(f"`report_to: {name}` is not an integration transformers knows; use one of "
+                 f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, or `none`.")  # fmt: skip
+        if name not in available:
+            package = {"tensorboard": "tensorboard", "comet_ml": "comet_ml", "azure_ml": "azureml-core"}.get(name, name)
+            fail(f"`report_to: {name}` needs the `{package}` package, which is not installed. Install it "
+                 f"(`pip install {package}`), or set `report_to: none`.")  # fmt: skip
 
 
 # Keys that only `stage: ppo` reads; setting one elsewhere is a mistake worth a clear error.

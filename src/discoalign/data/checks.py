@@ -18,6 +18,10 @@ IDENTICAL = "chosen identical to rejected"
 BAD_MARGIN = "non-numeric margin"
 MALFORMED = "malformed conversation"
 TRUNCATED = "response empty after truncation"
+UNREADABLE = "unreadable line (not JSON or not UTF-8)"
+OTHER_FORMAT = "row of another format"
+NOT_ASSISTANT = "response not from the assistant"
+BAD_TEXT = "invalid text"
 
 ROLES = ("system", "user", "assistant")
 # sharegpt (LlamaFactory) speaker names -> our roles.
@@ -32,6 +36,21 @@ class RowProblem(Exception):
         self.reason = reason
         self.field = field
         self.detail = detail
+
+
+def check_text(row: dict[str, Any]) -> None:
+    """Every string of the row must be valid Unicode: JSON's `\\ud800` escapes decode to lone surrogates, which
+    the tokenizer and Arrow cannot encode."""
+    import json
+
+    for key, value in row.items():
+        try:
+            json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RowProblem(
+                BAD_TEXT, str(key), f"the text holds a lone UTF-16 surrogate ({e.object[e.start]!r}), which is not "
+                "valid Unicode; fix the escape sequence in the file",
+            ) from None  # fmt: skip
 
 
 def require(row: dict[str, Any], field: str) -> Any:
@@ -159,9 +178,17 @@ def check_prompt(prompt: list[dict[str, str]], field: str = "prompt") -> None:
 
 
 def check_pair(chosen: list[dict[str, str]], rejected: list[dict[str, str]]) -> None:
-    """Both responses non-empty and different from each other."""
+    """Both responses non-empty, written by the assistant only, and different from each other."""
     for field, response in (("chosen", chosen), ("rejected", rejected)):
         if not response or all(not m["content"].strip() for m in response):
             raise RowProblem(EMPTY_RESPONSE, field, "the response is empty")
+        for i, message in enumerate(response):
+            # A user (or system) turn inside a response would put its role header into the tokens being scored.
+            if message["role"] != "assistant":
+                raise RowProblem(
+                    NOT_ASSISTANT, f"{field}[{i}].role",
+                    f"a response holds only assistant messages, but this one is from {message['role']!r}; put "
+                    "earlier turns in the prompt",
+                )  # fmt: skip
     if chosen == rejected:
         raise RowProblem(IDENTICAL, "rejected", "the rejected response is identical to the chosen one")

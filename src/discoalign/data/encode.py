@@ -26,6 +26,7 @@ dropped by the caller and counted as `checks.TRUNCATED`.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -107,10 +108,18 @@ def truncate_pair(
     return prompt_ids, chosen_ids[:room], rejected_ids[:room]
 
 
-def encode_pair(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], cutoff_len: int) -> dict[str, Any] | None:
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], cutoff_len: int, cut: Counter | None = None
+) -> dict[str, Any] | None:
     """A tokenised pairwise row (`prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` + the row's
-    other fields), or None when truncation would leave a response empty."""
-    prompt_ids, chosen_ids, rejected_ids = truncate_pair(*tokenize_pair(tokenizer, row), cutoff_len)
+    other fields), or None when truncation would leave a response empty.
+
+    `cut`, when given, counts the rows whose "prompt" and whose "response" (either one) truncation shortened."""
+    full = tokenize_pair(tokenizer, row)
+    prompt_ids, chosen_ids, rejected_ids = truncate_pair(*full, cutoff_len)
+    if cut is not None:
+        cut["prompt"] += len(prompt_ids) < len(full[0])
+        cut["response"] += len(chosen_ids) < len(full[1]) or len(rejected_ids) < len(full[2])
     if not chosen_ids or not rejected_ids:
         return None
     return {
@@ -121,9 +130,13 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], cutoff_
     }
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], cutoff_len: int) -> dict[str, Any]:
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], cutoff_len: int, cut: Counter | None = None
+) -> dict[str, Any]:
     """A tokenised prompt-only row: `prompt_input_ids` (with the generation prompt), cut from the left to
-    `cutoff_len - 1` tokens so that at least one generated token fits."""
+    `cutoff_len - 1` tokens so that at least one generated token fits (counted in `cut["prompt"]`)."""
     prompt_ids = template_ids(tokenizer, row["prompt"], add_generation_prompt=True)
     keep = max(1, cutoff_len - 1)
+    if cut is not None:
+        cut["prompt"] += len(prompt_ids) > keep
     return {**row, "prompt_input_ids": prompt_ids[-keep:]}

@@ -85,6 +85,32 @@ def detect_format(columns: list[str], rows: list[dict[str, Any]], source: str) -
     )
 
 
+def row_format(row: Any) -> str | None:
+    """The format one row's own columns fit, or None when they fit none (a bad row, reported by its converter)."""
+    if not isinstance(row, dict):
+        return None
+    try:
+        return detect_format(list(row), [row], "a row")
+    except DataError:
+        return None
+
+
+def detect_rows_format(columns: list[str], rows: list[Any], source: str) -> tuple[str, list[str | None]]:
+    """The format of most rows (ties: the earliest), and each row's own format.
+
+    Detecting from the union of all columns would call a file that mixes formats by a format no row has, and
+    then blame row 0; with the majority, the rows of the other format are the ones named.
+    """
+    per_row = [row_format(row) for row in rows]
+    counts: dict[str, int] = {}
+    for fmt in per_row:
+        if fmt is not None:
+            counts[fmt] = counts.get(fmt, 0) + 1
+    if not counts:
+        return detect_format(columns, rows, source), per_row
+    return max(counts, key=counts.__getitem__), per_row
+
+
 def check_columns(fmt: str, columns: list[str], source: str) -> None:
     """A format named with `dataset_format` must find its columns in the file."""
     cols = set(columns)

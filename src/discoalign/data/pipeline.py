@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..config.schema import DataArguments
 from ..errors import DataError
-from .checks import TRUNCATED, RowProblem
+from .checks import OTHER_FORMAT, TRUNCATED, UNREADABLE, RowProblem, check_text
 from .encode import encode_pair, encode_prompt
-from .formats import PAIRWISE_FORMATS, check_columns, detect_format, to_pairwise_row, to_prompt_row
+from .formats import PAIRWISE_FORMATS, check_columns, detect_rows_format, to_pairwise_row, to_prompt_row
 from .media import AUDIO_COLUMN, IMAGE_COLUMN, MEDIA_TRUNCATED, MEDIA_UNSUPPORTED, VIDEO_COLUMN, has_media
-from .sources import BUILTIN_SYNTHETIC, RawRows, read_spec, split_specs
+from .sources import BUILTIN_SYNTHETIC, RawRows, UnreadableLine, _columns_of, read_spec, split_specs
 
 if TYPE_CHECKING:
     import datasets
@@ -60,7 +60,7 @@ def _with_media(
     if media is not None and stage != "ppo":
         return media.prepare_row(row, raw, base_dir)
     if has_media(raw):
-        field = next(c for c in (IMAGE_COLUMN, AUDIO_COLUMN, VIDEO_COLUMN) if raw.get(c))
+        field = next(c for c in (IMAGE_COLUMN, AUDIO_COLUMN, VIDEO_COLUMN) if has_media({c: raw.get(c)}))
         why = "stage ppo takes text prompts only" if stage == "ppo" else (
             "the model is a text-only causal LM (or this command reads text only); train or evaluate a "
             "vision-language or audio-language model (e.g. `model_name_or_path: builtin:tiny-qwen2-vl`), or drop "
@@ -70,13 +70,55 @@ def _with_media(
     return row
 
 
+MAX_ROWS_NAMED = 5  # row numbers shown per reason in a stopping error
+
+
+def _problem_summary(problems: dict[str, list[int]], unit: str = "row") -> str:
+    """`empty response: 4 (rows 3, 9, 17, 20); wrong type: 1 (row 5)`, at most MAX_ROWS_NAMED numbers each."""
+    parts = []
+    for reason, indices in sorted(problems.items(), key=lambda item: item[1][0]):
+        shown = ", ".join(map(str, indices[:MAX_ROWS_NAMED])) + (", ..." if len(indices) > MAX_ROWS_NAMED else "")
+        parts.append(f"{reason}: {len(indices)} ({unit}{'s' if len(indices) > 1 else ''} {shown})")
+    return "; ".join(parts)
+
+
+def _readable_rows(source: RawRows, data_args: DataArguments, bad: Counter) -> list[Any]:
+    """Drop (and count) the unreadable lines of a JSON lines file, or stop with the lines named."""
+    unreadable = [row for row in source.rows if isinstance(row, UnreadableLine)]
+    if not unreadable:
+        return source.rows
+    if not data_args.skip_invalid_rows:
+        shown = ", ".join(str(r.line) for r in unreadable[:MAX_ROWS_NAMED])
+        shown += ", ..." if len(unreadable) > MAX_ROWS_NAMED else ""
+        more = f" {len(unreadable)} of {len(source.rows)} lines are unreadable (lines {shown})."
+        raise DataError(
+            f"Data file {source.name!r} is neither a JSON array nor JSON lines (one object per line): "
+            f"{unreadable[0].detail}.{more if len(unreadable) > 1 else ''} Fix the lines, or set "
+            "`skip_invalid_rows: true` to drop them (they are counted in the log)."
+        )
+    bad[UNREADABLE] += len(unreadable)
+    rows = [row for row in source.rows if not isinstance(row, UnreadableLine)]
+    if not rows:
+        raise DataError(f"Data file {source.name!r} has no readable line ({unreadable[0].detail}).")
+    source.columns = _columns_of(rows)
+    return rows
+
+
 def _convert(
     source: RawRows, data_args: DataArguments, stage: str, media: MediaProcessor | None = None
 ) -> tuple[list[dict[str, Any]], Counter]:
-    """Canonical rows of one file, and the count of its bad rows per reason (only with skip_invalid_rows)."""
+    """Canonical rows of one file, and the count of its bad rows per reason (only with skip_invalid_rows).
+
+    Without `skip_invalid_rows` every row is still checked, so that the error counts the bad rows per reason
+    and names the first few of each: a user fixes the file once, not once per bad row.
+    """
+    bad: Counter = Counter()
+    total = len(source.rows)
+    raw_rows = _readable_rows(source, data_args, bad)
     fmt = data_args.dataset_format
+    per_row: list[str | None] = [None] * len(raw_rows)
     if fmt == "auto":
-        fmt = detect_format(source.columns, source.rows, source.name)
+        fmt, per_row = detect_rows_format(source.columns, raw_rows, source.name)
     else:
         check_columns(fmt, source.columns, source.name)
     if stage != "ppo" and fmt not in PAIRWISE_FORMATS:
@@ -86,23 +128,40 @@ def _convert(
         )
     convert = to_prompt_row if stage == "ppo" else to_pairwise_row
     base_dir = _media_base_dir(source, data_args)
-    rows, bad = [], Counter()
-    for index, raw in enumerate(source.rows):
+    rows: list[dict[str, Any]] = []
+    problems: dict[str, list[int]] = {}
+    first: tuple[int, RowProblem] | None = None
+    for index, raw in enumerate(raw_rows):
         try:
+            if per_row[index] is not None and per_row[index] != fmt:
+                raise RowProblem(
+                    OTHER_FORMAT, "(row)",
+                    f"its columns ({', '.join(f'`{c}`' for c in raw)}) are those of format `{per_row[index]}`, but "
+                    f"most rows of the file are `{fmt}`; a file holds one format (split it into two files)",
+                )  # fmt: skip
+            if isinstance(raw, dict):
+                check_text(raw)
             row = convert(raw, fmt)
             rows.append(_with_media(row, raw, media, stage, base_dir) if isinstance(raw, dict) else row)
         except RowProblem as problem:
-            if not data_args.skip_invalid_rows:
-                raise DataError(
-                    f"{source.name}: row {index} (0-based), field `{problem.field}`: {problem.reason}: "
-                    f"{problem.detail} (format `{fmt}`). Fix or remove the row, or set `skip_invalid_rows: true` "
-                    "to drop bad rows (they are counted per reason in the log)."
-                ) from None
             bad[problem.reason] += 1
+            problems.setdefault(problem.reason, []).append(index)
+            if first is None:
+                first = (index, problem)
+    if first is not None and not data_args.skip_invalid_rows:
+        index, problem = first
+        n_bad = sum(len(v) for v in problems.values())
+        summary = (f" {n_bad} of {len(raw_rows)} rows are invalid: {_problem_summary(problems)}."
+                   if n_bad > 1 else "")  # fmt: skip
+        raise DataError(
+            f"{source.name}: row {index} (0-based), field `{problem.field}`: {problem.reason}: "
+            f"{problem.detail} (format `{fmt}`).{summary} Fix or remove the rows, or set `skip_invalid_rows: true` "
+            "to drop bad rows (they are counted per reason in the log)."
+        )
     if bad:
         logger.warning(
             "Dropped %d of %d rows of %s as invalid (skip_invalid_rows: true): %s",
-            sum(bad.values()), len(source.rows), source.name, _summary(bad),
+            sum(bad.values()), total, source.name, _summary(bad),
         )  # fmt: skip
     return rows, bad
 
@@ -130,6 +189,16 @@ def _canonical_rows(
     return canonical
 
 
+def _log_cut(cut: Counter, total: int, spec: str, cutoff_len: int) -> None:
+    """Say how many rows truncation shortened: a `cutoff_len` below the prompts' length cuts them silently."""
+    if cut["prompt"] or cut["response"]:
+        responses = f", {cut['response']} of {total} pairs' responses (cut from the right)" if cut["response"] else ""
+        logger.warning(
+            "cutoff_len %d shortened rows of %s: %d of %d prompts (cut from the left)%s. Raise `cutoff_len` to keep "
+            "them whole.", cutoff_len, spec, cut["prompt"], total, responses,
+        )  # fmt: skip
+
+
 def _encode_rows(
     rows: list[dict[str, Any]],
     spec: str,
@@ -141,9 +210,13 @@ def _encode_rows(
 ) -> list[dict[str, Any]]:
     """Tokenise canonical rows; pairs whose response truncation would empty are dropped, counted and logged,
     and so are multimodal pairs whose prompt truncation would cut into the media placeholder tokens."""
+    cut: Counter = Counter()
     if stage == "ppo":
-        return [encode_prompt(tokenizer, row, data_args.cutoff_len) for row in rows]
-    encoded = [encode_pair(tokenizer, row, data_args.cutoff_len) for row in rows]
+        encoded_prompts = [encode_prompt(tokenizer, row, data_args.cutoff_len, cut) for row in rows]
+        _log_cut(cut, len(rows), spec, data_args.cutoff_len)
+        return encoded_prompts
+    encoded = [encode_pair(tokenizer, row, data_args.cutoff_len, cut) for row in rows]
+    _log_cut(cut, len(rows), spec, data_args.cutoff_len)
     kept = [row for row in encoded if row is not None]
     if len(kept) < len(rows):
         dropped[TRUNCATED] += len(rows) - len(kept)

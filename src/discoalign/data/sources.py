@@ -50,13 +50,38 @@ def _columns_of(rows: list[Any]) -> list[str]:
     return list(seen)
 
 
+@dataclass
+class UnreadableLine:
+    """A JSON lines line that is not valid JSON (or not UTF-8): kept in place of its row, so the pipeline can
+    count and skip it with `skip_invalid_rows: true`, or name its line when stopping."""
+
+    line: int  # 1-based, as editors number lines
+    detail: str
+
+
+def _line_and_column(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column of a byte offset."""
+    line = data.count(b"\n", 0, offset) + 1
+    return line, offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+
+
 def _read_json(path: str) -> list[Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"Cannot read data file {path!r}: {e}.") from None
-    if text.lstrip().startswith("["):
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"Cannot read data file {path!r}: {e.strerror or e}.") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a UTF-8 byte order mark, as some Windows editors write (CSV files accept it too)
+    if data.lstrip().startswith(b"["):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line, column = _line_and_column(data, e.start)
+            raise DataError(
+                f"Cannot read data file {path!r}: it is not UTF-8 text (byte 0x{data[e.start]:02x} at line {line}, "
+                f"column {column}). Save it as UTF-8."
+            ) from None
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
@@ -64,17 +89,25 @@ def _read_json(path: str) -> list[Any]:
                 f"Data file {path!r} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}."
             ) from None
         return rows
-    rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    rows: list[Any] = []
+    for line_number, raw_line in enumerate(data.split(b"\n"), start=1):
+        if not raw_line.strip():
+            continue
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            detail = f"line {line_number} is not UTF-8 text (byte 0x{raw_line[e.start]:02x} at column {e.start + 1})"
+            rows.append(UnreadableLine(line_number, detail + "; save the file as UTF-8"))
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise DataError(
-                f"Data file {path!r} is neither a JSON array nor JSON lines (one object per line): line "
-                f"{line_number} is not valid JSON ({e.msg}, column {e.colno})."
-            ) from None
+            detail = f"line {line_number} is not valid JSON ({e.msg}, column {e.colno})"
+            rows.append(UnreadableLine(line_number, detail))
+    if rows and all(isinstance(r, UnreadableLine) for r in rows):
+        first = rows[0]
+        raise DataError(f"Data file {path!r} is neither a JSON array nor JSON lines (one object per line): "
+                        f"{first.detail}.")  # fmt: skip
     return rows
 
 

@@ -102,6 +102,12 @@ def load_tokenizer(model_args):
         base_args = copy.copy(model_args)
         base_args.model_name_or_path = base
         return load_tokenizer(base_args)
+    if not has_own and os.path.isdir(name):
+        # AutoTokenizer would build an empty tokenizer here, and a run would train on zero tokens.
+        raise CheckpointError(
+            f"`model_name_or_path: {name}` has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is in the folder. "
+            "Copy the tokenizer files of the model it was trained from into it (`tokenizer.save_pretrained(folder)`)."
+        )
 
     from transformers import AutoTokenizer
 
@@ -114,6 +120,9 @@ def load_tokenizer(model_args):
             f"Could not load a tokenizer from `model_name_or_path: {name}`: {_one_line(e)} "
             "(no network here: a hub name must already be in the local cache)."
         ) from None
+    if len(tokenizer) == 0:
+        raise CheckpointError(f"The tokenizer of `model_name_or_path: {name}` has an empty vocabulary; its tokenizer "
+                              "files are incomplete.")  # fmt: skip
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("Tokenizer of %s has no pad token; using eos %r as pad.", name, tokenizer.eos_token)

@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer
 
 from ..config.loader import RunConfig
+from ..errors import CheckpointError
 
 BETA_HEAD_PREFIX = "beta_head."
 VARIANCE_HEAD_PREFIX = "variance_head."
@@ -103,18 +104,42 @@ class DiscoTrainer(Trainer):
 
     def train_and_save(self) -> dict[str, float]:
         """Train (resuming when `resume_from_checkpoint` is set), save model + state + `train_results.json`."""
-        result = self.train(resume_from_checkpoint=self.args.resume_from_checkpoint)
-        self.save_model()
-        self.save_state()
-        self.log_metrics("train", result.metrics)
-        self.save_metrics("train", result.metrics)
+        try:
+            result = self.train(resume_from_checkpoint=self.args.resume_from_checkpoint)
+            self.save_model()
+            self.save_state()
+            self.log_metrics("train", result.metrics)
+            self.save_metrics("train", result.metrics)
+        except OSError as e:
+            raise self._write_error(e) from None
         return result.metrics
+
+    def _write_error(self, error: OSError) -> CheckpointError:
+        """A CheckpointError naming the path that could not be written and the last checkpoint that was."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        path = error.filename or self.args.output_dir
+        try:
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        except OSError:
+            last = None
+        kept = (
+            f"The last checkpoint written, {last}, is intact: after fixing the folder, continue with "
+            f"`resume_from_checkpoint: {last}`."
+            if last
+            else "No checkpoint was written before (set `save_strategy: steps` and `save_steps` to keep progress)."
+        )
+        return CheckpointError(f"Could not write {path!r} under `output_dir: {self.args.output_dir}` "
+                               f"({error.strerror or error}) at step {self.state.global_step}. {kept}")  # fmt: skip
 
     def evaluate_and_save(self) -> dict[str, float]:
         """Evaluate on `eval_dataset`, print and save `eval_results.json`."""
         metrics = self.evaluate(metric_key_prefix="eval")
         self.log_metrics("eval", metrics)
-        self.save_metrics("eval", metrics)
+        try:
+            self.save_metrics("eval", metrics)
+        except OSError as e:
+            raise self._write_error(e) from None
         return metrics
 
     def plot_history(self, plots: list[tuple[str, str, list[str]]]) -> None:

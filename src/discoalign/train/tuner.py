@@ -7,6 +7,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..config.loader import RunConfig
+from ..config.output_dir import check_resume, prepare_output_dir
 
 
 def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
@@ -16,6 +17,16 @@ def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> d
     # Seed before any model is built: head inits draw from the global RNG, and two runs that differ only
     # in an unused head must draw the same numbers.
     set_seed(cfg.training.seed)
+    args = cfg.training
+    if args.do_train:
+        check_resume(args.output_dir, args.resume_from_checkpoint)
+    if args.should_save:  # the main process: checked before any model loads
+        prepare_output_dir(
+            args.output_dir,
+            do_train=args.do_train,
+            overwrite=cfg.finetuning.overwrite_output_dir,
+            resuming=bool(args.resume_from_checkpoint),
+        )
     stage = cfg.finetuning.stage
     if stage == "rm":
         from .rm import run_rm

@@ -55,6 +55,49 @@ def load_reference(cfg: RunConfig, policy) -> Any | None:
     return make_frozen_reference(policy)
 
 
+def resolve_eval_reference(cfg: RunConfig) -> None:
+    """Evaluation of a full-fine-tuned DPO checkpoint: take its reference from the config saved with the run.
+
+    A frozen copy of the policy as reference makes every log-ratio 0 (accuracy 0, margins 0, loss log 2), so for
+    `do_train: false` without `ref_model_name_or_path` the reference is the saved run's `ref_model_name_or_path`,
+    else the model that run started from. Sets `cfg.model.ref_model_name_or_path` (and the resolved config, so
+    an eval written into the same folder keeps pointing at the right reference). Runs before any model loads.
+    """
+    import os
+
+    import yaml
+
+    from ...config.loader import CONFIG_FILE_NAME
+
+    ft, args = cfg.finetuning, cfg.training
+    if ft.finetuning_type != "full" or args.do_train or cfg.model.ref_model_name_or_path:
+        return
+    name = os.path.expanduser(cfg.model.model_name_or_path)
+    saved_path = os.path.join(name, CONFIG_FILE_NAME)
+    if not os.path.isfile(saved_path):
+        if os.path.isdir(name):
+            logger.warning(
+                "Evaluating %s with itself as the DPO reference (no %s with the run's starting model there): every "
+                "log-ratio is 0. Set `ref_model_name_or_path` to the model it was trained from.", name, CONFIG_FILE_NAME
+            )  # fmt: skip
+        return
+    try:
+        with open(saved_path, encoding="utf-8") as f:
+            saved = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"Cannot read {saved_path!r} to find the DPO reference ({e}); set `ref_model_name_or_path`."
+                          ) from None  # fmt: skip
+    if saved.get("stage") != "dpo" or saved.get("finetuning_type", "full") != "full":
+        return
+    reference = saved.get("ref_model_name_or_path") or saved.get("model_name_or_path")
+    if not reference or os.path.abspath(os.path.expanduser(reference)) == os.path.abspath(name):
+        raise ConfigError(f"{saved_path!r} does not name the model the DPO run started from; set "
+                          "`ref_model_name_or_path` to it.")  # fmt: skip
+    logger.info("DPO reference for evaluating %s: %s (from %s).", name, reference, saved_path)
+    cfg.model.ref_model_name_or_path = reference
+    cfg.resolved["ref_model_name_or_path"] = reference
+
+
 def build_dpo_trainer(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None):
     """Seed, load the policy, the data and the reference, and build the `DPOTrainer`. Returns (trainer, bundle)."""
     args = cfg.training
@@ -62,11 +105,10 @@ def build_dpo_trainer(cfg: RunConfig, callbacks: list[TrainerCallback] | None = 
 
     # LoRA's init draws from the global RNG: seed first so a run is reproducible and variants comparable.
     set_seed(args.seed)
+    resolve_eval_reference(cfg)
     model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, add_value_head=False, is_trainable=True)
     model.train()
     bundle = get_dataset(cfg.data, tokenizer, stage="dpo", seed=args.seed, media=model.media_processor)
-    if args.do_train and bundle.train is None:
-        raise ConfigError("`do_train` is true but no training data was given: set `dataset`.")
     trainer = DPOTrainer(
         model,
         cfg,

@@ -14,7 +14,6 @@ from transformers import TrainerCallback
 from ...config.loader import RunConfig
 from ...data import get_dataset
 from ...data.sources import BUILTIN_SYNTHETIC, split_specs
-from ...errors import ConfigError
 from ...models.loader import load_model_with_heads
 from .metric import synthetic_true_reward
 from .reward_model import load_reward_model
@@ -64,8 +63,6 @@ def build_ppo_trainer(cfg: RunConfig, callbacks: list[TrainerCallback] | None = 
     reward_model = load_reward_model(cfg.model, cfg.finetuning, tokenizer)
     reference = load_reference(cfg)
     bundle = get_dataset(cfg.data, tokenizer, stage="ppo", seed=args.seed)
-    if args.do_train and bundle.train is None:
-        raise ConfigError("`do_train` is true but no prompts were given: set `dataset`.")
     trainer = PPOTrainer(
         model,
         cfg,

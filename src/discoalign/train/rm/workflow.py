@@ -34,10 +34,6 @@ def run_rm(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> di
     args = cfg.training
     model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, add_value_head=True)
     bundle = get_dataset(cfg.data, tokenizer, stage="rm", seed=args.seed, media=model.media_processor)
-    if args.do_train and bundle.train is None:
-        from ...errors import ConfigError
-
-        raise ConfigError("`do_train` is true but no training data was given: set `dataset`.")
     trainer = RewardTrainer(
         model,
         cfg,
