@@ -98,6 +98,12 @@ class FinetuningArguments:
     center_rewards_coefficient: float | None = field(
         default=None, metadata={"help": "Adds c * mean((mu_c + mu_r)^2) to the reward loss."}
     )
+    # epistemic reward uncertainty (stage rm; docs/reward_modeling.md "Epistemic uncertainty")
+    epistemic: Literal["none", "token_novelty"] = field(
+        default="none",
+        metadata={"help": "rm: add an epistemic variance term to the reward model: `token_novelty` = prior variance x "
+                          "(response tokens + adjacent token pairs never seen in training); `none`: no term."},
+    )
     # preference optimisation
     pref_beta: float = field(default=0.1, metadata={"help": "DPO beta (KL coefficient in PPO)."})
     pref_loss: Literal["sigmoid", "ipo", "hinge"] = field(default="sigmoid", metadata={"help": "sigmoid | ipo | hinge."})
