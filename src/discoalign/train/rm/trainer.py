@@ -88,7 +88,8 @@ class RewardTrainer(DiscoTrainer):
         loss = self.pair_loss(mu_c, mu_r, var_c, var_r, inputs.get("margin"))
         if model.training:
             metrics = {
-                "accuracy": (mu_c > mu_r).float().mean(),
+                # ties dropped, as in eval (`metric.pair_accuracy`); NaN if every pair is a tie
+                "accuracy": (mu_c > mu_r)[mu_c != mu_r].float().mean(),
                 "margin": (mu_c - mu_r).mean(),
                 "mean_reward": torch.cat([mu_c, mu_r]).mean(),
             }
