@@ -236,3 +236,49 @@ def test_bon_samples_from_a_policy(tmp_path, tiny_dirs):
     for b in best:
         assert b["mean"] == max(c["mean"] for c in b["candidates"])
     assert main(args[:-2] + ["--kappa", "1", "--out", str(out)]) == 2  # a BT model has no sigma
+
+
+# ---- PPO: reward position, truncated sampling refused, value-head dropout off ------------------------------
+
+
+def test_ppo_refuses_truncated_sampling():
+    from discoalign.config import build_config
+    from discoalign.errors import ConfigError
+
+    for key, value in (("top_p", 0.9), ("top_k", 5)):
+        with pytest.raises(ConfigError) as info:
+            build_config({"stage": "ppo", "reward_model": "saves/rm", "dataset": "builtin:synthetic", key: value})
+        assert f"`{key}: {value}`" in str(info.value) and "temperature" in str(info.value)
+
+
+def test_ppo_rollout_reads_the_reward_after_the_turn_end(tmp_path, tiny_dirs):
+    from discoalign.config import build_config
+    from discoalign.train.ppo.workflow import build_ppo_trainer
+
+    rm = _reward_dir(tmp_path, tiny_dirs)
+    cfg = build_config({
+        "stage": "ppo", "model_name_or_path": tiny_dirs["qwen2"], "reward_model": rm, "dataset": "builtin:synthetic",
+        "synthetic_num_pairs": 24, "max_new_tokens": 24, "per_device_train_batch_size": 4, "ppo_buffer_size": 1,
+        "max_steps": 1, "output_dir": str(tmp_path / "ppo"), "save_strategy": "no", "disable_tqdm": True,
+        "head_dropout": 0.3, "seed": 0,
+    })  # fmt: skip
+    trainer, bundle = build_ppo_trainer(cfg)
+    policy = trainer._policy()
+    assert policy.value_head.dropout.p == 0.0  # head_dropout is off during PPO, like the backbone's dropout
+    assert policy.heads_config["value_head_kind"] == "critic"
+    model, tok = _load(rm)
+    assert trainer.turn_suffix == tok("\n")["input_ids"]
+    # make the policy end its responses quickly: EOS gets a large logit
+    with torch.no_grad():
+        policy.lm_head.weight[tok.eos_token_id] += 3.0 * policy.lm_head.weight.norm(dim=1).mean()
+    rows = [bundle.train[i] for i in range(4)]
+    torch.manual_seed(0)
+    rollout = trainer.make_rollout(rows)
+    assert rollout.ended.any()
+    for i in range(4):
+        prompt = rollout.query_ids[i][rollout.query_mask[i].bool()].tolist()
+        response = rollout.response_ids[i][rollout.response_mask[i].bool()].tolist()
+        ids = prompt + response + (trainer.turn_suffix if bool(rollout.ended[i]) else [])
+        t = torch.tensor([ids])
+        expected = model.score(t, torch.ones_like(t))[0].item()
+        assert rollout.reward_mean[i].item() == pytest.approx(expected, abs=1e-5)
