@@ -371,7 +371,7 @@ def plot(summary: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(KINDS), figsize=(13, 4.8), sharey=True)
+    fig, axes = plt.subplots(1, len(KINDS), figsize=(13, 5.6), sharey=True)
     for ax, kind in zip(axes, KINDS):
         data = summary["kinds"][kind]
         for name, mean in data["mean"].items():
@@ -383,8 +383,9 @@ def plot(summary: dict[str, Any], path: str) -> None:
         ax.set_xlabel("KL(best-of-n || base) = log N - (N-1)/N")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("gold reward of best-of-n")
-    axes[-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=5)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
