@@ -133,3 +133,13 @@ def test_rm_accuracy_drops_ties_like_trl():
     assert reward_metrics(preds, None, disco=False)["accuracy"] == pytest.approx(2 / 3)
     assert math.isnan(pair_accuracy(np.array([1.0]), np.array([1.0])))
     assert pair_accuracy(np.array([1.0, 2.0, 3.0]), np.array([0.0, 2.0, 4.0]), np.array([True, True, True])) == 0.5
+
+
+def test_epistemic_key_is_for_stage_rm_only():
+    from discoalign.config import build_config
+    from discoalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="`epistemic: token_novelty` is a property of a reward model"):
+        build_config({"stage": "dpo", "dataset": "builtin:synthetic", "epistemic": "token_novelty"})
+    with pytest.raises(ConfigError, match="epistemic"):
+        build_config({"stage": "rm", "dataset": "builtin:synthetic", "epistemic": "laplace"})

@@ -209,7 +209,8 @@ def load_heads(model: ModelWithHeads, checkpoint_dir: str, cache_dir: str | None
     loaded = [name for name, s in status.items() if s == "loaded"]
     if loaded:
         logger.info("Loaded %s from %s.", ", ".join(loaded), source)
-    epistemic = load_epistemic(checkpoint_dir, cache_dir)
+    # The epistemic term belongs to a reward model: a policy (no value head) initialised from one does not carry it.
+    epistemic = load_epistemic(checkpoint_dir, cache_dir) if model.value_head is not None else None
     if epistemic is not None:
         model.epistemic = epistemic
         status["epistemic"] = "loaded"
