@@ -1,7 +1,7 @@
 """Reward over-optimisation under best-of-n (Gao et al. 2022), with a K = 4 BT ensemble as the anchor (Coste et al.
 2024), on `builtin:synthetic` extended with candidates that hold content never seen in training.
 
-    python benchmarks/reward_overoptimization.py                       # 3 seeds, the numbers in docs/reward_overoptimization.md
+    python benchmarks/reward_overoptimization.py      # 3 seeds, ~3 min: the numbers in docs/reward_overoptimization.md
     python benchmarks/reward_overoptimization.py --seeds 0 --pairs 1000 --out saves/rmo_quick
 
 Per seed: reward models are trained on `builtin:synthetic` pairs (responses = 4-6 of 40 known words):

@@ -153,7 +153,8 @@ class FinetuningArguments:
         default="k1", metadata={"help": "PPO: per-token KL estimate in the penalty: k1 (log ratio) or k3."}
     )
     disco_risk_coef: float = field(
-        default=0.0, metadata={"help": "PPO: reward = mean - disco_risk_coef * sqrt(variance) (Disco reward model)."}
+        default=0.0,
+        metadata={"help": "PPO: reward = mean - disco_risk_coef * sqrt(variance), variance = aleatoric + epistemic."},
     )
     target_kl: float = field(
         default=6.0, metadata={"help": "PPO + use_dynamic_beta: per-response KL the beta head steers each prompt to."}
