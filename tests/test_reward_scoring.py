@@ -18,7 +18,7 @@ from discoalign.models.checkpoint import save_checkpoint
 from discoalign.models.heads import VARIANCE_FLOOR
 from discoalign.models.loader import load_model_with_heads
 from discoalign.train.ppo.prompts import left_pad
-from discoalign.train.ppo.reward_model import score_responses, score_responses_detailed
+from discoalign.train.ppo.reward_model import score_responses
 from discoalign.train.rm.position import append_turn_suffix, turn_end_suffix
 
 # A template whose assistant turn ends on the EOS itself (nothing after it), unlike ChatML's `<|im_end|>\n`.
