@@ -143,3 +143,17 @@ def test_epistemic_key_is_for_stage_rm_only():
         build_config({"stage": "dpo", "dataset": "builtin:synthetic", "epistemic": "token_novelty"})
     with pytest.raises(ConfigError, match="epistemic"):
         build_config({"stage": "rm", "dataset": "builtin:synthetic", "epistemic": "laplace"})
+
+
+def test_token_novelty_save_load_roundtrip_and_bad_file(tmp_path):
+    from discoalign.errors import CheckpointError
+
+    term = TokenNovelty(vocab_size=32, buckets=128, prior_variance=0.7).fit([[1, 2, 3, 4], [5, 6, 1, 2]])
+    term.save(str(tmp_path))
+    loaded = TokenNovelty.load(str(tmp_path / "epistemic.safetensors"), term.config())
+    assert torch.equal(loaded.unigram, term.unigram) and torch.equal(loaded.bigram, term.bigram)
+    ids = torch.tensor([[1, 2, 9, 4, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    assert torch.equal(loaded.variance(ids, mask), term.variance(ids, mask))
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        TokenNovelty.load(str(tmp_path / "epistemic.safetensors"), {**term.config(), "buckets": 64})
