@@ -1,4 +1,4 @@
-"""The `discoalign` command: train, eval, score, tiny-model, demo."""
+"""The `discoalign` command: train, eval, score, bon, tiny-model, demo."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ EPILOG = textwrap.dedent(
       discoalign train examples/rm_bt.yaml learning_rate=1e-4 output_dir=saves/bt
       discoalign eval examples/rm_disco.yaml model_name_or_path=saves/rm_disco
       discoalign score --model saves/rm_disco --data pairs.jsonl --out scores.jsonl
+      discoalign bon --model saves/rm_disco --candidates candidates.jsonl --kappa 1 --out best.jsonl
       discoalign tiny-model --arch qwen3 --out tiny-qwen3
       discoalign demo
     """
@@ -78,8 +79,32 @@ def cmd_train_or_eval(ns: argparse.Namespace) -> int:
 def cmd_score(ns: argparse.Namespace) -> int:
     from ..eval.score import score_file
 
-    n = score_file(ns.model, ns.data, ns.out, cutoff_len=ns.cutoff_len, batch_size=ns.batch_size)
-    print(f"Wrote {n} scored responses to {ns.out}")
+    summary = score_file(ns.model, ns.data, ns.out, cutoff_len=ns.cutoff_len, batch_size=ns.batch_size,
+                         skip_invalid_rows=ns.skip_invalid_rows)  # fmt: skip
+    skipped = ", ".join(f"{n} {reason}" for reason, n in summary.skipped.items())
+    print(f"Wrote {summary.written} scored responses ({summary.kind} rows) to {ns.out}"
+          + (f"; skipped {sum(summary.skipped.values())} of {summary.rows} rows: {skipped}" if skipped else ""))
+    return 0
+
+
+def cmd_bon(ns: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..eval.bon import rerank_file, sample_and_select
+
+    if bool(ns.candidates) == bool(ns.policy):
+        raise ConfigError("`discoalign bon` needs either --candidates FILE (rerank prompt + response rows) or "
+                          "--policy DIR with --prompts FILE (sample --n responses per prompt), not both.")
+    common = dict(kappa=ns.kappa, cutoff_len=ns.cutoff_len, batch_size=ns.batch_size,
+                  skip_invalid_rows=ns.skip_invalid_rows)  # fmt: skip
+    if ns.candidates:
+        summary = rerank_file(ns.model, ns.candidates, ns.out, **common)
+    else:
+        if not ns.prompts:
+            raise ConfigError("`discoalign bon --policy` needs --prompts: a file of prompts (any format PPO reads).")
+        summary = sample_and_select(ns.model, ns.policy, ns.prompts, ns.out, n=ns.n, max_new_tokens=ns.max_new_tokens,
+                                    temperature=ns.temperature, seed=ns.seed, **common)  # fmt: skip
+    print(f"Selected the best of {summary.candidates} candidates for {summary.prompts} prompts "
+          f"(mean - {ns.kappa} * sigma); wrote {ns.out}")
     return 0
 
 
@@ -135,7 +160,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Output .jsonl path.")
     p.add_argument("--cutoff-len", type=int, default=1024, help="Maximum prompt+response tokens (default 1024).")
     p.add_argument("--batch-size", type=int, default=16, help="Responses per forward (default 16).")
+    p.add_argument("--skip-invalid-rows", action="store_true", help="Drop bad rows, counted per reason (else stop).")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "bon",
+        help="Best-of-n: keep the response with the highest mean - kappa * sigma per prompt.",
+        description="Rerank a candidate file (prompt + response rows; rows sharing a prompt compete), or sample --n "
+        "responses per prompt from --policy, and keep the best by mean - kappa * sigma of the reward model (sigma: "
+        "Disco aleatoric + epistemic). Writes one JSON line per prompt: `messages` (prompt + best response, "
+        "usable as SFT data), its scores, and every candidate's scores.",
+    )
+    p.add_argument("--model", required=True, help="Reward-model directory.")
+    p.add_argument("--candidates", help="Prompt + response rows to rerank.")
+    p.add_argument("--policy", help="Policy directory to sample from (with --prompts).")
+    p.add_argument("--prompts", help="Prompt file for --policy (any format PPO reads).")
+    p.add_argument("--out", required=True, help="Output .jsonl path.")
+    p.add_argument("--kappa", type=float, default=0.0, help="objective = mean - kappa * sigma (default 0).")
+    p.add_argument("--n", type=int, default=8, help="Responses sampled per prompt with --policy (default 8).")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="Most tokens per sampled response (default 64).")
+    p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (default 1.0).")
+    p.add_argument("--seed", type=int, default=0, help="Sampling seed (default 0).")
+    p.add_argument("--cutoff-len", type=int, default=1024, help="Maximum prompt+response tokens (default 1024).")
+    p.add_argument("--batch-size", type=int, default=16, help="Sequences per forward (default 16).")
+    p.add_argument("--skip-invalid-rows", action="store_true", help="Drop bad rows (counted) instead of stopping.")
+    p.set_defaults(func=cmd_bon)
 
     p = sub.add_parser(
         "tiny-model",

@@ -116,6 +116,12 @@ class FinetuningArguments:
     center_rewards_coefficient: float | None = field(
         default=None, metadata={"help": "Adds c * mean((mu_c + mu_r)^2) to the reward loss."}
     )
+    # epistemic reward uncertainty (stage rm; docs/reward_modeling.md "Epistemic uncertainty")
+    epistemic: Literal["none", "token_novelty"] = field(
+        default="none",
+        metadata={"help": "rm: add an epistemic variance term to the reward model: `token_novelty` = prior variance x "
+                          "(response tokens + adjacent token pairs never seen in training); `none`: no term."},
+    )
     # preference optimisation
     pref_beta: float = field(default=0.1, metadata={"help": "DPO beta (KL coefficient in PPO)."})
     pref_loss: Literal["sigmoid", "robust", "ipo", "hinge"] = field(
@@ -182,7 +188,8 @@ class FinetuningArguments:
         default="k1", metadata={"help": "PPO: per-token KL estimate in the penalty: k1 (log ratio) or k3."}
     )
     disco_risk_coef: float = field(
-        default=0.0, metadata={"help": "PPO: reward = mean - disco_risk_coef * sqrt(variance) (Disco reward model)."}
+        default=0.0,
+        metadata={"help": "PPO: reward = mean - disco_risk_coef * sqrt(variance), variance = aleatoric + epistemic."},
     )
     target_kl: float = field(
         default=6.0, metadata={"help": "PPO + use_dynamic_beta: per-response KL the beta head steers each prompt to."}

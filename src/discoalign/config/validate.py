@@ -40,6 +40,9 @@ def validate_combinations(
             f"{' and '.join(f'`{k}`' for k in keys)} cannot be used with `stage: rm`: reward modelling has no "
             "beta. The beta head belongs to `stage: dpo` (and `ppo`)."
         )
+    if ft.epistemic != "none" and ft.stage != "rm":
+        fail(f"`epistemic: {ft.epistemic}` is a property of a reward model and applies to `stage: rm` only; PPO uses "
+             "the term saved with its `reward_model`. Remove it or set `stage: rm`.")
     if ft.disco_pref and ft.stage == "dpo" and ft.pref_loss != "sigmoid":
         fail(
             f"`pref_loss: {ft.pref_loss}` cannot be combined with `disco_pref: true`: DiscoDPO is the probit member "
@@ -238,6 +241,14 @@ def _validate_ppo(ft: FinetuningArguments, fail) -> list[str]:
         fail(f"`top_p` is {ft.top_p}; it must lie in (0, 1] (1 disables nucleus sampling).")
     if ft.top_k < 0:
         fail(f"`top_k` is {ft.top_k}; it must be 0 (disabled) or a positive integer.")
+    if ft.top_p < 1.0 or ft.top_k > 0:
+        # PPO's ratio and KL need log-probs of the distribution that sampled; a truncated one gives a token that
+        # later leaves the nucleus a log-prob of -inf, so the combination is refused rather than run off-policy.
+        truncating = (("top_p", ft.top_p, 1.0), ("top_k", ft.top_k, 0))
+        keys = " and ".join(f"`{k}: {v}`" for k, v, off in truncating if v != off)
+        fail(f"{keys}: PPO samples from the full softmax (divided by `temperature`) so that its log-probs, ratio "
+             "and KL are those of the distribution that sampled; truncated sampling is not supported. Set "
+             "`top_p: 1.0` and `top_k: 0` (use `temperature` to sharpen sampling).")
     for key in ("gamma", "lam"):
         if not 0.0 <= getattr(ft, key) <= 1.0:
             fail(f"`{key}` is {getattr(ft, key)}; it must lie in [0, 1].")

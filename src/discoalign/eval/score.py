@@ -1,69 +1,247 @@
-"""`discoalign score`: score every response of a preference file with a trained reward model."""
+"""`discoalign score`: score every response of a file with a trained reward model.
+
+Two kinds of rows are accepted (detected from the columns):
+
+* **prompt + response** (one response per row, e.g. best-of-n candidates): `prompt` (string or messages, optional
+  `system`) with `response` / `completion` / `output`; LlamaFactory's alpaca `instruction` (+ `input`) + `output`;
+  or `messages` / `conversations` whose last turn is the assistant's;
+* **pairwise** rows in any preference format `stage: rm` reads (both chosen and rejected are scored).
+
+Every response is tokenised exactly as reward-model training tokenises it (`data.encode`), so the score is read at
+the position the model was trained on (the template's full turn end, e.g. ChatML's `<|im_end|>\\n`).
+
+Per response the output line holds `mean`, and when the model has them `aleatoric_variance` (Disco head),
+`epistemic_variance` (`epistemic: token_novelty`), `variance` = their sum and `sigma` = its square root.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..config.schema import DataArguments, FinetuningArguments, ModelArguments
-from ..errors import CheckpointError
+from ..data.checks import EMPTY_RESPONSE, MALFORMED, TRUNCATED, WRONG_TYPE, RowProblem, as_messages, require
+from ..data.encode import tokenize_pair, truncate_pair
+from ..errors import CheckpointError, DataError
+
+logger = logging.getLogger(__name__)
+
+RESPONSE_COLUMNS = ("response", "completion", "output")
+PAIR_COLUMNS = ("chosen", "rejected")
 
 
-def _has_variance_head(model_dir: str) -> bool:
-    """Whether `model_dir` holds a variance head (ours, or a DiscoRM-fork `var_head`)."""
-    path = os.path.join(model_dir, "heads_config.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return bool(json.load(f).get("variance_head"))
-    return any(os.path.isfile(os.path.join(model_dir, n)) for n in ("var_head.safetensors", "var_head.bin"))
+@dataclass
+class ScoreSummary:
+    """What `score_file` did: lines written, rows read, rows skipped per reason."""
+
+    written: int
+    rows: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    kind: str = "pairwise"
 
 
-@torch.no_grad()
-def score_file(model_dir: str, data_path: str, out_path: str, cutoff_len: int = 1024, batch_size: int = 16) -> int:
-    """Write one JSON line per response: `index`, `response` (chosen/rejected), `text`, `mean`, and `variance`
-    for a Disco model. Returns the number of lines written."""
-    from ..data import get_dataset
-    from ..models.loader import load_model_with_heads
+def check_reward_model_dir(model_dir: str, what: str = "`--model {}`") -> bool:
+    """Refuse a folder that holds no trained reward head (before any model loads); return has-variance-head.
+
+    Finds every variance layout the loader imports: ours (`heads.safetensors`), the DiscoRM fork's
+    `var_head.var.*` inside `value_head.safetensors` or the model weights.
+    """
+    from ..train.ppo.reward_model import check_reward_heads
 
     if not os.path.isdir(model_dir):
-        raise CheckpointError(f"--model {model_dir!r} is not a directory holding a reward model.")
-    disco = _has_variance_head(model_dir)
+        raise CheckpointError(f"{what.format(repr(model_dir))} is not a directory holding a reward model.")
+    _, has_variance = check_reward_heads(model_dir, what)
+    return has_variance
+
+
+def is_prompt_response(columns: list[str]) -> bool:
+    """True for prompt + response rows, False for pairwise preference rows."""
+    if any(c in columns for c in PAIR_COLUMNS):
+        return False
+    return any(c in columns for c in RESPONSE_COLUMNS) or any(c in columns for c in ("messages", "conversations"))
+
+
+def to_prompt_response(row: Any) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(prompt messages, [assistant response]) of one prompt + response row; RowProblem when it does not fit."""
+    from ..data.formats import to_prompt_row
+
+    if not isinstance(row, dict):
+        raise RowProblem(WRONG_TYPE, "(row)", f"expected an object with named fields, got {type(row).__name__}")
+    key = next((k for k in RESPONSE_COLUMNS if k in row), None)
+    if key is not None:
+        value = require(row, key)
+        response = as_messages([value] if isinstance(value, dict) else value, key, default_role="assistant")
+        prompt = to_prompt_row({k: v for k, v in row.items() if k != key}, "prompt")["prompt"]
+    else:
+        key = "messages" if "messages" in row else "conversations"
+        messages = as_messages(require(row, key), key)
+        if not messages or messages[-1]["role"] != "assistant":
+            raise RowProblem(MALFORMED, key, "the last turn must be the assistant's response to score")
+        response = messages[-1:]
+        prompt = to_prompt_row(row, "prompt")["prompt"]
+    if len(response) != 1 or response[0]["role"] != "assistant":
+        raise RowProblem(MALFORMED, key, "the response must be one assistant message")
+    if not response[0]["content"].strip():
+        raise RowProblem(EMPTY_RESPONSE, key, "the response is empty")
+    return prompt, response
+
+
+def read_prompt_response_rows(
+    data_path: str, skip_invalid_rows: bool
+) -> tuple[list[dict[str, Any]], Counter, int, bool]:
+    """Canonical prompt + response rows of a file (`prompt`, `response`, `index`, passthrough scalars).
+
+    Returns (rows, skipped per reason, rows read, whether the file holds prompt + response rows at all). Stops at
+    the first bad row with a DataError naming file, row and field, unless `skip_invalid_rows`.
+    """
+    from ..data.sources import read_spec
+
+    sources = read_spec(data_path, 2000, 0)
+    columns = [c for s in sources for c in s.columns]
+    if not is_prompt_response(columns):
+        return [], Counter(), 0, False
+    rows: list[dict[str, Any]] = []
+    skipped: Counter = Counter()
+    total = 0
+    for source in sources:
+        for i, raw in enumerate(source.rows):
+            total += 1
+            try:
+                prompt, response = to_prompt_response(raw)
+            except RowProblem as problem:
+                if not skip_invalid_rows:
+                    raise DataError(
+                        f"{source.name}, row {i}: field `{problem.field}`: {problem.detail} ({problem.reason}). "
+                        "Fix the row, or pass --skip-invalid-rows to drop bad rows and count them."
+                    ) from None
+                skipped[problem.reason] += 1
+                continue
+            extra = {k: v for k, v in raw.items() if isinstance(v, (int, float, str, bool)) and k not in
+                     ("prompt", "system", "instruction", "input", *RESPONSE_COLUMNS)}  # fmt: skip
+            rows.append({"index": total - 1, "prompt": prompt, "response": response, "extra": extra})
+    return rows, skipped, total, True
+
+
+def load_reward_model_for_scoring(model_dir: str, has_variance: bool):
+    """(model, tokenizer): a reward model in eval mode, with its variance head and epistemic term when saved."""
+    from ..models.loader import load_model_with_heads
+
     model, tokenizer = load_model_with_heads(
         ModelArguments(model_name_or_path=model_dir),
-        FinetuningArguments(stage="rm", add_disco_head=disco),
+        FinetuningArguments(stage="rm", add_disco_head=has_variance),
         add_value_head=True,
         is_trainable=False,
     )
-    model.eval()
-    data = get_dataset(DataArguments(dataset=data_path, cutoff_len=cutoff_len), tokenizer, stage="rm", seed=0).train
+    return model.eval(), tokenizer
 
-    items = [
-        (i, which, row["prompt_input_ids"] + row[f"{which}_input_ids"], row[f"{which}_input_ids"])
-        for i, row in enumerate(data)
-        for which in ("chosen", "rejected")
-    ]
+
+def encode_prompt_response(tokenizer, prompt, response, cutoff_len: int) -> tuple[list[int], list[int]] | None:
+    """(prompt ids, response ids) tokenised as reward-model training does; None when truncation empties it."""
+    prompt_ids, response_ids, _ = truncate_pair(
+        *tokenize_pair(tokenizer, {"prompt": prompt, "chosen": response, "rejected": response}), cutoff_len
+    )
+    return (prompt_ids, response_ids) if response_ids else None
+
+
+@torch.no_grad()
+def score_token_pairs(
+    model, items: list[tuple[list[int], list[int]]], pad_token_id: int, batch_size: int = 16
+) -> list[dict[str, float]]:
+    """Score (prompt ids, response ids) items; one dict per item: `mean` and, when the model has them,
+    `aleatoric_variance`, `epistemic_variance`, `variance` (total) and `sigma`.
+
+    Prompts are left-padded and responses right-padded, as in PPO (`score_responses_detailed`), so `score`,
+    best-of-n and PPO compute the same numbers for the same tokens.
+    """
+    from ..train.ppo.prompts import left_pad
+    from ..train.ppo.reward_model import score_responses_detailed
+
+    out: list[dict[str, float]] = []
+    device = model.device
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        query_ids, query_mask = left_pad([p for p, _ in chunk], pad_token_id)
+        width = max(len(r) for _, r in chunk)
+        response_ids = torch.full((len(chunk), width), int(pad_token_id), dtype=torch.long)
+        response_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (_, ids) in enumerate(chunk):
+            response_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            response_mask[row, : len(ids)] = 1
+        scores = score_responses_detailed(
+            model, query_ids.to(device), query_mask.to(device), response_ids.to(device), response_mask.to(device)
+        )
+        total = scores.variance
+        for row in range(len(chunk)):
+            line = {"mean": float(scores.mean[row])}
+            if scores.aleatoric is not None:
+                line["aleatoric_variance"] = float(scores.aleatoric[row])
+            if scores.epistemic is not None:
+                line["epistemic_variance"] = float(scores.epistemic[row])
+            if total is not None:
+                line["variance"] = float(total[row])
+                line["sigma"] = math.sqrt(float(total[row]))
+            out.append(line)
+    return out
+
+
+def score_file(
+    model_dir: str,
+    data_path: str,
+    out_path: str,
+    cutoff_len: int = 1024,
+    batch_size: int = 16,
+    skip_invalid_rows: bool = False,
+) -> ScoreSummary:
+    """Write one JSON line per response and return a `ScoreSummary`.
+
+    Prompt + response rows give `index` (row), `prompt`, `text`, the scores and the row's other scalar fields;
+    pairwise rows give `index`, `response` (chosen / rejected), `text` and the scores.
+    """
+    has_variance = check_reward_model_dir(model_dir)
+    rows, skipped, total, prompt_response = read_prompt_response_rows(data_path, skip_invalid_rows)
+    model, tokenizer = load_reward_model_for_scoring(model_dir, has_variance)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    lines: list[dict[str, Any]] = []
+    items: list[tuple[list[int], list[int]]] = []
+    if prompt_response:
+        for row in rows:
+            encoded = encode_prompt_response(tokenizer, row["prompt"], row["response"], cutoff_len)
+            if encoded is None:
+                skipped[TRUNCATED] += 1
+                continue
+            items.append(encoded)
+            lines.append({"index": row["index"], "prompt": row["prompt"][-1]["content"],
+                          "text": row["response"][0]["content"], **row["extra"]})  # fmt: skip
+    else:
+        from ..data import get_dataset
+
+        bundle = get_dataset(
+            DataArguments(dataset=data_path, cutoff_len=cutoff_len, skip_invalid_rows=skip_invalid_rows),
+            tokenizer, stage="rm", seed=0,
+        )  # fmt: skip
+        skipped.update(bundle.stats)
+        total = len(bundle.train) + sum(bundle.stats.values())
+        for i, row in enumerate(bundle.train):
+            for which in PAIR_COLUMNS:
+                items.append((row["prompt_input_ids"], row[f"{which}_input_ids"]))
+                text = tokenizer.decode(row[f"{which}_input_ids"], skip_special_tokens=True)
+                lines.append({"index": i, "response": which, "text": text})
+    if not items:
+        raise DataError(f"No row of {data_path!r} is left to score ({dict(skipped) or 'none skipped'}).")
+    if skipped:
+        logger.warning("Skipped %d of %d rows of %s: %s.", sum(skipped.values()), total, data_path,
+                       ", ".join(f"{n} {reason}" for reason, n in skipped.items()))  # fmt: skip
+    scores = score_token_pairs(model, items, pad, batch_size)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w", encoding="utf-8") as f:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            length = max(len(ids) for _, _, ids, _ in chunk)
-            input_ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), length), dtype=torch.long)
-            for r, (_, _, ids, _) in enumerate(chunk):
-                input_ids[r, : len(ids)] = torch.tensor(ids)
-                attention_mask[r, : len(ids)] = 1
-            mean, var = model.score(input_ids, attention_mask, with_variance=disco)
-            for r, (index, which, _, response_ids) in enumerate(chunk):
-                line = {
-                    "index": index,
-                    "response": which,
-                    "text": tokenizer.decode(response_ids, skip_special_tokens=True),
-                    "mean": float(mean[r]),
-                }
-                if var is not None:
-                    line["variance"] = float(var[r])
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    return len(items)
+        for line, score in zip(lines, scores):
+            f.write(json.dumps({**line, **score}, ensure_ascii=False) + "\n")
+    return ScoreSummary(len(lines), total, dict(skipped), "prompt + response" if prompt_response else "pairwise")

@@ -4,8 +4,12 @@ An output directory holds:
 * the backbone: full weights via `save_pretrained` (safetensors), or only the PEFT adapter
   (`adapter_config.json` + `adapter_model.safetensors`) whose base is named in the adapter config;
 * `heads.safetensors`: keys `value_head.summary.{weight,bias}`, `variance_head.summary.*`, `beta_head.summary.*`
-  and the beta head's centring statistics `beta_head.feature_mean` (H,), `beta_head.feature_count` ();
-* `heads_config.json`: which heads exist and their hyper-parameters;
+  and the beta head's centring statistics `beta_head.feature_mean` (H,), `beta_head.feature_count` (),
+  `beta_head.logit_offset` ();
+* `heads_config.json`: which heads exist and their hyper-parameters, and `value_head_kind`: "reward" (a trained
+  reward model, `stage: rm`) or "critic" (a PPO policy's value function, which is not a reward);
+* `epistemic.safetensors` when the reward model has an epistemic term (`models.epistemic`), with its settings
+  under `epistemic` in `heads_config.json`;
 * the tokenizer, when one is given, and a multimodal model's image processor / feature extractor
   (`preprocessor_config.json`).
 
@@ -63,6 +67,11 @@ def heads_config_of(model: ModelWithHeads) -> dict[str, Any]:
     config.setdefault("beta_head_epsilon", 0.5)
     config.setdefault("base_model_name_or_path", getattr(model.causal_lm, "name_or_path", None))
     config["finetuning_type"] = "lora" if model.is_peft else "full"
+    epistemic = getattr(model, "epistemic", None)
+    if epistemic is not None:
+        config["epistemic"] = epistemic.config()
+    else:
+        config.pop("epistemic", None)
     return config
 
 
@@ -104,6 +113,8 @@ def save_checkpoint(
     save_file(heads_state, os.path.join(output_dir, HEADS_WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(output_dir, HEADS_CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(heads_config_of(model), f, indent=2)
+    if getattr(model, "epistemic", None) is not None:
+        model.epistemic.save(output_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     if getattr(model, "media_processor", None) is not None:
@@ -215,7 +226,65 @@ def load_heads(model: ModelWithHeads, checkpoint_dir: str, cache_dir: str | None
     loaded = [name for name, s in status.items() if s == "loaded"]
     if loaded:
         logger.info("Loaded %s from %s.", ", ".join(loaded), source)
+    # The epistemic term belongs to a reward model: a policy (no value head) initialised from one does not carry it.
+    epistemic = load_epistemic(checkpoint_dir, cache_dir) if model.value_head is not None else None
+    if epistemic is not None:
+        model.epistemic = epistemic
+        status["epistemic"] = "loaded"
     return status
+
+
+def load_epistemic(name_or_path: str, cache_dir: str | None = None):
+    """The checkpoint's epistemic term (`models.epistemic.TokenNovelty`), or None when it has none."""
+    from .epistemic import EPISTEMIC_WEIGHTS_NAME, TokenNovelty
+
+    config = (read_heads_config(name_or_path, cache_dir) or {}).get("epistemic")
+    if not config:
+        return None
+    path = locate_file(name_or_path, EPISTEMIC_WEIGHTS_NAME, cache_dir)
+    if path is None:
+        raise CheckpointError(
+            f"Checkpoint {name_or_path!r} is incomplete: {HEADS_CONFIG_NAME} lists an epistemic term "
+            f"({config.get('kind')}) but {EPISTEMIC_WEIGHTS_NAME} is missing."
+        )
+    if config.get("kind") != TokenNovelty.kind:
+        raise CheckpointError(f"Checkpoint {name_or_path!r}: unknown epistemic kind {config.get('kind')!r}.")
+    return TokenNovelty.load(path, config)
+
+
+RUN_CONFIG_NAME = "discoalign_config.yaml"
+
+
+def value_head_kind(name_or_path: str, cache_dir: str | None = None) -> str | None:
+    """What a checkpoint's value head is: "reward" (trained reward model), "critic" (a PPO policy's value
+    function), "none" (no value head: e.g. a DPO policy or a plain LM), or None when unknown (a foreign
+    checkpoint with an imported head, taken as a reward model).
+
+    Read from `heads_config.json` (`value_head_kind`); checkpoints written before that key existed are told
+    apart by the `stage` of the run config saved beside them.
+    """
+    config = read_heads_config(name_or_path, cache_dir)
+    if config is None:
+        return None
+    if not config.get("value_head"):
+        return "none"
+    kind = config.get("value_head_kind")
+    if kind:
+        return str(kind)
+    run_config = locate_file(name_or_path, RUN_CONFIG_NAME, cache_dir)
+    if run_config:
+        import yaml
+
+        try:
+            with open(run_config, encoding="utf-8") as f:
+                stage = (yaml.safe_load(f) or {}).get("stage")
+        except (OSError, yaml.YAMLError):
+            stage = None
+        if stage == "ppo":
+            return "critic"
+        if stage == "rm":
+            return "reward"
+    return None
 
 
 def _tied_names(module: torch.nn.Module) -> set[str]:

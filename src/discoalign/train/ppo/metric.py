@@ -8,7 +8,7 @@
 | `objective/scores` | mean sequence reward PPO maximises (after risk adjustment, clipping, EOS penalty) |
 | `objective/rlhf_reward` | `scores + non_score_reward` |
 | `objective/true_reward` | builtin:synthetic prompts only: mean true reward of the responses |
-| `reward/mean`, `reward/variance` | the reward model's mean (and, Disco, variance) |
+| `reward/mean`, `reward/variance` | the reward model's mean (and total variance: Disco aleatoric + epistemic) |
 | `reward/mean_variance_corr` | Pearson correlation of the two across the batch (Disco) |
 | `response/length`, `response/eos_fraction` | tokens per response; fraction that stopped on EOS |
 | `beta/mean`, `beta/min`, `beta/max` | the KL coefficient per prompt: `pref_beta`, or `pref_beta * s(x)` |

@@ -10,8 +10,12 @@ base model its `adapter_config.json` names when that base is available here (a `
 existing directory), else on top of `model_name_or_path` (the policy's base, LlamaFactory's convention).
 `reward_model_type: full` loads the directory as it is (an adapter directory still works, on its named base).
 
-The reward is read at the last real token of prompt + response, found from the attention mask (the last
-generated token before padding: never a pad token, whatever the pad id).
+The reward is read where the reward model was trained to read it: a response that ended on its stop token
+gets the rest of the template's turn appended first (`train.rm.position`; ChatML's `\n` after `<|im_end|>`),
+then the last real token of prompt + response is scored, found from the attention mask (never from pad ids).
+
+A folder whose value head is not a trained reward (a PPO policy's critic, `value_head_kind: critic` in
+heads_config.json) or that has no value head (a DPO policy) is refused.
 """
 
 from __future__ import annotations
@@ -20,25 +24,31 @@ import copy
 import dataclasses
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
 from ...errors import CheckpointError, ConfigError
-from ...models.checkpoint import ADAPTER_CONFIG_NAME, load_heads, read_heads_config
+from ...models.checkpoint import ADAPTER_CONFIG_NAME, load_heads, read_heads_config, value_head_kind
 from ...models.heads import ValueHead, VarianceHead, last_token_index
 from ...models.interop import import_heads
 from ...models.loader import load_model_with_heads
 from ...models.model_with_heads import ModelWithHeads
 from ...models.weight_files import read_json
+from ..rm.position import append_turn_suffix
 
 logger = logging.getLogger(__name__)
 
 
 def reward_heads_present(path: str, cache_dir: str | None = None) -> tuple[bool, bool]:
-    """(has a value head, has a variance head) for a reward-model directory, ours or imported."""
+    """(has a trained reward head, has a variance head) for a reward-model directory, ours or imported.
+
+    A PPO policy's value head is a critic, not a reward: it counts as no reward head.
+    """
     config = read_heads_config(path, cache_dir)
     if config is not None:
-        return bool(config.get("value_head")), bool(config.get("variance_head"))
+        is_reward = bool(config.get("value_head")) and value_head_kind(path, cache_dir) in ("reward", None)
+        return is_reward, bool(config.get("variance_head"))
     imported = import_heads(path, cache_dir)
     if imported is None:
         return False, False
@@ -102,18 +112,14 @@ def load_reward_model(model_args, finetuning_args, policy_tokenizer) -> ModelWit
     ft = finetuning_args
     reward_dir = _check_reward_dir(ft.reward_model)
     cache_dir = getattr(model_args, "cache_dir", None)
-    has_value, has_variance = reward_heads_present(reward_dir, cache_dir)
-    if not has_value:
-        raise CheckpointError(
-            f"`reward_model: {reward_dir}` holds no reward head: no heads.safetensors with a value head, no "
-            "LlamaFactory/TRL value_head.safetensors (v_head.* keys), no sequence-classification `score`. Train a "
-            "reward model with `stage: rm` and point `reward_model` at its output directory."
-        )
-    if ft.disco_risk_coef > 0 and not has_variance:
+    has_value, has_variance = check_reward_heads(reward_dir, "`reward_model: {}`", cache_dir)
+    has_epistemic = bool((read_heads_config(reward_dir, cache_dir) or {}).get("epistemic"))
+    if ft.disco_risk_coef > 0 and not (has_variance or has_epistemic):
         raise ConfigError(
             f"`disco_risk_coef: {ft.disco_risk_coef}` subtracts the reward model's standard deviation, but "
-            f"`reward_model: {reward_dir}` is a scalar reward model (no variance head). Use a Disco reward model "
-            "(trained with `add_disco_head: true`, `disco_pref: true`) or set `disco_risk_coef: 0`."
+            f"`reward_model: {reward_dir}` is a scalar reward model (no variance head, no epistemic term). Use a "
+            "Disco reward model (trained with `add_disco_head: true`, `disco_pref: true`) or one trained with "
+            "`epistemic: token_novelty`, or set `disco_risk_coef: 0`."
         )
     adapter_config = os.path.join(reward_dir, ADAPTER_CONFIG_NAME)
     is_adapter = os.path.isfile(adapter_config)
@@ -148,9 +154,86 @@ def load_reward_model(model_args, finetuning_args, policy_tokenizer) -> ModelWit
     return model.eval()
 
 
+def check_reward_heads(path: str, what: str, cache_dir: str | None = None) -> tuple[bool, bool]:
+    """(True, has a variance head) for a folder with a trained reward head; CheckpointError naming `what`
+    (a format string taking the path, e.g. "`reward_model: {}`") otherwise."""
+    kind = value_head_kind(path, cache_dir)
+    has_value, has_variance = reward_heads_present(path, cache_dir)
+    name = what.format(path)
+    if kind == "critic":
+        raise CheckpointError(
+            f"{name} is a PPO policy: its value head is the critic (heads_config.json `value_head_kind: critic`), "
+            "an estimate of future reward under that policy, not a trained reward model. Point it at a reward "
+            "model trained with `stage: rm`."
+        )
+    if not has_value:
+        what_it_is = " (heads_config.json lists no value head: e.g. a DPO policy)" if kind == "none" else ""
+        raise CheckpointError(
+            f"{name} holds no reward head{what_it_is}: no heads.safetensors with a trained reward value head, no "
+            "LlamaFactory/TRL value_head.safetensors (v_head.* keys), no sequence-classification `score`. Train a "
+            "reward model with `stage: rm` and point at its output directory."
+        )
+    return has_value, has_variance
+
+
+@dataclass
+class RewardScores:
+    """Per response: mean (B,), aleatoric variance (B,) of the Disco head or None, epistemic variance (B,) of
+    the reward model's epistemic term or None. All fp32."""
+
+    mean: torch.Tensor
+    aleatoric: torch.Tensor | None = None
+    epistemic: torch.Tensor | None = None
+
+    @property
+    def variance(self) -> torch.Tensor | None:
+        """Total variance = aleatoric + epistemic (None when the model has neither)."""
+        parts = [v for v in (self.aleatoric, self.epistemic) if v is not None]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
 def reward_token_index(query_mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """(B, P) and (B, L) masks -> (B,) position in prompt + response where the reward is read: the last real token."""
     return last_token_index(torch.cat([query_mask.long(), response_mask.long()], dim=1))
+
+
+@torch.no_grad()
+def score_responses_detailed(
+    reward_model: ModelWithHeads,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    ended: torch.Tensor | None = None,
+    turn_suffix: list[int] | tuple[int, ...] = (),
+    pad_token_id: int = 0,
+) -> RewardScores:
+    """Mean, aleatoric and epistemic variance of each prompt + response.
+
+    Args:
+        query_ids, query_mask: (B, P) prompts, left-padded.
+        response_ids, response_mask: (B, L) responses, right-padded.
+        ended: (B,) bool, rows whose response ended on a stop token; with `turn_suffix` (see
+            `train.rm.position.turn_end_suffix`) those get the template's turn end appended before scoring.
+            None: the responses are scored as given (already tokenised like training data).
+        pad_token_id: written on padding added for the suffix.
+    Returns:
+        RewardScores read at `reward_token_index` of the (suffixed) sequence.
+    """
+    if ended is not None and turn_suffix:
+        response_ids, response_mask = append_turn_suffix(
+            response_ids, response_mask, ended, list(turn_suffix), pad_token_id
+        )
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
+    mean, aleatoric = reward_model.score(
+        input_ids, attention_mask, with_variance=reward_model.variance_head is not None
+    )
+    epistemic_term = getattr(reward_model, "epistemic", None)
+    epistemic = epistemic_term.variance(response_ids, response_mask) if epistemic_term is not None else None
+    return RewardScores(mean, aleatoric, epistemic)
 
 
 @torch.no_grad()
@@ -160,8 +243,12 @@ def score_responses(
     query_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    ended: torch.Tensor | None = None,
+    turn_suffix: list[int] | tuple[int, ...] = (),
+    pad_token_id: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reward (mean (B,), variance (B,) or None) of each prompt + response, read at `reward_token_index`."""
-    input_ids = torch.cat([query_ids, response_ids], dim=1)
-    attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
-    return reward_model.score(input_ids, attention_mask, with_variance=reward_model.variance_head is not None)
+    """Reward (mean (B,), total variance (B,) or None) of each prompt + response (see `score_responses_detailed`)."""
+    scores = score_responses_detailed(
+        reward_model, query_ids, query_mask, response_ids, response_mask, ended, turn_suffix, pad_token_id
+    )
+    return scores.mean, scores.variance

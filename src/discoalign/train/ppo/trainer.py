@@ -47,6 +47,7 @@ from ..base_trainer import DiscoTrainer
 from .metric import rollout_metrics
 from .policy import PPOPolicy
 from .prompts import PromptSchedule, left_pad, prompt_rows
+from ..rm.position import turn_end_suffix
 from .reward_model import score_responses
 from .rollout import Rollout, pad_columns, sample_responses, stop_token_ids, truncate_at_stop
 from .samples import SAMPLES_FILE, append_samples, show_samples
@@ -113,7 +114,12 @@ class PPOTrainer(DiscoTrainer):
         tokenizer = self.processing_class
         if tokenizer is None or tokenizer.pad_token_id is None:
             raise ConfigError("PPO pads prompts, but the tokenizer has no pad token; set one (e.g. the EOS token).")
-        disable_dropout(policy.backbone)
+        # The whole policy, value head included: with `head_dropout > 0` the critic's rollout values and its
+        # training values would otherwise come from different networks.
+        disable_dropout(policy)
+        # The saved policy's value head is a critic, not a reward: `score` and `reward_model:` refuse it.
+        policy.heads_config["value_head_kind"] = "critic"
+        policy.epistemic = None  # an epistemic term inherited from a reward-model init is not the policy's
         if policy.beta_head is not None and not ft.use_dynamic_beta:
             # Present but unused: frozen, so that DDP does not wait for gradients it will never get.
             policy.beta_head.requires_grad_(False)
@@ -122,6 +128,9 @@ class PPOTrainer(DiscoTrainer):
         self.stop_ids = stop_token_ids(tokenizer, getattr(policy.causal_lm, "generation_config", None))
         if not self.stop_ids:
             raise ConfigError("PPO needs an end-of-sequence token to end responses, but the tokenizer has no EOS.")
+        # What the chat template writes after the stop token (ChatML: "\n"): appended before the reward is read,
+        # so the reward model scores the position it was trained on (`train.rm.position`).
+        self.turn_suffix = turn_end_suffix(tokenizer, self.stop_ids)
         self.generation_config = GenerationConfig(
             do_sample=True,
             max_new_tokens=ft.max_new_tokens,
@@ -172,7 +181,9 @@ class PPOTrainer(DiscoTrainer):
     # ---- rollout -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _score_tokens(self, query_ids, query_mask, response_ids, response_mask) -> dict[str, torch.Tensor | None]:
+    def _score_tokens(
+        self, query_ids, query_mask, response_ids, response_mask, ended=None
+    ) -> dict[str, torch.Tensor | None]:
         """Policy log-probs and values, reference log-probs (+ prompt hidden state) and reward of one chunk."""
         inputs = {
             "input_ids": torch.cat([query_ids, response_ids], dim=1),
@@ -189,7 +200,10 @@ class PPOTrainer(DiscoTrainer):
         ref_prompt_hidden = ref_out.prompt_hidden.float() if self.finetuning_args.use_dynamic_beta else None
 
         reward_model = self.accelerator.unwrap_model(self.reward_model)
-        mean, variance = score_responses(reward_model, query_ids, query_mask, response_ids, response_mask)
+        mean, variance = score_responses(
+            reward_model, query_ids, query_mask, response_ids, response_mask, ended, self.turn_suffix,
+            self.pad_token_id,
+        )
         return {
             "logprobs": policy_out.logprobs, "ref_logprobs": ref_out.logprobs, "values": policy_out.values,
             "reward_mean": mean, "reward_variance": variance, "ref_prompt_hidden": ref_prompt_hidden,
@@ -216,7 +230,7 @@ class PPOTrainer(DiscoTrainer):
                     pieces["response_ids"].append(response_ids)
                     pieces["response_mask"].append(response_mask)
                     pieces["ended"].append(ended)
-                    for key, value in self._score_tokens(q_ids, q_mask, response_ids, response_mask).items():
+                    for key, value in self._score_tokens(q_ids, q_mask, response_ids, response_mask, ended).items():
                         pieces[key].append(value)
         finally:
             policy.train(was_training)

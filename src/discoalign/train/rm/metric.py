@@ -21,6 +21,22 @@ def preference_log_prob(
     return F.logsigmoid(diff).numpy()
 
 
+def pair_accuracy(mean_c, mean_r, truly_better=None) -> float:
+    """Fraction of pairs ranked right, ties dropped (TRL's rule: a pair scored equal says nothing either way).
+
+    `mean_c`, `mean_r`: (B,) numpy arrays or tensors. With `truly_better` ((B,) bool, the true ranking) the
+    prediction `mean_c > mean_r` is compared with it instead of with "chosen wins". NaN when every pair is a tie.
+    """
+    mean_c, mean_r = np.asarray(mean_c, dtype=np.float64), np.asarray(mean_r, dtype=np.float64)
+    decided = mean_c != mean_r
+    if not decided.any():
+        return float("nan")
+    right = mean_c > mean_r
+    if truly_better is not None:
+        right = right == np.asarray(truly_better, dtype=bool)
+    return float(np.mean(right[decided]))
+
+
 def reward_metrics(predictions: np.ndarray, labels: np.ndarray | None, disco: bool) -> dict[str, float]:
     """Metrics from `RewardTrainer.prediction_step` outputs.
 
@@ -34,7 +50,7 @@ def reward_metrics(predictions: np.ndarray, labels: np.ndarray | None, disco: bo
     log_p = preference_log_prob(mean_c, mean_r, var_c, var_r, disco and has_var)
     prob = np.exp(log_p)
     metrics = {
-        "accuracy": float(np.mean(mean_c > mean_r)),
+        "accuracy": pair_accuracy(mean_c, mean_r),
         "margin": float(np.mean(mean_c - mean_r)),
         "nll": preference_nll(log_p),
         "brier": brier_score(prob),
@@ -46,7 +62,7 @@ def reward_metrics(predictions: np.ndarray, labels: np.ndarray | None, disco: bo
     if labels is not None and not np.isnan(labels[:, 0]).any():
         true_c, true_r, noise = labels[:, 0], labels[:, 1], labels[:, 2]
         truly_better = true_c > true_r
-        metrics["true_accuracy"] = float(np.mean((mean_c > mean_r) == truly_better))
+        metrics["true_accuracy"] = pair_accuracy(mean_c, mean_r, truly_better)
         if has_var and not np.isnan(noise).any():
             metrics["spread_noise_spearman"] = spearman(np.sqrt(var_c + var_r), noise)
     return metrics

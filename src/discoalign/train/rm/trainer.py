@@ -24,6 +24,30 @@ class RewardTrainer(DiscoTrainer):
         # Our loss is a per-pair mean, so let the Trainer scale it for gradient accumulation itself.
         self.model_accepts_loss_kwargs = False
 
+    def train(self, *args: Any, **kwargs: Any):
+        """`transformers.Trainer.train`, then (with `epistemic: token_novelty`) fit the epistemic term on the
+        training responses, so that the final save holds it."""
+        result = super().train(*args, **kwargs)
+        if self.finetuning_args.epistemic != "none":
+            self.fit_epistemic()
+        return result
+
+    def fit_epistemic(self, max_pairs: int = 512) -> None:
+        """Count the tokens and adjacent pairs of every training response (`models.epistemic.TokenNovelty`) and set
+        its prior variance to the variance of the trained mean reward over (up to `max_pairs`) training pairs."""
+        from ...models.epistemic import TokenNovelty
+
+        model = self._unwrapped()
+        data = self.train_dataset
+        term = TokenNovelty(model.config.get_text_config().vocab_size)
+        term.fit(row for col in ("chosen_input_ids", "rejected_input_ids") for row in data[col])
+        subset = data.select(range(min(max_pairs, len(data))))
+        predictions = self.predict(subset, metric_key_prefix="epistemic_fit").predictions
+        means = torch.as_tensor(predictions[:, :2], dtype=torch.float64).flatten()
+        term.prior_variance = float(means.var()) if means.numel() > 1 else 1.0
+        model.epistemic = term
+        model.heads_config["epistemic"] = term.config()
+
     @property
     def use_disco(self) -> bool:
         return self.finetuning_args.disco_pref
@@ -70,7 +94,8 @@ class RewardTrainer(DiscoTrainer):
         loss = self.pair_loss(mu_c, mu_r, var_c, var_r, inputs.get("margin"))
         if model.training:
             metrics = {
-                "accuracy": (mu_c > mu_r).float().mean(),
+                # ties dropped, as in eval (`metric.pair_accuracy`); NaN if every pair is a tie
+                "accuracy": (mu_c > mu_r)[mu_c != mu_r].float().mean(),
                 "margin": (mu_c - mu_r).mean(),
                 "mean_reward": torch.cat([mu_c, mu_r]).mean(),
             }

@@ -33,6 +33,7 @@ def run_rm(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> di
     """Train and/or evaluate a reward model as `cfg` says; returns the train and eval metrics."""
     args = cfg.training
     model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, add_value_head=True)
+    model.heads_config["value_head_kind"] = "reward"  # `score` and PPO's `reward_model:` accept only these
     bundle = get_dataset(cfg.data, tokenizer, stage="rm", seed=args.seed, media=model.media_processor)
     trainer = RewardTrainer(
         model,
