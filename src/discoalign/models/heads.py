@@ -111,13 +111,18 @@ class BetaHead(nn.Module):
 
     @torch.no_grad()
     def update_statistics(self, features: torch.Tensor) -> None:
-        """Fold (B, H) features into the cumulative mean `feature_mean` (count in `feature_count`)."""
+        """Fold (B, H) features into the cumulative mean `feature_mean` (count in `feature_count`).
+
+        Under data parallelism the sums are all-reduced first, so every rank folds in the global batch and the
+        statistics equal a single process's with the same global batch.
+        """
         features = features.detach().float().reshape(-1, self.feature_mean.shape[0])
-        n = features.shape[0]
-        if n == 0:
+        sums = _global_sum(torch.cat([features.sum(0), features.new_tensor([features.shape[0]])]))
+        n = sums[-1]
+        if n.item() == 0:
             return
         self.feature_count.add_(n)
-        self.feature_mean.add_((features.sum(0) - n * self.feature_mean) / self.feature_count)
+        self.feature_mean.add_((sums[:-1] - n * self.feature_mean) / self.feature_count)
 
     @torch.no_grad()
     def set_statistics(self, mean: torch.Tensor, count: int) -> None:
@@ -143,12 +148,22 @@ class BetaHead(nn.Module):
         logit = self.summary(h - self.feature_mean).squeeze(-1) - self.logit_offset
         if self.training:
             with torch.no_grad():
-                self.logit_offset.add_(OFFSET_RATE * torch.tanh(logit.detach()).sum())
+                self.logit_offset.add_(OFFSET_RATE * _global_sum(torch.tanh(logit.detach()).sum()))
         return logit
 
     def forward(self, ref_hidden: torch.Tensor) -> torch.Tensor:
         """ref_hidden: (B, H) -> s(x): (B,) fp32 in (1 - eps, 1 + eps). In training mode, also updates statistics."""
         return 1.0 + self.epsilon * torch.tanh(self.logit(ref_hidden))
+
+
+def _global_sum(value: torch.Tensor) -> torch.Tensor:
+    """`value` summed over the ranks of an initialised process group (itself in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
