@@ -108,6 +108,8 @@ def run_row(key: str, seed: int, ns: argparse.Namespace) -> dict[str, float]:
         "acc_clean": float(correct[clean].mean()),
         "wall": wall,
     }
+    levels, per_context = context_means(correct, noise)
+    m["flip_rates"], m["acc_per_context"] = levels, per_context
     history = [e for e in trainer.state.log_history if "beta/mean" in e]
     beta = cols["beta"]
     if not np.isnan(beta).all():
@@ -115,6 +117,7 @@ def run_row(key: str, seed: int, ns: argparse.Namespace) -> dict[str, float]:
         m["beta_clean"] = float(beta[clean].mean())
         m["beta_noisy"] = float(beta[noisiest].mean())
         levels, means = context_means(beta, noise)
+        m["beta_per_context"] = means
         m["beta_spearman"] = spearman(np.array(means), np.array(levels))
         if history:  # the logged per-batch mean beta: how far it strayed from pref_beta during training
             m["beta_max_drift"] = max(abs(e["beta/mean"] / cfg.finetuning.pref_beta - 1.0) for e in history)
@@ -124,8 +127,38 @@ def run_row(key: str, seed: int, ns: argparse.Namespace) -> dict[str, float]:
         m["var_noisy"] = float(var[noisiest].mean())
         m["var_min"] = float(np.minimum(cols["var_chosen"], cols["var_rejected"]).min())
         levels, means = context_means(var, noise)
+        m["var_per_context"] = means
         m["var_spearman"] = spearman(np.array(means), np.array(levels))
     return m
+
+
+def plot(results: dict[str, list[dict[str, Any]]], path: str) -> None:
+    """Three panels: true-preference accuracy per context, beta per context, variance per context (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for key, runs in results.items():
+        name = ROWS[key][0]
+        levels = runs[0]["flip_rates"]
+        for ax, field in zip(axes, ("acc_per_context", "beta_per_context", "var_per_context")):
+            if field in runs[0]:
+                values = np.mean([r[field] for r in runs], axis=0)
+                ax.plot(levels, values, marker="o", label=name)
+    titles = ("true-preference accuracy per context", "beta per context", "DiscoDPO variance per context")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("label-flip rate of the context")
+        ax.grid(alpha=0.3)
+    axes[1].axhline(BASE["pref_beta"], color="grey", ls="--", lw=1, label="pref_beta")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def summarise(values: list[float], digits: int = 3) -> str:
@@ -148,6 +181,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every row")
     parser.add_argument("--json", default=None, help="write every measurement to this file")
     parser.add_argument("--markdown", default=None, help="write the summary table to this file")
+    parser.add_argument("--plot", default=None, help="write the per-context plot (PNG) to this file")
     ns = parser.parse_args()
     torch.set_num_threads(ns.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -180,6 +214,8 @@ def main() -> None:
                 "time (s)": col("wall", 0),
             }
         )
+    if ns.plot:
+        plot(results, ns.plot)
     title = f"builtin:synthetic-noisy, {ns.pairs} pairs, {ns.epochs:g} epochs, seeds {ns.seeds} (mean ± sd)"
     print_table(title, table)
     if ns.markdown:
