@@ -14,7 +14,9 @@ from .checks import TRUNCATED, RowProblem
 from .encode import encode_pair, encode_prompt
 from .formats import PAIRWISE_FORMATS, check_columns, detect_format, to_pairwise_row, to_prompt_row
 from .media import AUDIO_COLUMN, IMAGE_COLUMN, MEDIA_TRUNCATED, MEDIA_UNSUPPORTED, VIDEO_COLUMN, has_media
-from .sources import BUILTIN_SYNTHETIC, RawRows, read_spec, split_specs
+from .registry import read_dataset
+from .sft import encode_sft, to_sft_rows
+from .sources import BUILTIN_SYNTHETIC, RawRows, split_specs
 
 if TYPE_CHECKING:
     import datasets
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("rm", "dpo", "ppo")
+STAGES = ("sft", "rm", "dpo", "ppo")
 
 
 @dataclass
@@ -79,7 +81,7 @@ def _convert(
         fmt = detect_format(source.columns, source.rows, source.name)
     else:
         check_columns(fmt, source.columns, source.name)
-    if stage != "ppo" and fmt not in PAIRWISE_FORMATS:
+    if stage not in ("ppo", "sft") and fmt not in PAIRWISE_FORMATS:
         raise DataError(
             f"{source.name} holds prompts only (format `{fmt}`), but `stage: {stage}` trains on preference pairs. "
             "Use a pairwise dataset (prompt/chosen/rejected, sharegpt, hh-rlhf), or `stage: ppo` for prompts."
@@ -89,6 +91,9 @@ def _convert(
     rows, bad = [], Counter()
     for index, raw in enumerate(source.rows):
         try:
+            if stage == "sft":  # one raw row may give two SFT rows (`sft_responses: both`); text only
+                rows += [_with_media(r, raw, None, stage, base_dir) for r in to_sft_rows(raw, fmt, data_args.sft_responses)]
+                continue
             row = convert(raw, fmt)
             rows.append(_with_media(row, raw, media, stage, base_dir) if isinstance(raw, dict) else row)
         except RowProblem as problem:
@@ -118,7 +123,7 @@ def _canonical_rows(
     """The canonical rows of one spec (a folder's files in order), its first `max_samples` raw rows only."""
     canonical: list[dict[str, Any]] = []
     taken = 0  # `max_samples` counts raw rows of the spec, not rows kept
-    for source in read_spec(spec, data_args.synthetic_num_pairs, synthetic_seed):
+    for source in read_dataset(spec, data_args, synthetic_seed):  # a file, folder, builtin or registry name
         if data_args.max_samples is not None:
             source.rows = source.rows[: max(0, data_args.max_samples - taken)]
             if not source.rows:
@@ -143,7 +148,8 @@ def _encode_rows(
     and so are multimodal pairs whose prompt truncation would cut into the media placeholder tokens."""
     if stage == "ppo":
         return [encode_prompt(tokenizer, row, data_args.cutoff_len) for row in rows]
-    encoded = [encode_pair(tokenizer, row, data_args.cutoff_len) for row in rows]
+    encode = encode_sft if stage == "sft" else encode_pair
+    encoded = [encode(tokenizer, row, data_args.cutoff_len) for row in rows]
     kept = [row for row in encoded if row is not None]
     if len(kept) < len(rows):
         dropped[TRUNCATED] += len(rows) - len(kept)
@@ -216,7 +222,7 @@ def get_dataset(
     Args:
         data_args: the run's data keys.
         tokenizer: a Hugging Face tokenizer (its chat template is used when it has one).
-        stage: "rm" or "dpo" (pairwise rows) or "ppo" (prompt-only rows).
+        stage: "rm" or "dpo" (pairwise rows), "ppo" (prompt-only rows) or "sft" (prompt + response rows).
         seed: seed of the `val_size` split.
         media: the multimodal model's `MediaProcessor` (`model.media_processor`), or None for a text model. With
             it, rows may carry `images` / `audios`; their markers are expanded and the media references kept in

@@ -17,6 +17,10 @@ def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> d
     # in an unused head must draw the same numbers.
     set_seed(cfg.training.seed)
     stage = cfg.finetuning.stage
+    if stage == "sft":
+        from .sft import run_sft
+
+        return run_sft(cfg, callbacks)
     if stage == "rm":
         from .rm import run_rm
 
