@@ -24,6 +24,7 @@ def validate_combinations(
     # First, so that a PPO run with `disco_pref` hears about PPO, not about the missing variance head.
     notes += _validate_ppo(ft, fail)
     _validate_sft(model, data, ft, fail)
+    _validate_report_to(training, fail)
 
     if ft.disco_pref and not ft.add_disco_head:
         fail(
@@ -106,6 +107,17 @@ def validate_combinations(
     if not model.model_name_or_path:
         fail("`model_name_or_path` is empty; give a local directory, a hub name or builtin:tiny-<arch>.")
     return notes
+
+
+def _validate_report_to(training: dict[str, Any], fail) -> None:
+    """`report_to: tensorboard` needs the package, named with its extra, before any model loads."""
+    import importlib.util
+
+    report_to = training.get("report_to")
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "tensorboard" in names and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        fail("`report_to: tensorboard` needs the tensorboard package, which is an optional extra: "
+             "pip install 'discoalign[tensorboard]' (or pip install tensorboard). Or set `report_to: none`.")
 
 
 def _validate_sft(model: ModelArguments, data: DataArguments, ft: FinetuningArguments, fail) -> None:

@@ -95,6 +95,8 @@ def _convert(
                 rows += [_with_media(r, raw, None, stage, base_dir) for r in to_sft_rows(raw, fmt, data_args.sft_responses)]
                 continue
             row = convert(raw, fmt)
+            if stage == "rm":  # predictions.jsonl names each scored pair's origin
+                row.update(source=source.name, source_row=index)
             rows.append(_with_media(row, raw, media, stage, base_dir) if isinstance(raw, dict) else row)
         except RowProblem as problem:
             if not data_args.skip_invalid_rows:
