@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name, helptext in (
-        ("train", "Train a stage (rm, dpo) from a flat YAML config."),
+        ("train", "Train a stage (sft, rm, dpo, ppo) from a flat YAML config."),
         ("eval", "Evaluate a trained model on a dataset, without training."),
     ):
         p = sub.add_parser(
