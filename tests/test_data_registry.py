@@ -111,3 +111,13 @@ def test_config_dataset_dir_through_the_cli_config(tmp_path, registry):
 
     cfg = build_config({"stage": "sft", "dataset": "alpaca_en_demo", "dataset_dir": str(registry)})
     assert cfg.data.dataset_dir == str(registry)
+
+
+def test_alpaca_ranking_entry(tmp_path, tokenizer):
+    rows = [{"instruction": "Pick a colour.", "input": "warm ones", "chosen": "Red.", "rejected": "Blue."}]
+    (tmp_path / "r.json").write_text(json.dumps(rows))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"r": {"file_name": "r.json", "ranking": True}}))
+    row = get_dataset(DataArguments(dataset="r", dataset_dir=str(tmp_path)), tokenizer, "dpo").train[0]
+    assert row["prompt"] == [{"role": "user", "content": "Pick a colour.\n\nwarm ones"}]
+    assert row["chosen"] == [{"role": "assistant", "content": "Red."}]
+    assert row["rejected"] == [{"role": "assistant", "content": "Blue."}]

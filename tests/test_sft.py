@@ -173,3 +173,30 @@ def test_alpaca_shared_file(shared_data, qwen3):
     rows = get_dataset(data, tokenizer, "sft").train
     assert len(rows) == 50
     assert all(len(p) + len(r) <= 256 for p, r in zip(rows["prompt_input_ids"], rows["response_input_ids"]))
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    """The loss is divided by the token count of all accumulated micro-batches, as transformers' own causal-LM loss:
+    2 x 2 accumulated rows give the update of 4 rows at once, although the micro-batches hold different token counts."""
+    from safetensors.torch import load_file
+
+    from discoalign.train.tuner import run_exp
+
+    rows = [{"instruction": f"Question {i}", "output": "word " * (1 + 5 * (i % 4))} for i in range(8)]
+    data = _write(tmp_path / "sft.json", rows)
+    weights = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        out = str(tmp_path / f"b{batch}")
+        run_exp(build_config(dict(stage="sft", model_name_or_path="builtin:tiny-qwen3", dataset=data, cutoff_len=64,
+                                  per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                                  max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
+                                  max_grad_norm=0.0, output_dir=out, save_strategy="no", plot_loss=False,
+                                  disable_tqdm=True, do_train=True)))  # fmt: skip
+        weights.append(load_file(f"{out}/model.safetensors"))
+    base = load_model_with_heads(ModelArguments(), FinetuningArguments(stage="sft"), add_value_head=False)[0]
+    start = base.causal_lm.state_dict()
+    moved = 0.0
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, atol=2e-6, rtol=0)
+        moved = max(moved, (value - start[key]).abs().max().item())
+    assert moved > 1e-3  # the step did change the weights
