@@ -233,3 +233,45 @@ def test_serve_cli_errors(tmp_path, tiny_dirs):
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert main(["serve", "--model", tiny_dirs["qwen3"]]) == 2  # a causal LM without a value head
     assert main(["serve", "--model", tiny_dirs["qwen3"], "--max-batch-tokens", "10", "--cutoff-len", "100"]) == 2
+
+
+@pytest.mark.slow
+def test_discoalign_serve_command(disco_rm, offline):
+    """The real command in a subprocess: `--port 0` binds a free port of 127.0.0.1 and prints it."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    texts, _, scores = offline
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    process = subprocess.Popen([sys.executable, "-m", "discoalign", "serve", "--model", disco_rm, "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    try:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120
+        url = None
+        while url is None and time.monotonic() < deadline and process.poll() is None:
+            found = [re.search(r"(http://127\.0\.0\.1:\d+)/get_reward", line) for line in list(lines)]
+            url = next((m.group(1) for m in found if m), None)
+            time.sleep(0.1)
+        assert url, "".join(lines)[-2000:]
+        while time.monotonic() < deadline:  # the line is printed just before uvicorn starts listening
+            try:
+                status, health = call(url + "/health", method="GET")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        assert status == 200 and health["disco"] is True
+        status, body = call(url + "/get_reward", {"query": texts[:3]})
+        assert status == 200
+        assert body["mean"] == pytest.approx([s["mean"] for s in scores[:3]], abs=1e-5)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)

@@ -276,8 +276,23 @@ def serve(ns) -> None:
         logger.warning("Binding %s: any machine that can reach this address can query the reward model.", ns.host)
     scorer = RewardScorer(ns.model, disco_risk_coef=ns.disco_risk_coef)
     app = build_app(scorer, settings)
-    print(f"Serving {ns.model} ({'Disco' if scorer.disco else 'scalar'} reward model) at "
-          f"http://{ns.host}:{ns.port}/get_reward  (GET /health)", flush=True)  # fmt: skip
+    import socket
+
     import uvicorn
 
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level="warning")
+    # Bind here, so that `--port 0` (the OS picks a free port) prints the port actually bound.
+    family = socket.AF_INET6 if ":" in ns.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((ns.host, ns.port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"Cannot bind {ns.host}:{ns.port}: {e.strerror or e}. Choose another --port.") from None
+    port = sock.getsockname()[1]
+    print(f"Serving {ns.model} ({'Disco' if scorer.disco else 'scalar'} reward model) at "
+          f"http://{ns.host}:{port}/get_reward  (GET /health)", flush=True)  # fmt: skip
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", backlog=2048)).run(sockets=[sock])
+    finally:
+        sock.close()
