@@ -200,3 +200,27 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
         torch.testing.assert_close(weights[1][key], value, atol=2e-6, rtol=0)
         moved = max(moved, (value - start[key]).abs().max().item())
     assert moved > 1e-3  # the step did change the weights
+
+
+def test_resume_from_checkpoint_ends_where_the_uninterrupted_run_ends(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from discoalign.cli.main import main
+
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        "stage: sft\nmodel_name_or_path: builtin:tiny-qwen3\ndataset: builtin:synthetic\nsynthetic_num_pairs: 64\n"
+        "cutoff_len: 48\nper_device_train_batch_size: 8\nmax_steps: 4\nlearning_rate: 3.0e-3\nsave_strategy: steps\n"
+        "save_steps: 2\nplot_loss: false\ndisable_tqdm: true\nseed: 3\n"
+    )
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", str(config), f"output_dir={full}"]) == 0
+    assert main(["train", str(config), f"output_dir={part}",
+                 f"resume_from_checkpoint={full / 'checkpoint-2'}"]) == 0  # fmt: skip
+    a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    # `discoalign eval` of the result: loss and perplexity on the data
+    assert main(["eval", str(config), f"model_name_or_path={full}", f"output_dir={tmp_path / 'eval'}"]) == 0
+    metrics = json.load(open(tmp_path / "eval" / "eval_results.json"))
+    assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item())
