@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checks import MALFORMED, MISSING, RowProblem, as_messages, check_prompt, optional_str, require_str, with_system
+from .checks import EMPTY_RESPONSE, MALFORMED, MISSING, WRONG_TYPE, RowProblem, as_messages, check_prompt, optional_str, require_str, with_system
 from .encode import tokenize_pair, truncate_pair
 from .formats import PAIRWISE_CONVERTERS, PROMPT_PASSTHROUGH, _passthrough
 
@@ -57,7 +57,7 @@ def _prompt_style(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[
 def to_sft_rows(row: Any, fmt: str, responses: str = "chosen") -> list[dict[str, Any]]:
     """Convert and check one raw row: one SFT row, or two (`responses: both`, pairwise data). Raises RowProblem."""
     if not isinstance(row, dict):
-        raise RowProblem("wrong type", "(row)", f"expected an object with named fields, got {type(row).__name__}")
+        raise RowProblem(WRONG_TYPE, "(row)", f"expected an object with named fields, got {type(row).__name__}")
     extra = _passthrough(row, PROMPT_PASSTHROUGH)
     if fmt == "prompt":
         prompt, response = _prompt_style(row)
@@ -71,7 +71,7 @@ def to_sft_rows(row: Any, fmt: str, responses: str = "chosen") -> list[dict[str,
     for prompt, response in pairs:
         check_prompt(prompt)
         if not response or not any(m["content"].strip() for m in response):
-            raise RowProblem("empty response", "response", "the response is empty")
+            raise RowProblem(EMPTY_RESPONSE, "response", "the response is empty")
         out.append({"prompt": prompt, "response": response, **extra})
     return out
 
