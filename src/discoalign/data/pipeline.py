@@ -92,7 +92,8 @@ def _convert(
     for index, raw in enumerate(source.rows):
         try:
             if stage == "sft":  # one raw row may give two SFT rows (`sft_responses: both`); text only
-                rows += [_with_media(r, raw, None, stage, base_dir) for r in to_sft_rows(raw, fmt, data_args.sft_responses)]
+                sft_rows = to_sft_rows(raw, fmt, data_args.sft_responses)
+                rows += [_with_media(r, raw, None, stage, base_dir) for r in sft_rows]
                 continue
             row = convert(raw, fmt)
             if stage == "rm":  # predictions.jsonl names each scored pair's origin

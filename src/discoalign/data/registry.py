@@ -63,8 +63,8 @@ def _resolve(name: str, entry: dict[str, Any], dataset_dir: str) -> tuple[str, s
     """(file path, formatting, ranking, columns, tags) of one registry entry, checked."""
     where = os.path.join(dataset_dir, DATASET_INFO)
     if "file_name" not in entry:
-        hub = next((k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name") if k in entry),
-                   None)  # fmt: skip
+        hub_keys = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+        hub = next((k for k in hub_keys if k in entry), None)
         why = f"`{hub}` needs a network, which discoalign does not use; download the data and give `file_name`" if hub \
             else "it has no `file_name`"  # fmt: skip
         raise _entry_problem(where, name, why + ".")

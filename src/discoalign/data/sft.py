@@ -22,7 +22,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checks import EMPTY_RESPONSE, MALFORMED, MISSING, WRONG_TYPE, RowProblem, as_messages, check_prompt, optional_str, require_str, with_system
+from .checks import (
+    EMPTY_RESPONSE,
+    MALFORMED,
+    MISSING,
+    WRONG_TYPE,
+    RowProblem,
+    as_messages,
+    check_prompt,
+    optional_str,
+    require_str,
+    with_system,
+)
 from .encode import tokenize_pair, truncate_pair
 from .formats import PAIRWISE_CONVERTERS, PROMPT_PASSTHROUGH, _passthrough
 
@@ -105,7 +116,9 @@ class SFTCollator:
         if pad_token_id is None:
             from ..errors import DataError
 
-            raise DataError("The tokenizer has no pad token, so SFT batches cannot be padded; set `tokenizer.pad_token`.")
+            raise DataError(
+                "The tokenizer has no pad token, so SFT batches cannot be padded; set `tokenizer.pad_token`."
+            )
         self.pad_token_id = int(pad_token_id)
         self.packing = packing
 

@@ -69,7 +69,7 @@ def load_merged(model_dir: str, dtype: str | None = None):
 
 def _value_head_tensors(model) -> dict[str, torch.Tensor]:
     summary = model.value_head.summary
-    return {"weight": summary.weight.detach().float().cpu().clone(), "bias": summary.bias.detach().float().cpu().clone()}
+    return {name: getattr(summary, name).detach().float().cpu().clone() for name in ("weight", "bias")}
 
 
 def _write_llamafactory(model, tokenizer, out_dir: str) -> None:
@@ -160,18 +160,16 @@ def export_model(model_dir: str, out_dir: str, layout: str = "ours", dtype: str 
     heads = checkpoint_heads(model_dir) if os.path.isdir(model_dir) else None
     if layout != "ours" and heads is not None and not heads["value_head"]:
         raise CheckpointError(
-            f"--layout {layout} writes a reward model, but {model_dir!r} has no value head (an SFT, DPO or PPO policy?). "
-            "Export it with `--layout ours` (LoRA merged, a plain causal LM), or give a reward model."
+            f"--layout {layout} writes a reward model, but {model_dir!r} has no value head (an SFT, DPO or PPO "
+            "policy?). Export it with `--layout ours` (LoRA merged, a plain causal LM), or give a reward model."
         )
     model, tokenizer, heads = load_merged(model_dir, dtype)
-    was_lora = model.heads_config.get("finetuning_type") == "full" and os.path.isfile(
-        os.path.join(model_dir, "adapter_config.json")
-    )
+    was_lora = os.path.isfile(os.path.join(model_dir, "adapter_config.json"))  # merged by load_merged
     if getattr(model, "media_processor", None) is not None and layout != "ours":
         raise ConfigError(f"--layout {layout} supports text models; export a multimodal model with `--layout ours`.")
     os.makedirs(out_dir, exist_ok=True)
-    result: dict[str, Any] = {"layout": layout, "out_dir": out_dir, "merged_lora": was_lora,
-                              "heads": [n for n in ("value_head", "variance_head", "beta_head") if heads[n]]}  # fmt: skip
+    names = [n for n in ("value_head", "variance_head", "beta_head") if heads[n]]
+    result: dict[str, Any] = {"layout": layout, "out_dir": out_dir, "merged_lora": was_lora, "heads": names}
     if layout == "ours":
         save_checkpoint(model, out_dir, tokenizer=tokenizer)
     elif layout == "llamafactory":

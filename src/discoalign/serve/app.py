@@ -127,7 +127,8 @@ class Batcher:
                 if not batch:
                     continue
                 try:
-                    results = await loop.run_in_executor(self._executor, self.scorer.score_ids, [ids for ids, _ in batch])
+                    sequences = [ids for ids, _ in batch]
+                    results = await loop.run_in_executor(self._executor, self.scorer.score_ids, sequences)
                 except Exception as e:  # a model error answers the batch's requests with 500, the server goes on
                     logger.exception("Scoring a batch of %d items failed", len(batch))
                     for _, future in batch:

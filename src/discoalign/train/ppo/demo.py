@@ -101,7 +101,7 @@ def ensure_reward_model(output_dir: str, disco: bool, **overrides: Any) -> str:
 
 
 def ensure_warm_policy(output_dir: str) -> str:
-    """The warmed-up tiny policy: `stage: sft` with `DEMO_SFT_CONFIG`, trained into `output_dir` unless already there."""
+    """The warmed-up tiny policy: `stage: sft` with `DEMO_SFT_CONFIG`, trained into `output_dir` unless there."""
     if os.path.isfile(os.path.join(output_dir, "config.json")):
         return output_dir
     from ..tuner import run_exp
