@@ -227,8 +227,11 @@ def test_full_queue_answers_503_and_batches_respect_the_token_budget():
         srv.stop()
 
 
-def test_serve_cli_errors(tmp_path, tiny_dirs):
+def test_serve_cli_errors(tmp_path, tiny_dirs, disco_rm):
     from discoalign.cli.main import main
+
+    if not torch.cuda.is_available():
+        assert main(["serve", "--model", disco_rm, "--device", "cuda"]) == 2
 
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert main(["serve", "--model", tiny_dirs["qwen3"]]) == 2  # a causal LM without a value head

@@ -60,6 +60,9 @@ def add_serve_parser(sub) -> None:
                    help="Most items waiting to be scored; beyond it requests get 503 (default 4096).")  # fmt: skip
     p.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
                    help="Largest request body; larger ones get 413 (default 8 MiB).")  # fmt: skip
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu).")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="Backbone dtype (default float32; heads stay float32).")  # fmt: skip
     p.add_argument("--disco-risk-coef", type=float, default=0.0,
                    help="rewards = mean - coef * sqrt(variance) for a Disco model (default 0: the mean).")  # fmt: skip
     p.set_defaults(func=cmd_serve)

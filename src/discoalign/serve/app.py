@@ -275,7 +275,7 @@ def serve(ns) -> None:
     settings.check()
     if ns.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("Binding %s: any machine that can reach this address can query the reward model.", ns.host)
-    scorer = RewardScorer(ns.model, disco_risk_coef=ns.disco_risk_coef)
+    scorer = RewardScorer(ns.model, disco_risk_coef=ns.disco_risk_coef, dtype=ns.dtype, device=ns.device)
     app = build_app(scorer, settings)
     import socket
 

@@ -20,7 +20,9 @@ class RewardScorer:
     `score_ids` is the only method that runs the model; the server calls it from one worker thread.
     """
 
-    def __init__(self, model_dir: str, disco_risk_coef: float = 0.0, dtype: str | None = None) -> None:
+    def __init__(
+        self, model_dir: str, disco_risk_coef: float = 0.0, dtype: str | None = None, device: str = "auto"
+    ) -> None:
         from ..config.schema import FinetuningArguments, ModelArguments
         from ..export.exporter import checkpoint_heads
         from ..models.loader import load_model_with_heads
@@ -38,6 +40,12 @@ class RewardScorer:
             ModelArguments(model_name_or_path=model_dir), FinetuningArguments(stage="rm", add_disco_head=self.disco),
             add_value_head=True, is_trainable=False, torch_dtype=dtype,
         )  # fmt: skip
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.model.to(torch.device(device))
+        except (RuntimeError, AssertionError) as e:  # e.g. `cuda` on a machine without a GPU
+            raise CheckpointError(f"--device {device!r} cannot hold the model: {' '.join(str(e).split())}") from None
         self.model.eval()
         self.model_dir = model_dir
         self.disco_risk_coef = disco_risk_coef
