@@ -58,6 +58,10 @@ class SFTTrainer(DiscoTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, tokens = sft_loss(model, inputs, self.finetuning_args.logps_chunk_size, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # `num_items_in_batch` counts the tokens of every process and DDP averages gradients over processes, so
+            # scale back by their number, as `Trainer.compute_loss` does for transformers' own loss.
+            loss = loss * self.accelerator.num_processes
         if model.training:
             self.store_metrics({"num_response_tokens": tokens.float()}, "train")
         return (loss, {}) if return_outputs else loss
