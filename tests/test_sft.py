@@ -105,6 +105,11 @@ def test_data_sources_for_sft(tmp_path, qwen3):
     messages = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}]
     rows = get_dataset(DataArguments(dataset=_write(tmp_path / "m.json", messages)), tokenizer, "sft").train
     assert tokenizer.decode(rows[0]["response_input_ids"], skip_special_tokens=True).strip() == "Hello there"
+    sharegpt = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"},
+                                   {"from": "human", "value": "Bye?"}, {"from": "gpt", "value": "Bye!"}]}]  # fmt: skip
+    row = get_dataset(DataArguments(dataset=_write(tmp_path / "s.json", sharegpt)), tokenizer, "sft").train[0]
+    assert [m["content"] for m in row["prompt"]] == ["Hi", "Hey", "Bye?"]  # earlier turns are the prompt
+    assert tokenizer.decode(row["response_input_ids"], skip_special_tokens=True).strip() == "Bye!"
 
 
 def test_bad_sft_rows_name_the_row(tmp_path, qwen3):
