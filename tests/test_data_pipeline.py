@@ -78,4 +78,4 @@ def test_stage_ppo_on_pairwise_data_gives_prompts(tokenizer):
 
 def test_unknown_stage(tokenizer):
     with pytest.raises(ValueError, match="stage"):
-        get_dataset(synthetic(), tokenizer, "sft", seed=0)
+        get_dataset(synthetic(), tokenizer, "kto", seed=0)

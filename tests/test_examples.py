@@ -14,7 +14,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yam
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_config_is_valid(path, tmp_path):
     cfg = load_config(str(path), [f"output_dir={tmp_path}"])
-    assert cfg.finetuning.stage in ("rm", "dpo", "ppo")
+    assert cfg.finetuning.stage in ("sft", "rm", "dpo", "ppo")
     assert cfg.model.model_name_or_path
 
 

@@ -1,4 +1,4 @@
-"""The `discoalign` command: train, eval, score, bon, tiny-model, demo."""
+"""The `discoalign` command: train, eval, score, bon, export, serve, tiny-model, demo."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ EPILOG = textwrap.dedent(
       discoalign eval examples/rm_disco.yaml model_name_or_path=saves/rm_disco
       discoalign score --model saves/rm_disco --data pairs.jsonl --out scores.jsonl
       discoalign bon --model saves/rm_disco --candidates candidates.jsonl --kappa 1 --out best.jsonl
+      discoalign export --model saves/rm_disco_lora --out exported/rm --layout seq_cls
+      discoalign serve --model saves/rm_disco --port 8000
       discoalign tiny-model --arch qwen3 --out tiny-qwen3
       discoalign demo
     """
@@ -125,6 +127,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="discoalign",
@@ -132,10 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"discoalign {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name, helptext in (
-        ("train", "Train a stage (rm, dpo) from a flat YAML config."),
+        ("train", "Train a stage (sft, rm, dpo, ppo) from a flat YAML config."),
         ("eval", "Evaluate a trained model on a dataset, without training."),
     ):
         p = sub.add_parser(
@@ -211,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="saves/demo", help="Where runs, metrics and plots go.")
     p.add_argument("--parts", default="rm,dpo,ppo", help="Comma-separated parts to run: rm, dpo, ppo (default all).")
     p.set_defaults(func=cmd_demo)
+
+    from .export_serve import add_export_parser, add_serve_parser
+
+    add_export_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -64,11 +64,27 @@ class DataArguments:
         default=None,
         metadata={"help": "Folder that relative `images` / `audios` paths start from; default: the data file's folder."},
     )
+    # ---- SFT and the LlamaFactory dataset registry (docs/sft.md, docs/data.md) ----
+    dataset_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder with LlamaFactory's `dataset_info.json`; `dataset` / `eval_dataset` may then name "
+                          "its entries (comma-separated)."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "SFT: lay each batch's sequences end to end in one row, kept apart by a block-diagonal "
+                          "mask (no padding; same loss). Needs attn_implementation eager or sdpa."},
+    )
+    sft_responses: Literal["chosen", "both"] = field(
+        default="chosen",
+        metadata={"help": "SFT on pairwise data: train on the chosen response, or on both (a format warm-up that "
+                          "learns no preference)."},
+    )
 
 
 @dataclass
 class FinetuningArguments:
-    stage: Literal["rm", "dpo", "ppo"] = field(default="rm", metadata={"help": "rm | dpo | ppo."})
+    stage: Literal["sft", "rm", "dpo", "ppo"] = field(default="rm", metadata={"help": "sft | rm | dpo | ppo."})
     finetuning_type: Literal["full", "lora"] = field(default="full", metadata={"help": "full | lora."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha; default 2 * lora_rank."})

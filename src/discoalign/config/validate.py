@@ -23,6 +23,7 @@ def validate_combinations(
 
     # First, so that a PPO run with `disco_pref` hears about PPO, not about the missing variance head.
     notes += _validate_ppo(ft, fail)
+    _validate_sft(model, data, ft, fail)
 
     if ft.disco_pref and not ft.add_disco_head:
         fail(
@@ -199,10 +200,37 @@ def _check_report_to(report_to: list[str] | None, fail) -> None:
         if name not in INTEGRATION_TO_CALLBACK:
             fail(f"`report_to: {name}` is not an integration transformers knows; use one of "
                  f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, or `none`.")  # fmt: skip
+        if name == "tensorboard":
+            import importlib.util
+
+            if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+                fail("`report_to: tensorboard` needs the tensorboard package, which is an optional extra: "
+                     "pip install 'discoalign[tensorboard]' (or pip install tensorboard). Or set `report_to: none`.")
+            continue
         if name not in available:
-            package = {"tensorboard": "tensorboard", "comet_ml": "comet_ml", "azure_ml": "azureml-core"}.get(name, name)
+            package = {"comet_ml": "comet_ml", "azure_ml": "azureml-core"}.get(name, name)
             fail(f"`report_to: {name}` needs the `{package}` package, which is not installed. Install it "
                  f"(`pip install {package}`), or set `report_to: none`.")  # fmt: skip
+
+
+def _validate_sft(model: ModelArguments, data: DataArguments, ft: FinetuningArguments, fail) -> None:
+    """Stage `sft` trains the language model only: no heads; `packing` and `sft_responses` belong to it."""
+    if ft.stage == "sft":
+        heads = [k for k in ("add_disco_head", "add_beta_head", "disco_pref", "use_dynamic_beta") if getattr(ft, k)]
+        if heads:
+            fail(f"{', '.join(f'`{k}`' for k in heads)} cannot be used with `stage: sft`: supervised fine-tuning "
+                 "trains the language model only and has no heads. Remove them, or use `stage: rm` / `dpo`.")
+        if data.pack_pairs:
+            fail("`pack_pairs` packs preference pairs (stage rm / dpo); for `stage: sft` use `packing: true`.")
+    else:
+        if data.packing:
+            fail(f"`packing` applies to `stage: sft` only, not `stage: {ft.stage}` (pairwise stages have "
+                 "`pack_pairs`).")
+        if data.sft_responses != "chosen":
+            fail(f"`sft_responses` applies to `stage: sft` only, not `stage: {ft.stage}`.")
+    if data.packing and model.attn_implementation not in (None, "sdpa", "eager"):
+        fail(f"`packing: true` needs `attn_implementation` sdpa or eager (a block-diagonal attention mask), not "
+             f"`{model.attn_implementation}`. Set `packing: false`.")
 
 
 # Keys that only `stage: ppo` reads; setting one elsewhere is a mistake worth a clear error.

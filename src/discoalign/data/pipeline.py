@@ -14,7 +14,9 @@ from .checks import OTHER_FORMAT, TRUNCATED, UNREADABLE, RowProblem, check_text
 from .encode import encode_pair, encode_prompt
 from .formats import PAIRWISE_FORMATS, check_columns, detect_rows_format, to_pairwise_row, to_prompt_row
 from .media import AUDIO_COLUMN, IMAGE_COLUMN, MEDIA_TRUNCATED, MEDIA_UNSUPPORTED, VIDEO_COLUMN, has_media
-from .sources import BUILTIN_SYNTHETIC, RawRows, UnreadableLine, _columns_of, read_spec, split_specs
+from .registry import read_dataset
+from .sft import encode_sft, to_sft_rows
+from .sources import BUILTIN_SYNTHETIC, RawRows, UnreadableLine, _columns_of, split_specs
 
 if TYPE_CHECKING:
     import datasets
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("rm", "dpo", "ppo")
+STAGES = ("sft", "rm", "dpo", "ppo")
 
 
 @dataclass
@@ -121,7 +123,7 @@ def _convert(
         fmt, per_row = detect_rows_format(source.columns, raw_rows, source.name)
     else:
         check_columns(fmt, source.columns, source.name)
-    if stage != "ppo" and fmt not in PAIRWISE_FORMATS:
+    if stage not in ("ppo", "sft") and fmt not in PAIRWISE_FORMATS:
         raise DataError(
             f"{source.name} holds prompts only (format `{fmt}`), but `stage: {stage}` trains on preference pairs. "
             "Use a pairwise dataset (prompt/chosen/rejected, sharegpt, hh-rlhf), or `stage: ppo` for prompts."
@@ -141,7 +143,13 @@ def _convert(
                 )  # fmt: skip
             if isinstance(raw, dict):
                 check_text(raw)
+            if stage == "sft":  # one raw row may give two SFT rows (`sft_responses: both`); text only
+                sft_rows = to_sft_rows(raw, fmt, data_args.sft_responses)
+                rows += [_with_media(r, raw, None, stage, base_dir) for r in sft_rows]
+                continue
             row = convert(raw, fmt)
+            if stage == "rm":  # predictions.jsonl names each scored pair's origin
+                row.update(source=source.name, source_row=index)
             rows.append(_with_media(row, raw, media, stage, base_dir) if isinstance(raw, dict) else row)
         except RowProblem as problem:
             bad[problem.reason] += 1
@@ -177,7 +185,7 @@ def _canonical_rows(
     """The canonical rows of one spec (a folder's files in order), its first `max_samples` raw rows only."""
     canonical: list[dict[str, Any]] = []
     taken = 0  # `max_samples` counts raw rows of the spec, not rows kept
-    for source in read_spec(spec, data_args.synthetic_num_pairs, synthetic_seed):
+    for source in read_dataset(spec, data_args, synthetic_seed):  # a file, folder, builtin or registry name
         if data_args.max_samples is not None:
             source.rows = source.rows[: max(0, data_args.max_samples - taken)]
             if not source.rows:
@@ -215,8 +223,11 @@ def _encode_rows(
         encoded_prompts = [encode_prompt(tokenizer, row, data_args.cutoff_len, cut) for row in rows]
         _log_cut(cut, len(rows), spec, data_args.cutoff_len)
         return encoded_prompts
-    encoded = [encode_pair(tokenizer, row, data_args.cutoff_len, cut) for row in rows]
-    _log_cut(cut, len(rows), spec, data_args.cutoff_len)
+    if stage == "sft":
+        encoded = [encode_sft(tokenizer, row, data_args.cutoff_len) for row in rows]
+    else:
+        encoded = [encode_pair(tokenizer, row, data_args.cutoff_len, cut) for row in rows]
+        _log_cut(cut, len(rows), spec, data_args.cutoff_len)
     kept = [row for row in encoded if row is not None]
     if len(kept) < len(rows):
         dropped[TRUNCATED] += len(rows) - len(kept)
@@ -289,7 +300,7 @@ def get_dataset(
     Args:
         data_args: the run's data keys.
         tokenizer: a Hugging Face tokenizer (its chat template is used when it has one).
-        stage: "rm" or "dpo" (pairwise rows) or "ppo" (prompt-only rows).
+        stage: "rm" or "dpo" (pairwise rows), "ppo" (prompt-only rows) or "sft" (prompt + response rows).
         seed: seed of the `val_size` split.
         media: the multimodal model's `MediaProcessor` (`model.media_processor`), or None for a text model. With
             it, rows may carry `images` / `audios`; their markers are expanded and the media references kept in

@@ -28,6 +28,10 @@ def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> d
             resuming=bool(args.resume_from_checkpoint),
         )
     stage = cfg.finetuning.stage
+    if stage == "sft":
+        from .sft import run_sft
+
+        return run_sft(cfg, callbacks)
     if stage == "rm":
         from .rm import run_rm
 

@@ -1,5 +1,5 @@
-"""The PPO part of `discoalign demo`: reward models trained on builtin:synthetic, a warmed-up tiny policy, and
-PPO against a BT reward model and against a Disco reward model with `disco_risk_coef` 0 and > 0.
+"""The PPO part of `discoalign demo`: reward models trained on builtin:synthetic, a tiny policy warmed up by
+`stage: sft`, and PPO against a BT reward model and against a Disco reward model with `disco_risk_coef` 0 and > 0.
 
 Each row reports the policy's mean *true* reward on held-out synthetic prompts before and after PPO (the task's
 hidden reward, which neither the policy nor the reward model sees), the KL to the reference, and the reward
@@ -29,6 +29,31 @@ DEMO_RM_CONFIG: dict[str, Any] = {
     "logging_steps": 50,
     "save_strategy": "no",
     "seed": 42,
+    "do_train": True,
+    "disable_tqdm": True,
+}
+
+# The policy's warm-up (also `examples/sft.yaml`): a randomly initialised tiny model emits byte noise, which no reward
+# model scores meaningfully and which PPO cannot improve within a CPU budget. 60 SFT steps on the *responses* of
+# builtin:synthetic pairs, chosen and rejected alike (`sft_responses: both`), teach it the task's format (a handful of
+# adjectives, then EOS) without any preference between good and bad words: its mean true reward is near that of a
+# random response, so any rise after PPO comes from the reward model.
+DEMO_SFT_CONFIG: dict[str, Any] = {
+    "stage": "sft",
+    "model_name_or_path": "builtin:tiny-qwen3",
+    "dataset": "builtin:synthetic",
+    "synthetic_num_pairs": 1000,
+    "synthetic_seed": 7,
+    "sft_responses": "both",
+    "cutoff_len": 64,
+    "per_device_train_batch_size": 64,  # 32 pairs, both responses
+    "max_steps": 60,
+    "learning_rate": 3.0e-3,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 20,
+    "save_strategy": "no",
+    "plot_loss": False,
+    "seed": 7,
     "do_train": True,
     "disable_tqdm": True,
 }
@@ -76,12 +101,13 @@ def ensure_reward_model(output_dir: str, disco: bool, **overrides: Any) -> str:
 
 
 def ensure_warm_policy(output_dir: str) -> str:
-    """The warmed-up tiny policy (see `warmup.py`), trained into `output_dir` unless already there."""
+    """The warmed-up tiny policy: `stage: sft` with `DEMO_SFT_CONFIG`, trained into `output_dir` unless there."""
     if os.path.isfile(os.path.join(output_dir, "config.json")):
         return output_dir
-    from .warmup import supervised_warmup
+    from ..tuner import run_exp
 
-    return supervised_warmup("builtin:tiny-qwen3", output_dir, steps=60)
+    run_exp(build_config(dict(DEMO_SFT_CONFIG, output_dir=output_dir), source="the PPO demo's SFT warm-up config"))
+    return output_dir
 
 
 def ppo_demo_config(output_dir: str, policy: str, reward_model: str, **overrides: Any) -> dict[str, Any]:

@@ -72,7 +72,8 @@ def run_rm(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> di
 
 
 def write_predictions(predictions: np.ndarray, dataset, disco: bool, path: str) -> list[dict[str, Any]]:
-    """One JSON line per eval pair: means, variances (Disco), P(chosen > rejected), ground truth if known."""
+    """One JSON line per eval pair: means, variances (Disco), P(chosen > rejected), the pair's `source` file and
+    `source_row` (0-based) and its `prompt` messages, and the ground truth when known."""
     mean_c, mean_r, var_c, var_r = (predictions[:, i].astype(np.float64) for i in range(4))
     has_var = not np.isnan(var_c).any()
     prob = np.exp(preference_log_prob(mean_c, mean_r, var_c, var_r, disco and has_var))
@@ -83,7 +84,7 @@ def write_predictions(predictions: np.ndarray, dataset, disco: bool, path: str) 
             row["variance_chosen"] = var_c[i]
             row["variance_rejected"] = var_r[i]
         row["probability"] = prob[i]
-        for key in ("true_reward_chosen", "true_reward_rejected", "noise", "topic"):
+        for key in ("source", "source_row", "prompt", "true_reward_chosen", "true_reward_rejected", "noise", "topic"):
             if key in dataset.column_names:
                 row[key] = dataset[i][key]
         rows.append({k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in row.items()})

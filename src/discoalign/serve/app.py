@@ -1,0 +1,299 @@
+"""The ASGI app (Starlette, served by uvicorn): OpenRLHF's `POST /get_reward`, `GET /health`, request batching.
+
+`POST /get_reward` takes OpenRLHF's remote reward-model body and answers with its keys plus ours::
+
+    {"query": ["<full text: prompt + response>", ...], "prompts": ["<prompt>", ...]}     # prompts optional
+ -> {"rewards": [...], "scores": [...], "mean": [...], "variance": [...],              # variance: Disco only
+     "extra_logs": {"mean": [...], "variance": [...]}}
+
+`rewards` and `scores` are the same list (OpenRLHF reads either): the mean, or `mean - disco_risk_coef *
+sqrt(variance)` when the server runs with `--disco-risk-coef`. Items of all requests wait in one queue; a worker
+takes them in arrival order into batches of at most `max_batch_tokens` (items x longest item) and scores each batch
+in one forward on a single thread. When more than `max_queue` items wait, new requests get 503 (retry later).
+Errors are JSON `{"error": "..."}`: 400 for a malformed body, 413 for a body over `max_request_bytes`, a query
+over `cutoff_len` tokens or more items than the queue holds, 404 / 405 for a wrong path or method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+
+class Scorer(Protocol):
+    """What the app needs of a reward model (`scorer.RewardScorer`)."""
+
+    disco: bool
+    model_dir: str
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]: ...
+
+    def score_ids(self, sequences: list[list[int]]) -> list[dict[str, float]]: ...
+
+
+@dataclass
+class ServeSettings:
+    """Limits of one server (the `discoalign serve` flags)."""
+
+    cutoff_len: int = 2048
+    max_batch_tokens: int = 16384
+    max_queue: int = 4096
+    max_request_bytes: int = 8 * 1024 * 1024
+
+    def check(self) -> None:
+        from ..errors import ConfigError
+
+        for name in ("cutoff_len", "max_batch_tokens", "max_queue", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} is {getattr(self, name)}; it must be positive.")
+        if self.max_batch_tokens < self.cutoff_len:
+            raise ConfigError(f"--max-batch-tokens ({self.max_batch_tokens}) must be at least --cutoff-len "
+                              f"({self.cutoff_len}), so that the longest allowed query fits in a batch.")  # fmt: skip
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Batcher:
+    """Collects items of concurrent requests and scores them in token-budgeted batches on one worker thread."""
+
+    def __init__(self, scorer: Scorer, settings: ServeSettings) -> None:
+        self.scorer = scorer
+        self.settings = settings
+        self.pending: collections.deque[tuple[list[int], asyncio.Future]] = collections.deque()
+        self.in_queue = 0  # items accepted and not yet answered (waiting or being scored)
+        self.batches = 0  # forwards run so far (for /health and tests)
+        self._wakeup: asyncio.Event | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="discoalign-score")
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, sequences: list[list[int]]) -> list[dict[str, float]]:
+        """Queue the items of one request and wait for their scores; QueueFull when they do not fit."""
+        if self.in_queue + len(sequences) > self.settings.max_queue:
+            raise QueueFull
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in sequences]
+        self.pending.extend(zip(sequences, futures))
+        self.in_queue += len(sequences)
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            self.in_queue -= len(sequences)
+
+    def _next_batch(self) -> list[tuple[list[int], asyncio.Future]]:
+        """Items in arrival order while (items x longest item) stays within the token budget (at least one)."""
+        batch: list[tuple[list[int], asyncio.Future]] = []
+        longest = 0
+        while self.pending:
+            ids, future = self.pending[0]
+            if future.done():  # its request was cancelled (client gone)
+                self.pending.popleft()
+                continue
+            width = max(longest, len(ids))
+            if batch and width * (len(batch) + 1) > self.settings.max_batch_tokens:
+                break
+            batch.append(self.pending.popleft())
+            longest = width
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self.pending:
+                batch = self._next_batch()
+                if not batch:
+                    continue
+                try:
+                    sequences = [ids for ids, _ in batch]
+                    results = await loop.run_in_executor(self._executor, self.scorer.score_ids, sequences)
+                except Exception as e:  # a model error answers the batch's requests with 500, the server goes on
+                    logger.exception("Scoring a batch of %d items failed", len(batch))
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                self.batches += 1
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _string_list(body: dict[str, Any], key: str, required: bool) -> list[str] | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise RequestError(400, f"the body has no `{key}`: expected {{\"query\": [\"<prompt + response text>\", "
+                                    "...], \"prompts\": [...]}")  # fmt: skip
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise RequestError(400, f"`{key}` must be a list of strings, not {type(value).__name__}")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise RequestError(400, f"`{key}[{index}]` must be a string, not {type(item).__name__}")
+    return value
+
+
+def parse_body(raw: bytes) -> tuple[list[str], list[str] | None]:
+    """(queries, prompts) of a request body; RequestError(400) when malformed."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, f"the body must be a JSON object, not {type(body).__name__}")
+    queries = _string_list(body, "query", required=True)
+    prompts = _string_list(body, "prompts", required=False)
+    if prompts is not None and len(prompts) != len(queries):
+        raise RequestError(400, f"`prompts` has {len(prompts)} items but `query` has {len(queries)}; give one prompt "
+                                "per query, or leave `prompts` out")  # fmt: skip
+    for index, query in enumerate(queries):
+        if not query:
+            raise RequestError(400, f"`query[{index}]` is empty")
+    return queries, prompts
+
+
+def build_app(scorer: Scorer, settings: ServeSettings | None = None):
+    """The Starlette app serving `scorer` with `settings`."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    settings = settings or ServeSettings()
+    settings.check()
+    batcher = Batcher(scorer, settings)
+
+    def error(status: int, message: str, **headers: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+    async def get_reward(request: Request) -> JSONResponse:
+        try:
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > settings.max_request_bytes:
+                raise RequestError(413, f"the body has {declared} bytes, more than the server's limit of "
+                                        f"{settings.max_request_bytes} (--max-request-bytes); send fewer queries per "
+                                        "request")  # fmt: skip
+            raw = await request.body()
+            if len(raw) > settings.max_request_bytes:
+                raise RequestError(413, f"the body has {len(raw)} bytes, more than the server's limit of "
+                                        f"{settings.max_request_bytes} (--max-request-bytes)")  # fmt: skip
+            queries, _ = parse_body(raw)
+            if len(queries) > settings.max_queue:
+                raise RequestError(413, f"the request has {len(queries)} queries, more than the server's queue holds "
+                                        f"({settings.max_queue}, --max-queue); split it")  # fmt: skip
+            sequences = scorer.tokenize(queries) if queries else []
+            for index, ids in enumerate(sequences):
+                if len(ids) > settings.cutoff_len:
+                    raise RequestError(413, f"`query[{index}]` has {len(ids)} tokens, more than the server's "
+                                            f"--cutoff-len {settings.cutoff_len}")  # fmt: skip
+        except RequestError as e:
+            return error(e.status, e.message)
+        if not sequences:
+            results = []
+        else:
+            try:
+                results = await batcher.submit(sequences)
+            except QueueFull:
+                return error(503, f"the server is busy: {batcher.in_queue} items are waiting (--max-queue "
+                                  f"{settings.max_queue}); retry later", **{"Retry-After": "1"})  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - reported to the client; the server keeps running
+                return error(500, f"scoring failed: {type(e).__name__}: {e}")
+        rewards = [r["reward"] for r in results]
+        payload: dict[str, Any] = {"rewards": rewards, "scores": rewards, "mean": [r["mean"] for r in results]}
+        if scorer.disco:
+            payload["variance"] = [r["variance"] for r in results]
+        # OpenRLHF logs the per-item lists of `extra_logs` as training metrics (its serve_rm example returns the key).
+        payload["extra_logs"] = {k: payload[k] for k in ("mean", "variance") if k in payload}
+        return JSONResponse(payload)
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "model": scorer.model_dir, "disco": scorer.disco,
+                             "queued": batcher.in_queue, "batches": batcher.batches})  # fmt: skip
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = Starlette(
+        routes=[Route("/get_reward", get_reward, methods=["POST"]), Route("/health", health, methods=["GET"])],
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+    return app
+
+
+def serve(ns) -> None:
+    """`discoalign serve`: load the model, build the app, run uvicorn until interrupted."""
+    from ..errors import ConfigError
+    from .scorer import RewardScorer
+
+    try:
+        import uvicorn  # noqa: F401
+        import starlette  # noqa: F401
+    except ImportError:
+        raise ConfigError("`discoalign serve` needs starlette and uvicorn: pip install 'discoalign[serve]'.") from None
+    settings = ServeSettings(ns.cutoff_len, ns.max_batch_tokens, ns.max_queue, ns.max_request_bytes)
+    settings.check()
+    if ns.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("Binding %s: any machine that can reach this address can query the reward model.", ns.host)
+    scorer = RewardScorer(ns.model, disco_risk_coef=ns.disco_risk_coef, dtype=ns.dtype, device=ns.device)
+    app = build_app(scorer, settings)
+    import socket
+
+    import uvicorn
+
+    # Bind here, so that `--port 0` (the OS picks a free port) prints the port actually bound.
+    family = socket.AF_INET6 if ":" in ns.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((ns.host, ns.port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"Cannot bind {ns.host}:{ns.port}: {e.strerror or e}. Choose another --port.") from None
+    port = sock.getsockname()[1]
+    print(f"Serving {ns.model} ({'Disco' if scorer.disco else 'scalar'} reward model) at "
+          f"http://{ns.host}:{port}/get_reward  (GET /health)", flush=True)  # fmt: skip
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", backlog=2048)).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,0 +1,82 @@
+"""Scoring already-rendered texts (prompt + response as the policy's chat template wrote them) with a reward model."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+class RewardScorer:
+    """A frozen reward model (ours, LlamaFactory/TRL value head, DiscoRM, seq-cls; LoRA or full) and its tokenizer.
+
+    `score_ids` is the only method that runs the model; the server calls it from one worker thread.
+    """
+
+    def __init__(
+        self, model_dir: str, disco_risk_coef: float = 0.0, dtype: str | None = None, device: str = "auto"
+    ) -> None:
+        from ..config.schema import FinetuningArguments, ModelArguments
+        from ..export.exporter import checkpoint_heads
+        from ..models.loader import load_model_with_heads
+
+        if not os.path.isdir(model_dir):
+            raise CheckpointError(f"--model {model_dir!r} is not a directory holding a reward model.")
+        heads = checkpoint_heads(model_dir)
+        if not heads["value_head"]:
+            raise CheckpointError(f"--model {model_dir!r} has no value head, so it is not a reward model (an SFT, DPO "
+                                  "or PPO policy?). Give the output of a `stage: rm` run, or a foreign reward model.")
+        if disco_risk_coef < 0:
+            raise CheckpointError(f"--disco-risk-coef is {disco_risk_coef}; it must be non-negative.")
+        self.disco = bool(heads["variance_head"])
+        self.model, self.tokenizer = load_model_with_heads(
+            ModelArguments(model_name_or_path=model_dir), FinetuningArguments(stage="rm", add_disco_head=self.disco),
+            add_value_head=True, is_trainable=False, torch_dtype=dtype,
+        )  # fmt: skip
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.model.to(torch.device(device))
+        except (RuntimeError, AssertionError) as e:  # e.g. `cuda` on a machine without a GPU
+            raise CheckpointError(f"--device {device!r} cannot hold the model: {' '.join(str(e).split())}") from None
+        self.model.eval()
+        self.model_dir = model_dir
+        self.disco_risk_coef = disco_risk_coef
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text as it is (no special tokens added: the policy's template already wrote them)."""
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    @torch.no_grad()
+    def score_ids(self, sequences: list[list[int]]) -> list[dict[str, float]]:
+        """Score token sequences in one right-padded batch.
+
+        Returns, per sequence: `mean`, `reward` (mean - disco_risk_coef * sqrt(variance) for a Disco model, else the
+        mean) and, for a Disco model, `variance`.
+        """
+        width = max(len(ids) for ids in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        device = self.model.device
+        mean, variance = self.model.score(input_ids.to(device), attention_mask.to(device), with_variance=self.disco)
+        out: list[dict[str, Any]] = []
+        for row in range(len(sequences)):
+            item = {"mean": float(mean[row])}
+            reward = item["mean"]
+            if variance is not None:
+                item["variance"] = float(variance[row])
+                reward -= self.disco_risk_coef * math.sqrt(item["variance"])
+            item["reward"] = reward
+            out.append(item)
+        return out
