@@ -203,9 +203,10 @@ def _check_report_to(report_to: list[str] | None, fail) -> None:
         if name == "tensorboard":
             import importlib.util
 
-            if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
-                fail("`report_to: tensorboard` needs the tensorboard package, which is an optional extra: "
-                     "pip install 'discoalign[tensorboard]' (or pip install tensorboard). Or set `report_to: none`.")
+            if name not in available or not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+                fail("`report_to: tensorboard` needs the `tensorboard` package, which is not installed; it is an "
+                     "optional extra: pip install 'discoalign[tensorboard]' (or pip install tensorboard). Or set "
+                     "`report_to: none`.")  # fmt: skip
             continue
         if name not in available:
             package = {"comet_ml": "comet_ml", "azure_ml": "azureml-core"}.get(name, name)
