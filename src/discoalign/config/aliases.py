@@ -32,9 +32,6 @@ NO_EQUIVALENT: dict[str, str] = {
     "`cutoff_len`, the prompt cut from the left first. Remove `max_prompt_length` and set `cutoff_len`.",
     "max_completion_length": "responses are fitted into `cutoff_len` together with the prompt (cut from the right). "
     "Remove `max_completion_length` and set `cutoff_len`.",
-    "dataset_dir": "`dataset` takes file or folder paths directly (relative to the working directory), several "
-    "joined with commas; there is no dataset_info.json registry. Remove `dataset_dir` and write the path in "
-    "`dataset`.",
     "logging_dir": "transformers 5 removed it from TrainingArguments. TensorBoard logs (`report_to: tensorboard`) "
     "go to `output_dir/runs/`, or to the folder in the environment variable TENSORBOARD_LOGGING_DIR. Remove "
     "`logging_dir`.",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .schema import DataArguments, FinetuningArguments, ModelArguments
 
 
@@ -92,6 +92,13 @@ def validate_combinations(
         fail(f"`head_init_std` is {ft.head_init_std}; it must be positive (or unset for PyTorch's default init).")
     if ft.lora_rank <= 0:
         fail(f"`lora_rank` is {ft.lora_rank}; it must be a positive integer.")
+    if data.dataset_dir is not None:
+        from ..data.registry import load_dataset_info  # reads one small JSON file: the mistake shows before any model
+
+        try:
+            load_dataset_info(data.dataset_dir)
+        except DataError as e:
+            fail(str(e))
     if data.cutoff_len < 2:
         fail(f"`cutoff_len` is {data.cutoff_len}; it must be at least 2 (one prompt and one response token).")
     if data.val_size < 0:
