@@ -81,9 +81,28 @@ def _data_mean_scale(trainer) -> tuple[float, float]:
 def test_mean_beta_stays_within_5_percent_at_batch_size_1(tmp_path):
     """The issue's bound: batch size 1, a fast beta head, two epochs. The uncentred head (bias, no centring) of
     the same run drifts to a bound of (1 - eps, 1 + eps); the centred one only redistributes."""
+    from transformers import TrainerCallback
+
     common = dict(add_beta_head=True, use_dynamic_beta=True, beta_head_lr_ratio=30.0, num_train_epochs=2)
     centred = make_trainer(tmp_path / "centred", **common)
+    # the reference features of every training pair, to read the data mean of s(x) *through* training
+    loader = [centred.data_collator([centred.train_dataset[i] for i in range(j, min(j + 16, 48))]) for j in (0, 16, 32)]
+    with torch.no_grad():
+        features = torch.cat([centred.reference_forward(centred._prepare_inputs(b))[2] for b in loader])
+    means = []
+
+    class DataMeanOfS(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % 8 == 0:
+                head = centred.model.beta_head
+                head.eval()
+                with torch.no_grad():
+                    means.append(head(features).mean().item())
+                head.train()
+
+    centred.add_callback(DataMeanOfS())
     centred.train()
+    assert len(means) == 12 and max(abs(m - 1.0) for m in means) < 0.05, means
     mean, spread = _data_mean_scale(centred)
     assert abs(mean - 1.0) < 0.05
     assert spread > 0.02  # it did learn something: beta differs across contexts
