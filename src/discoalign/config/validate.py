@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from .attention import check_attention_implementation
 from .schema import DataArguments, FinetuningArguments, ModelArguments
 
 
@@ -121,8 +122,6 @@ def validate_combinations(
         if ft.stage not in ("rm", "dpo"):
             fail(f"`pack_pairs` packs preference pairs and applies to `stage: rm` and `dpo`, not `{ft.stage}`.")
         if model.attn_implementation is not None:  # None: sdpa (or eager), decided when the model loads
-            from ..data.packing import check_attention_implementation
-
             try:
                 check_attention_implementation(model.attn_implementation)
             except ConfigError as e:

@@ -12,8 +12,8 @@ at the head of each response segment: in the plain layout its hidden state predi
 and it must not see the other response. Every real token therefore sees exactly the context it sees in the
 plain layout, at the same positions, so hidden states, log-probs, scores and losses are the same; only the
 prompt is computed once. The mask is an arbitrary (not block-causal) pattern, which `eager` and `sdpa` attention
-take and flash-attention kernels do not (see `prepare_pair_packing`); sdpa models are switched to a segment-aware
-sdpa (`models.pair_attention`) that skips the masked blocks instead of computing them.
+take and flash-attention kernels do not (`config.attention`); the model side (the mask, and switching sdpa models
+to a segment-aware sdpa that skips the masked blocks) is `models.pair_attention`.
 """
 
 from __future__ import annotations
@@ -22,16 +22,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import ConfigError
-
 IGNORE_INDEX = -100
 SHARED, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 # Batch keys only a packed batch has; a trainer passes them on to the model.
 PACKED_MODEL_INPUTS = ("position_ids", "segment_ids", "pair_segments", "score_index")
-# Attention implementations that run packed pairs: those taking an arbitrary 4-D mask (bool for sdpa, additive
-# float for eager), and our segment-aware sdpa (`models.pair_attention`), which sdpa models switch to.
-PAIR_SDPA = "discoalign_pair_sdpa"
-MASKED_ATTENTION = ("sdpa", "eager", PAIR_SDPA)
 
 
 def packed_row_length(prompt_len: int, chosen_len: int, rejected_len: int) -> int:
@@ -98,52 +92,6 @@ def pack_pair_rows(
         "score_index": score_index,
         "pair_segments": pair_segments,
     }
-
-
-def pair_attention_mask(segment_ids: torch.Tensor, attn_implementation: str | None, dtype: torch.dtype) -> torch.Tensor:
-    """segment_ids (B, L) -> the (B, 1, L, L) mask of packed pairs, in the form the attention implementation takes.
-
-    Query q sees key k when k <= q and k is in the shared prompt or in q's own segment. Padding sees earlier
-    padding (never an empty row, which would make softmax NaN); real tokens never see padding (it comes last).
-    sdpa takes it as bool (True = attend), eager as an additive float mask (0 or the dtype's minimum). The
-    segment-aware sdpa does not read it on packed pairs, but takes the bool form like sdpa.
-    """
-    check_attention_implementation(attn_implementation)
-    length = segment_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
-    query, key = segment_ids.unsqueeze(-1), segment_ids.unsqueeze(-2)
-    visible = causal & (((key == SHARED) & (query != PADDING)) | (key == query))
-    visible = visible.unsqueeze(1)
-    if attn_implementation == "eager":
-        zero = torch.zeros((), dtype=dtype, device=segment_ids.device)
-        return torch.where(visible, zero, torch.finfo(dtype).min)
-    return visible
-
-
-def check_attention_implementation(attn_implementation: str | None) -> None:
-    """Raise ConfigError unless the attention takes the arbitrary mask pair packing needs."""
-    if attn_implementation not in MASKED_ATTENTION:
-        raise ConfigError(
-            "`pack_pairs: true` runs chosen and rejected in one row with an attention mask that keeps them apart, "
-            f"which needs `attn_implementation` eager or sdpa; this model uses {attn_implementation!r} "
-            "(flash-attention kernels take only block-causal masks). Set `attn_implementation: sdpa`, or "
-            "`pack_pairs: false`."
-        )
-
-
-def prepare_pair_packing(model: Any) -> None:
-    """Before any step: raise ConfigError when `model` (a `ModelWithHeads`) cannot run packed pairs, and switch
-    an sdpa model to the segment-aware sdpa (`models.pair_attention`: same numbers, less attention work)."""
-    modality = getattr(model, "modality", None)
-    if modality is not None and getattr(modality, "value", modality) != "language_only":
-        raise ConfigError(
-            f"`pack_pairs: true` supports text-only models; this model's modality is {modality.value!r}, whose media "
-            "inputs are laid out per sequence. Set `pack_pairs: false`."
-        )
-    check_attention_implementation(getattr(model.config, "_attn_implementation", None))
-    from ..models.pair_attention import use_pair_sdpa
-
-    use_pair_sdpa(model.causal_lm)
 
 
 def packed_model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

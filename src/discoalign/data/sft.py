@@ -107,7 +107,7 @@ class SFTCollator:
 
     `packing=True`: the B sequences laid end to end in one row (1, L), L = their total length, plus
     position_ids (1, L) restarting at 0 per sequence and segment_ids (1, L) numbering them 1..B; the model's
-    mask (`data.packing.pair_attention_mask`) then lets a token see its own sequence only, so each token's
+    mask (`models.pair_attention.pair_attention_mask`) then lets a token see its own sequence only, so each token's
     hidden state and loss are those of the padded layout. Every sequence starts with a prompt token (label
     -100), so no token is scored across a boundary.
     """

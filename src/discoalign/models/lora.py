@@ -11,12 +11,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import ConfigError
-
-
-def _linear_types() -> tuple[type, ...]:
-    from transformers.pytorch_utils import Conv1D
-
-    return (nn.Linear, Conv1D)
+from .multimodal_parts import exclusion_pattern, is_frozen, linear_types
 
 
 def find_linear_targets(causal_lm: nn.Module, keep: Callable[[str], bool] | None = None) -> list[str]:
@@ -28,7 +23,7 @@ def find_linear_targets(causal_lm: nn.Module, keep: Callable[[str], bool] | None
     output_embedding = causal_lm.get_output_embeddings()
     names = set()
     for full_name, module in causal_lm.named_modules():
-        if module is output_embedding or not isinstance(module, _linear_types()):
+        if module is output_embedding or not isinstance(module, linear_types()):
             continue
         if keep is not None and not keep(full_name):
             continue
@@ -93,8 +88,6 @@ def apply_lora(
         raise ConfigError(f"`lora_dropout` must lie in [0, 1), got {lora_dropout}.")
     keep = None
     if frozen_parts:
-        from .multimodal_parts import is_frozen
-
         keep = lambda name: not is_frozen(name, frozen_parts)  # noqa: E731
     targets = resolve_lora_targets(causal_lm, lora_target, keep)
     target_set = set(targets)
@@ -104,8 +97,6 @@ def apply_lora(
     head_name = _output_embedding_name(causal_lm)
     exclude: list[str] | str | None = [head_name] if head_name else None
     if frozen_parts:
-        from .multimodal_parts import exclusion_pattern
-
         exclude = exclusion_pattern(causal_lm, frozen_parts, targets)
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,

@@ -13,10 +13,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..data.packing import PAIR_SDPA, pair_attention_mask
+from ..config.attention import PAIR_SDPA
 from ..losses.logps import DEFAULT_CHUNK_SIZE, pair_sequence_logps
 from .heads import BetaHead, ValueHead, VarianceHead, gather_last_token
 from .modality import MODALITY_INPUTS, ActorModality, supported_parameters
+from .pair_attention import pair_attention_mask
 
 
 @dataclass

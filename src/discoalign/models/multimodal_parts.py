@@ -45,6 +45,13 @@ _AUDIO_NAMES = ("audio_tower", "audio_model", "audio_encoder")
 _PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "audio_projector", "merger")
 
 
+def linear_types() -> tuple[type, ...]:
+    """The module types LoRA can wrap: `nn.Linear`, and GPT-2's `Conv1D`."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
@@ -101,8 +108,6 @@ def exclusion_pattern(causal_lm: nn.Module, flags: dict[str, bool], targets: lis
     outside the frozen parts whose short name is a target but which is not a linear layer (e.g. a patch
     embedding convolution called `proj`).
     """
-    from .lora import _linear_types
-
     alternatives = []
     head = next((n for n, m in causal_lm.named_modules() if m is causal_lm.get_output_embeddings()), None)
     if head:
@@ -115,7 +120,7 @@ def exclusion_pattern(causal_lm: nn.Module, flags: dict[str, bool], targets: lis
         alternatives.append(f"{re.escape(prefix)}{lookahead}(?:\\..*)?")
     target_set = set(targets)
     for name, module in causal_lm.named_modules():
-        if name.rsplit(".", 1)[-1] in target_set and not isinstance(module, _linear_types()) and not is_frozen(name, flags):
+        if name.rsplit(".", 1)[-1] in target_set and not isinstance(module, linear_types()) and not is_frozen(name, flags):
             alternatives.append(re.escape(name))
     return "|".join(f"(?:{a})" for a in alternatives)
 

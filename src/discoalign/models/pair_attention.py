@@ -1,7 +1,7 @@
 """Segment-aware sdpa for packed pairs: attention work of two plain sequences, not of one long masked row.
 
 A packed pair row is [shared prompt | chosen segment | rejected segment] (see `data.packing`). Through sdpa with
-the full (L, L) mask, every query meets every key and the mask zeroes what must not be seen: the CPU kernels
+the full (L, L) mask (`pair_attention_mask`), every query meets every key and the mask zeroes what must not be seen: the CPU kernels
 cannot skip masked blocks, so a row of L = P + C + R costs L^2 score entries, about twice the two plain causal
 sequences it replaces. Here each row runs as two sdpa calls: prompt + chosen causally (the kernels' fast
 `is_causal` path), then the rejected segment against [prompt keys | its own keys] with a small bottom-right
@@ -14,11 +14,15 @@ batches, and the name is not saved in checkpoints (transformers keeps `_attn_imp
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.packing import PAIR_SDPA
+from ..config.attention import PAIR_SDPA, check_attention_implementation
+from ..data.packing import PADDING, SHARED
+from ..errors import ConfigError
 
 
 def pair_sdpa_attention(
@@ -84,3 +88,36 @@ def use_pair_sdpa(causal_lm: nn.Module) -> bool:
     register_pair_sdpa()
     causal_lm.set_attn_implementation(PAIR_SDPA)
     return True
+
+
+def pair_attention_mask(segment_ids: torch.Tensor, attn_implementation: str | None, dtype: torch.dtype) -> torch.Tensor:
+    """segment_ids (B, L) -> the (B, 1, L, L) mask of packed pairs, in the form the attention implementation takes.
+
+    Query q sees key k when k <= q and k is in the shared prompt or in q's own segment. Padding sees earlier
+    padding (never an empty row, which would make softmax NaN); real tokens never see padding (it comes last).
+    sdpa takes it as bool (True = attend), eager as an additive float mask (0 or the dtype's minimum). The
+    segment-aware sdpa does not read it on packed pairs, but takes the bool form like sdpa.
+    """
+    check_attention_implementation(attn_implementation)
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    query, key = segment_ids.unsqueeze(-1), segment_ids.unsqueeze(-2)
+    visible = causal & (((key == SHARED) & (query != PADDING)) | (key == query))
+    visible = visible.unsqueeze(1)
+    if attn_implementation == "eager":
+        zero = torch.zeros((), dtype=dtype, device=segment_ids.device)
+        return torch.where(visible, zero, torch.finfo(dtype).min)
+    return visible
+
+
+def prepare_pair_packing(model: Any) -> None:
+    """Before any step: raise ConfigError when `model` (a `ModelWithHeads`) cannot run packed pairs, and switch
+    an sdpa model to the segment-aware sdpa (`models.pair_attention`: same numbers, less attention work)."""
+    modality = getattr(model, "modality", None)
+    if modality is not None and getattr(modality, "value", modality) != "language_only":
+        raise ConfigError(
+            f"`pack_pairs: true` supports text-only models; this model's modality is {modality.value!r}, whose media "
+            "inputs are laid out per sequence. Set `pack_pairs: false`."
+        )
+    check_attention_implementation(getattr(model.config, "_attn_implementation", None))
+    use_pair_sdpa(model.causal_lm)

@@ -43,7 +43,7 @@ class DiscoTrainer(Trainer):
     def _enable_pair_packing(self, model: torch.nn.Module) -> None:
         """`pack_pairs`: check the model can take packed pairs, and make the pairwise collator pack them."""
         from ..data.collator import PairwiseCollator
-        from ..data.packing import prepare_pair_packing
+        from ..models.pair_attention import prepare_pair_packing
 
         prepare_pair_packing(model)
         collator = self.data_collator

@@ -22,9 +22,10 @@ from ...errors import ConfigError
 from ...losses.beta_dpo import beta_dpo_batch, update_margin_statistics
 from ...losses.dpo import dpo_loss
 from ...losses.variance import log_variance_prior
-from ...data.packing import packed_model_inputs, prepare_pair_packing
+from ...data.packing import packed_model_inputs
 from ...losses.logps import pair_sequence_logps, response_lengths
 from ...models.model_with_heads import last_token_hidden
+from ...models.pair_attention import prepare_pair_packing
 from ..base_trainer import DiscoTrainer
 from .metric import LABEL_COLUMNS, compute_metrics, step_metrics
 

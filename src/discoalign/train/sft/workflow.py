@@ -18,7 +18,7 @@ PLOTS = [("loss.png", "loss", ["loss", "eval_loss"])]
 
 def check_packing(model) -> None:
     """`packing: true` needs an attention that takes a block-diagonal mask, on a text model."""
-    from ...data.packing import check_attention_implementation
+    from ...config.attention import check_attention_implementation
 
     modality = getattr(model.modality, "value", model.modality)
     if modality != "language_only":
