@@ -1,4 +1,4 @@
-"""Config loading and every rule of DESIGN.md §4, checked before any model loads."""
+"""Config loading and every rule of docs/design.md §4, checked before any model loads."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Decoupling invariances of DESIGN.md §4, bit for bit (same seed, 3 training steps), and DiscoDPO by hand."""
+"""Decoupling invariances of docs/design.md §4, bit for bit (same seed, 3 training steps), and DiscoDPO by hand."""
 
 from __future__ import annotations
 

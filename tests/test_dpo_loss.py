@@ -1,4 +1,4 @@
-"""`dpo_loss` against values computed by hand (DESIGN.md §3), including DiscoDPO and per-pair beta."""
+"""`dpo_loss` against values computed by hand (docs/design.md §3), including DiscoDPO and per-pair beta."""
 
 from __future__ import annotations
 

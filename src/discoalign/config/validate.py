@@ -1,4 +1,4 @@
-"""The decoupling rules of DESIGN.md §4 and other cross-key checks, run before any model loads."""
+"""The decoupling rules of docs/design.md §4 and other cross-key checks, run before any model loads."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The DPO family of preference losses (DESIGN.md §3): sigmoid, IPO, hinge, and DiscoDPO (probit).
+"""The DPO family of preference losses (docs/design.md §3): sigmoid, IPO, hinge, and DiscoDPO (probit).
 
 Pure functions over tensors. `beta` may be a float (`pref_beta`) or a per-pair tensor
 (`beta_eff(x) = pref_beta * s(x)` from the beta head); the formulas are the same either way, so the

@@ -1,4 +1,4 @@
-"""Pairwise reward-model losses (DESIGN.md §3): Bradley–Terry and Disco (probit / Thurstone).
+"""Pairwise reward-model losses (docs/design.md §3): Bradley–Terry and Disco (probit / Thurstone).
 
 Pure functions over per-pair tensors; the batch loss is the mean of the per-pair losses.
 """

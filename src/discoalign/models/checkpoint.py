@@ -1,4 +1,4 @@
-"""Saving and loading a `ModelWithHeads` checkpoint (DESIGN §5).
+"""Saving and loading a `ModelWithHeads` checkpoint (docs/design.md §5).
 
 An output directory holds:
 * the backbone: full weights via `save_pretrained` (safetensors), or only the PEFT adapter

@@ -1,4 +1,4 @@
-"""The three heads of DESIGN.md §2: value (mean), variance, and beta.
+"""The three heads of docs/design.md §2: value (mean), variance, and beta.
 
 All heads compute in fp32 whatever the backbone's dtype. The variance and beta heads are created
 without touching the global RNG (their init is a constant), so that adding a head that the algorithm

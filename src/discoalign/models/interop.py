@@ -1,4 +1,4 @@
-"""Import reward-model heads saved by other tools as our value (mean) and variance heads (DESIGN §5).
+"""Import reward-model heads saved by other tools as our value (mean) and variance heads (docs/design.md §5).
 
 Recognised layouts, all mapped to our keys `value_head.summary.*` / `variance_head.summary.*`:
 

@@ -1,4 +1,4 @@
-"""What kind of input an actor model takes, and the extra forward arguments each kind accepts (DESIGN §7).
+"""What kind of input an actor model takes, and the extra forward arguments each kind accepts (docs/design.md §7).
 
 Trainers and collators ask the model (`ModelWithHeads.supported_parameters`) which extra arguments to pass
 on, instead of hard-coding `pixel_values` and friends: a model gets exactly the media inputs its forward names.

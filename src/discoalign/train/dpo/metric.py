@@ -1,4 +1,4 @@
-"""What a DPO-family run reports: the per-step metrics of DESIGN.md §3 and, at eval, accuracy against the truth.
+"""What a DPO-family run reports: the per-step metrics of docs/design.md §3 and, at eval, accuracy against the truth.
 
 Per-step metrics use TRL's names. Eval metrics over a whole held-out set come from the arrays that
 `DPOTrainer.prediction_step` returns (columns below), so they are exact over the set, not batch averages.

@@ -1,4 +1,4 @@
-"""`DPOTrainer`: DPO, DiscoDPO and dynamic-beta DPO (DESIGN.md §2-§3), one `transformers.Trainer` subclass.
+"""`DPOTrainer`: DPO, DiscoDPO and dynamic-beta DPO (docs/design.md §2-§3), one `transformers.Trainer` subclass.
 
 One step is one concatenated (2B, T) forward of the policy (rows [0, B) chosen, [B, 2B) rejected; or B packed
 rows with `pack_pairs`) and, unless precomputed, one such forward of the reference under `torch.inference_mode`

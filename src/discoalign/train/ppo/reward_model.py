@@ -1,6 +1,6 @@
 """The frozen reward model of PPO: loading it from `reward_model`, and scoring prompt + response.
 
-`reward_model` is a directory holding any reward model the checkpoints layer reads (DESIGN §5):
+`reward_model` is a directory holding any reward model the checkpoints layer reads (docs/design.md §5):
 * ours (`stage: rm` output): full weights, or a LoRA adapter, with `heads.safetensors`;
 * LlamaFactory / TRL value-head checkpoints (`value_head.safetensors` / `.bin`, `v_head.*` keys), the DiscoRM
   fork (`var_head.*`), and sequence-classification reward models.

@@ -75,7 +75,7 @@ class RewardTrainer(DiscoTrainer):
         var_r: torch.Tensor | None,
         margin: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The batch loss of DESIGN.md §3 (mean over pairs, plus centering when configured)."""
+        """The batch loss of docs/design.md §3 (mean over pairs, plus centering when configured)."""
         if self.use_disco:
             losses = disco_reward_loss(mu_c, mu_r, var_c, var_r, margin)
             prior = self.finetuning_args.disco_variance_prior
