@@ -11,7 +11,8 @@ from ...losses.reward import bt_reward_loss, center_rewards_penalty, disco_rewar
 from ...losses.variance import log_variance_prior
 from ..base_trainer import DiscoTrainer
 
-# Columns of the (B, 7) array handed to `compute_metrics`; NaN where a value does not exist.
+# Columns of the (B, 4) prediction and (B, 3) label arrays handed to `compute_metrics`; NaN where a value does
+# not exist.
 PREDICTION_COLUMNS = ("mean_chosen", "mean_rejected", "var_chosen", "var_rejected")
 LABEL_COLUMNS = ("true_reward_chosen", "true_reward_rejected", "noise")
 
