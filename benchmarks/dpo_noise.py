@@ -8,7 +8,8 @@ implicit reward margin d orders held-out pairs the way the *true* reward does.
     python benchmarks/dpo_noise.py --rows dpo dynamic --seeds 0 --epochs 1   # a short check
 
 Rows: DPO, cDPO and robust DPO (label_smoothing tuned for them, see BASELINE_LS), beta-DPO (Wu et al. 2024),
-dynamic beta (the centred beta head, default settings), DiscoDPO (variance prior 0.03, variance-head lr x10),
+dynamic beta (the centred beta head, default settings), DiscoDPO (default settings: variance prior 0.03,
+variance-head lr x10),
 DiscoDPO + dynamic beta. Every row starts from the same
 `builtin:tiny-qwen3`, sees the same pairs in the same order for a seed, and trains the same steps.
 """
@@ -61,7 +62,7 @@ BASE: dict[str, Any] = {
     "report_to": "none",
 }
 DYNAMIC = {"add_beta_head": True, "use_dynamic_beta": True}  # the defaults: mean pooling, lr ratio 10
-DISCO = {"add_disco_head": True, "disco_pref": True, "variance_head_lr_ratio": 10.0, "disco_variance_prior": 0.03}
+DISCO = {"add_disco_head": True, "disco_pref": True}  # the defaults: disco_variance_prior 0.03, variance-head lr x10
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpo": ("DPO", {}),
     "cdpo": (f"cDPO (ls = {BASELINE_LS})", {"label_smoothing": BASELINE_LS}),

@@ -114,8 +114,10 @@ class FinetuningArguments:
         metadata={"help": "Beta head lr = learning_rate * ratio (10: chosen on benchmarks/dpo_noise.py, where 1 "
                           "left the head too slow to help)."},
     )
-    variance_head_lr_ratio: float = field(
-        default=1.0, metadata={"help": "Variance head lr = learning_rate * ratio (rm and DiscoDPO)."}
+    variance_head_lr_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Variance head lr = learning_rate * ratio. Default: 10 for stage dpo (DiscoDPO's variance "
+                          "barely moves at 1, docs/noisy_labels.md), 1 otherwise."},
     )
     beta_head_pooling: Literal["last", "mean"] = field(
         default="mean",
@@ -123,7 +125,7 @@ class FinetuningArguments:
                           "its mean over the prompt's tokens (`mean`)."},
     )
     disco_variance_prior: float = field(
-        default=0.1,
+        default=0.03,
         metadata={"help": "Disco (rm and DiscoDPO): strength lambda of a Normal(0, 1/lambda) prior on each "
                           "log-variance, adding lambda/2 * (log sigma^2)^2 per response; anchors the variance scale "
                           "(0 turns it off)."},

@@ -64,7 +64,7 @@ def validate_combinations(
         fail(f"`beta_head_epsilon` is {ft.beta_head_epsilon}; it must lie strictly between 0 and 1 so s(x) > 0.")
     if ft.beta_head_lr_ratio <= 0:
         fail(f"`beta_head_lr_ratio` is {ft.beta_head_lr_ratio}; it must be positive.")
-    if ft.variance_head_lr_ratio <= 0:
+    if ft.variance_head_lr_ratio is not None and ft.variance_head_lr_ratio <= 0:
         fail(f"`variance_head_lr_ratio` is {ft.variance_head_lr_ratio}; it must be positive.")
     if ft.pref_beta <= 0:
         fail(f"`pref_beta` is {ft.pref_beta}; it must be positive.")

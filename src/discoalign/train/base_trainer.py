@@ -21,6 +21,13 @@ from transformers import Trainer
 from ..config.loader import RunConfig
 from ..errors import CheckpointError
 
+def variance_head_lr_ratio(ft) -> float:
+    """`variance_head_lr_ratio`, or its default: 10 for DiscoDPO (measured, docs/noisy_labels.md), 1 otherwise."""
+    if ft.variance_head_lr_ratio is not None:
+        return ft.variance_head_lr_ratio
+    return 10.0 if ft.stage == "dpo" else 1.0
+
+
 BETA_HEAD_PREFIX = "beta_head."
 VARIANCE_HEAD_PREFIX = "variance_head."
 
@@ -161,7 +168,7 @@ class DiscoTrainer(Trainer):
         """
         opt_model = self.model if model is None else model
         ft = self.finetuning_args
-        ratios = {BETA_HEAD_PREFIX: ft.beta_head_lr_ratio, VARIANCE_HEAD_PREFIX: getattr(ft, "variance_head_lr_ratio", 1.0)}
+        ratios = {BETA_HEAD_PREFIX: ft.beta_head_lr_ratio, VARIANCE_HEAD_PREFIX: variance_head_lr_ratio(ft)}
         ratios = {prefix: r for prefix, r in ratios.items() if r != 1.0}
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
 
