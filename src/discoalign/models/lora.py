@@ -82,10 +82,7 @@ def apply_lora(
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
-    if lora_rank < 1:
-        raise ConfigError(f"`lora_rank` must be a positive integer, got {lora_rank}.")
-    if not 0.0 <= lora_dropout < 1.0:
-        raise ConfigError(f"`lora_dropout` must lie in [0, 1), got {lora_dropout}.")
+    # lora_rank, lora_alpha and lora_dropout were checked by `config.validate` before any model loaded.
     keep = None
     if frozen_parts:
         keep = lambda name: not is_frozen(name, frozen_parts)  # noqa: E731

@@ -109,8 +109,6 @@ class PPOTrainer(DiscoTrainer):
         policy = self._policy()
         if policy.value_head is None:
             raise ValueError("PPO needs a policy with a value head (load it with add_value_head=True)")
-        if ft.use_dynamic_beta and policy.beta_head is None:
-            raise ConfigError("`use_dynamic_beta: true` needs the beta head; set `add_beta_head: true`.")
         tokenizer = self.processing_class
         if tokenizer is None or tokenizer.pad_token_id is None:
             raise ConfigError("PPO pads prompts, but the tokenizer has no pad token; set one (e.g. the EOS token).")
