@@ -278,3 +278,17 @@ def test_discoalign_serve_command(disco_rm, offline):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=15)
+
+
+def test_text_ending_on_the_stop_token_is_scored_where_training_read_it(server, offline):
+    """A policy's generation stops at EOS (`<|im_end|>`); training read the reward after the template's turn end
+    (`\\n`). The server appends it, so the text without its last token scores as the full training text."""
+    texts, ids, scores = offline
+    tokenizer = server.scorer.tokenizer
+    assert server.scorer.turn_suffix and ids[0][-len(server.scorer.turn_suffix) - 1] == tokenizer.eos_token_id
+    cut = [tokenizer.decode(seq[: -len(server.scorer.turn_suffix)], skip_special_tokens=False) for seq in ids[:4]]
+    assert server.scorer.tokenize(cut) == ids[:4]
+    status, body = call(server.url + "/get_reward", {"query": cut})
+    assert status == 200
+    for got, line in zip(body["mean"], scores[:4]):
+        assert got == pytest.approx(line["mean"], abs=1e-5)

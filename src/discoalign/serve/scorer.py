@@ -50,10 +50,24 @@ class RewardScorer:
         self.model_dir = model_dir
         self.disco_risk_coef = disco_risk_coef
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # What the chat template writes after the turn's stop token (ChatML: "\n"): a text that ends on the stop
+        # token, as a policy's generation does, gets it appended so the reward is read where training read it
+        # (train/rm/position.py; the same rule as PPO, `score` and `bon`).
+        from ..train.rm.position import turn_end_suffix
+
+        self.stop_id = self.tokenizer.eos_token_id
+        self.turn_suffix = turn_end_suffix(self.tokenizer) if self.stop_id is not None else []
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text as it is (no special tokens added: the policy's template already wrote them)."""
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        """Token ids of each text as it is (no special tokens added: the policy's template already wrote them), plus
+        the template's turn end after a final stop token."""
+        out = []
+        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            ids = list(ids)
+            if self.turn_suffix and ids and ids[-1] == self.stop_id:
+                ids += self.turn_suffix
+            out.append(ids)
+        return out
 
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]]) -> list[dict[str, float]]:
