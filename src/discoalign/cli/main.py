@@ -1,4 +1,4 @@
-"""The `discoalign` command: train, eval, score, bon, export, serve, tiny-model, demo."""
+"""The `discoalign` command: train, eval, score, bon, export, serve, keys, tiny-model, demo."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 import textwrap
 
-from ..errors import DiscoAlignError
+from ..errors import ConfigError, DiscoAlignError
 
 EPILOG = textwrap.dedent(
     """\
@@ -90,7 +90,6 @@ def cmd_score(ns: argparse.Namespace) -> int:
 
 
 def cmd_bon(ns: argparse.Namespace) -> int:
-    from ..errors import ConfigError
     from ..eval.bon import rerank_file, sample_and_select
 
     if bool(ns.candidates) == bool(ns.policy):
@@ -221,11 +220,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default="rm,dpo,ppo", help="Comma-separated parts to run: rm, dpo, ppo (default all).")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser(
+        "keys",
+        help="List the config keys by concern (model, data, heads, DPO, PPO, speed, ...), with defaults and help.",
+        description="Every key a run's YAML may hold, grouped by concern, with its default and meaning (the same as "
+        "docs/config_keys.md). Any transformers.TrainingArguments key is accepted as well.",
+    )
+    p.add_argument("group", nargs="?", help="Show one group only, e.g. DPO or Heads.")
+    p.set_defaults(func=cmd_keys)
+
     from .export_serve import add_export_parser, add_serve_parser
 
     add_export_parser(sub)
     add_serve_parser(sub)
     return parser
+
+
+def cmd_keys(ns: argparse.Namespace) -> int:
+    from ..config.keys import GROUPS, render
+
+    if ns.group is not None and ns.group.lower() not in (g.lower() for g in GROUPS):
+        raise ConfigError(f"There is no key group {ns.group!r}; the groups are {', '.join(GROUPS)}.")
+    print(render(ns.group), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
