@@ -125,6 +125,7 @@ def validate_combinations(
         fail(f"`lora_dropout` is {ft.lora_dropout}; it must lie in [0, 1).")
     if ft.lora_alpha is not None and ft.lora_alpha <= 0:
         fail(f"`lora_alpha` is {ft.lora_alpha}; it must be positive (or unset for 2 * lora_rank).")
+    notes += _validate_model_placement(model, ft, fail)
     if not model.model_name_or_path:
         fail("`model_name_or_path` is empty; give a local directory, a hub name or builtin:tiny-<arch>.")
     if training.get("do_train") and not data.dataset:
@@ -145,6 +146,23 @@ def validate_combinations(
     if ft.overwrite_output_dir and training.get("resume_from_checkpoint"):
         fail("`overwrite_output_dir: true` would delete the checkpoints that `resume_from_checkpoint` resumes from; "
              "set only one of them.")  # fmt: skip
+    return notes
+
+
+def _validate_model_placement(model: ModelArguments, ft: FinetuningArguments, fail) -> list[str]:
+    """`quantization_bit` / `quantization_type` / `double_quantization` (QLoRA) and `device_map`, before any model
+    loads (docs/quantization.md)."""
+    from ..models.quantization import check_quantization, parse_device_map
+
+    try:
+        check_quantization(model, ft)
+        parse_device_map(model.device_map)
+    except ConfigError as e:
+        fail(str(e))
+    notes = []
+    if model.device_map is not None and ft.stage in ("rm", "dpo") and not model.ref_model_name_or_path:
+        notes.append(f"`device_map: {model.device_map}` places inference-only models (the reward model, a reference "
+                     "model, `discoalign score`); the model this run trains is placed by the Trainer.")
     return notes
 
 

@@ -17,6 +17,7 @@ from ..data.packing import PAIR_SDPA, pair_attention_mask
 from ..losses.logps import DEFAULT_CHUNK_SIZE, pair_sequence_logps
 from .heads import BetaHead, ValueHead, VarianceHead, gather_last_token
 from .modality import MODALITY_INPUTS, ActorModality, supported_parameters
+from .seq2seq import is_seq2seq_config, seq2seq_hidden_states
 
 
 @dataclass
@@ -140,6 +141,22 @@ class ModelWithHeads(nn.Module):
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
+    @property
+    def is_seq2seq(self) -> bool:
+        """True for an encoder-decoder backbone (T5 / BART): the heads read the decoder (`models.seq2seq`)."""
+        return is_seq2seq_config(self.config)
+
+    def place_heads_on_hidden_device(self) -> None:
+        """Move the heads to the device of the last hidden state (a model split by `device_map`, or quantised), so
+        their outputs are returned there, as TRL's value-head wrapper does."""
+        from .quantization import last_hidden_device
+
+        body = self.causal_lm.get_decoder() if self.is_seq2seq else self.decoder
+        device = last_hidden_device(body)
+        for head in (self.value_head, self.variance_head, self.beta_head):
+            if head is not None:
+                head.to(device)
+
     # ---- computation ---------------------------------------------------------------------------
 
     def hidden_states(
@@ -153,6 +170,8 @@ class ModelWithHeads(nn.Module):
         batch carries image/video grids for an M-RoPE model, which then computes its 3-D positions from the
         grids and the mask itself. `model_inputs` may hold media inputs (see `supported_parameters`).
         """
+        if self.is_seq2seq:
+            return seq2seq_hidden_states(self.causal_lm, input_ids, attention_mask, **model_inputs)[0]
         segment_ids = model_inputs.pop("segment_ids", None)
         pair_segments = model_inputs.pop("pair_segments", None)
         if segment_ids is not None:
@@ -225,6 +244,10 @@ class ModelWithHeads(nn.Module):
         """
         hidden = self.hidden_states(input_ids, attention_mask, **model_inputs)
         out = HeadsOutput(last_hidden_state=hidden)
+        if self.is_seq2seq and model_inputs.get("decoder_input_ids") is not None:  # heads read the decoder's tokens
+            attention_mask = model_inputs.get("decoder_attention_mask")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(model_inputs["decoder_input_ids"])
         if with_heads and self.value_head is not None:
             out.mean, out.variance = self.heads_at_last_token(hidden, attention_mask, with_variance, score_index)
         elif with_heads and with_variance and self.variance_head is not None:
