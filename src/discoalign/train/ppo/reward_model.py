@@ -5,10 +5,14 @@
 * LlamaFactory / TRL value-head checkpoints (`value_head.safetensors` / `.bin`, `v_head.*` keys), the DiscoRM
   fork (`var_head.*`), and sequence-classification reward models.
 
-`reward_model_type: lora` says the directory is a LoRA adapter (with its heads): the adapter goes on top of the
-base model its `adapter_config.json` names when that base is available here (a `builtin:tiny-*` name or an
-existing directory), else on top of `model_name_or_path` (the policy's base, LlamaFactory's convention).
+`reward_model_type: lora` says the directory is a LoRA adapter (with its heads). With a LoRA policy it is loaded
+as a second named adapter on the policy's own base (TRL's reward-adapter design, `models.reward_adapter`): one
+base in memory for policy, reference and reward model; the adapter must have been trained on that base. With a
+fully fine-tuned policy the adapter goes on top of the base its `adapter_config.json` names when that base is
+available here (a `builtin:tiny-*` name or an existing directory), else on top of `model_name_or_path` (the
+policy's base, LlamaFactory's convention).
 `reward_model_type: full` loads the directory as it is (an adapter directory still works, on its named base).
+A reward model on its own base loads unquantised and honours `device_map` (docs/quantization.md).
 
 The reward is read at the last real token of prompt + response, found from the attention mask (the last
 generated token before padding: never a pad token, whatever the pad id).
@@ -29,6 +33,7 @@ from ...models.heads import ValueHead, VarianceHead, last_token_index
 from ...models.interop import import_heads
 from ...models.loader import load_model_with_heads
 from ...models.model_with_heads import ModelWithHeads
+from ...models.reward_adapter import SharedBaseRewardModel, attach_reward_adapter
 from ...models.weight_files import read_json
 
 logger = logging.getLogger(__name__)
@@ -71,6 +76,7 @@ def _adapter_on_base(model_args, reward_dir: str, base_name: str, rm_ft, has_var
 
     base_args = copy.copy(model_args)
     base_args.model_name_or_path = base_name
+    base_args.quantization_bit = None  # a reward model on its own base scores as it was trained
     bare_ft = dataclasses.replace(rm_ft, add_disco_head=False)
     base, _ = load_model_with_heads(base_args, bare_ft, add_value_head=False, is_trainable=False)
     try:
@@ -91,8 +97,13 @@ def _adapter_on_base(model_args, reward_dir: str, base_name: str, rm_ft, has_var
     return model
 
 
-def load_reward_model(model_args, finetuning_args, policy_tokenizer) -> ModelWithHeads:
+def load_reward_model(
+    model_args, finetuning_args, policy_tokenizer, policy: ModelWithHeads | None = None
+) -> ModelWithHeads | SharedBaseRewardModel:
     """The frozen reward model named by `finetuning_args.reward_model`, in eval mode.
+
+    With `reward_model_type: lora` and a LoRA `policy`, the reward adapter is loaded onto the policy's base (a
+    `SharedBaseRewardModel`; ConfigError when the adapter was trained on another base).
 
     It gets a variance head exactly when the checkpoint has one. Built under a forked RNG, so loading it draws
     nothing from the run's random stream. Raises ConfigError / CheckpointError naming `reward_model` when the
@@ -129,8 +140,19 @@ def load_reward_model(model_args, finetuning_args, policy_tokenizer) -> ModelWit
     )  # fmt: skip
     rm_args = copy.copy(model_args)
     rm_args.model_name_or_path = reward_dir
+    rm_args.quantization_bit = None  # a reward model on its own base scores as it was trained
     with torch.random.fork_rng(devices=[]):
         named_base = read_json(adapter_config).get("base_model_name_or_path") if is_adapter else None
+        if ft.reward_model_type == "lora" and policy is not None and policy.is_peft:
+            if not _usable_base(named_base):
+                logger.info("The reward adapter's base %r is not available here; it goes on the policy's base.",
+                            named_base)  # fmt: skip
+            shared = attach_reward_adapter(
+                policy, reward_dir, named_base if _usable_base(named_base) else None, has_variance, cache_dir
+            )
+            logger.info("Reward adapter %s loaded on the policy's base as adapter %r (one base in memory).",
+                        reward_dir, shared.adapter_name)  # fmt: skip
+            return shared.eval()
         if is_adapter and not _usable_base(named_base):
             logger.info("The reward adapter's base %r is not available here; using `model_name_or_path: %s`.",
                         named_base, model_args.model_name_or_path)
