@@ -125,7 +125,7 @@ def validate_combinations(
         fail(f"`lora_dropout` is {ft.lora_dropout}; it must lie in [0, 1).")
     if ft.lora_alpha is not None and ft.lora_alpha <= 0:
         fail(f"`lora_alpha` is {ft.lora_alpha}; it must be positive (or unset for 2 * lora_rank).")
-    notes += _validate_model_placement(model, ft, fail)
+    notes += _validate_model_layer(model, data, ft, fail)
     if not model.model_name_or_path:
         fail("`model_name_or_path` is empty; give a local directory, a hub name or builtin:tiny-<arch>.")
     if training.get("do_train") and not data.dataset:
@@ -149,10 +149,20 @@ def validate_combinations(
     return notes
 
 
-def _validate_model_placement(model: ModelArguments, ft: FinetuningArguments, fail) -> list[str]:
-    """`quantization_bit` / `quantization_type` / `double_quantization` (QLoRA) and `device_map`, before any model
-    loads (docs/quantization.md)."""
+def _validate_model_layer(model: ModelArguments, data: DataArguments, ft: FinetuningArguments, fail) -> list[str]:
+    """`quantization_bit` / `quantization_type` / `double_quantization` (QLoRA), `device_map` (docs/quantization.md)
+    and the built-in seq2seq model (docs/reward_modeling.md), before any model loads. A seq2seq model from a
+    directory is checked when it loads."""
     from ..models.quantization import check_quantization, parse_device_map
+    from ..models.tiny import TINY_SEQ2SEQ_ARCHS
+
+    if model.model_name_or_path in {f"builtin:tiny-{arch}" for arch in TINY_SEQ2SEQ_ARCHS}:
+        if ft.stage != "rm":
+            fail(f"`model_name_or_path: {model.model_name_or_path}` is an encoder-decoder (seq2seq) model; those are "
+                 f"supported as reward models (`stage: rm`, `score`, a PPO `reward_model`), not for `stage: {ft.stage}`.")
+        if data.pack_pairs:
+            fail("`pack_pairs: true` supports decoder-only models; an encoder-decoder (seq2seq) reward model cannot "
+                 "pack pairs. Set `pack_pairs: false`.")  # fmt: skip
 
     try:
         check_quantization(model, ft)

@@ -35,13 +35,19 @@ def decoder_start_id(config: Any) -> int:
 
 
 def shift_right(input_ids: torch.Tensor, attention_mask: torch.Tensor, start_id: int) -> torch.Tensor:
-    """(N, T) ids -> (N, T) decoder inputs: each row's tokens one place to the right, `start_id` at its first real
-    position (works with left and right padding). The decoder's mask is the encoder's: the decoder token at
-    position t is real exactly when input token t is, so the last real decoder position is the input's."""
-    first = attention_mask.long().argmax(dim=-1, keepdim=True)  # (N, 1)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-    shifted = torch.roll(input_ids, shifts=1, dims=1)
-    return torch.where(positions == first, torch.full_like(input_ids, start_id), shifted)
+    """(N, T) ids -> (N, T) decoder inputs: at each real position the previous *real* token, `start_id` at a row's
+    first real position (left or right padding alike). The decoder's mask is the encoder's: the decoder token at
+    position t is real exactly when input token t is, so the last real decoder position is the input's.
+
+    T5 / BART position the tokens by index, so a row with padding *inside* it (a hole) does not score exactly like
+    the row without the hole; the collators and PPO (left-padded prompt + right-padded response) never make holes.
+    """
+    mask = attention_mask.bool()
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    last_real = torch.where(mask, positions, torch.full_like(positions, -1)).cummax(dim=1).values
+    previous = torch.cat([torch.full_like(last_real[:, :1], -1), last_real[:, :-1]], dim=1)  # (N, T), -1: none
+    shifted = input_ids.gather(1, previous.clamp(min=0))
+    return torch.where(previous < 0, torch.full_like(input_ids, start_id), shifted)
 
 
 def seq2seq_hidden_states(
