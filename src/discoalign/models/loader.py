@@ -23,7 +23,14 @@ from .interop import is_sequence_classification
 from .lora import apply_lora
 from .model_with_heads import ModelWithHeads
 from .modality import ActorModality, detect_modality
-from .quantization import bnb_config, check_quantization, is_quantized, parse_device_map, prepare_for_kbit_training
+from .quantization import (
+    bnb_config,
+    check_no_offload,
+    check_quantization,
+    is_quantized,
+    parse_device_map,
+    prepare_for_kbit_training,
+)
 from .multimodal_loader import build_media_processor, freeze_frozen_parts, multimodal_auto_class, trainable_parts
 from .seq2seq import is_seq2seq_config
 from .tiny import TINY_ARCHS, TINY_SEQ2SEQ_ARCHS, build_tiny_model, build_tiny_tokenizer, write_tiny_model
@@ -421,7 +428,11 @@ def load_model_with_heads(
                            name, saved_eps, beta_head.epsilon)
         load_heads(model, name, getattr(model_args, "cache_dir", None))
 
-    if quantized or getattr(causal_lm, "hf_device_map", None):
+    device_map = getattr(causal_lm, "hf_device_map", None)
+    if device_map and "device_map" in load_kwargs:
+        # `auto` decides the placement while loading; one that offloads to CPU or disk is refused here.
+        check_no_offload({str(d) for d in device_map.values()})
+    if quantized or "device_map" in load_kwargs:  # (transformers sets `hf_device_map` only for split models)
         model.place_heads_on_hidden_device()  # heads are fp32 and trainable; on the device of the last hidden state
     if not is_trainable:
         model.requires_grad_(False)
@@ -440,6 +451,13 @@ def _placement_kwargs(model_args, finetuning_args, dtype, is_trainable: bool) ->
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     device_map = parse_device_map(getattr(model_args, "device_map", None)) if not is_trainable else None
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1 and (isinstance(device_map, str) or (isinstance(device_map, dict) and len(device_map) > 1)):
+        raise ConfigError(
+            f"`device_map: {model_args.device_map}` splits a model over several GPUs, which works in a single-process "
+            f"run only; this run has {world_size} processes, each holding its own copy. Drop `device_map` (or run "
+            "one process)."
+        )
     if device_map is None and quantization is not None:
         local = int(os.environ.get("LOCAL_RANK", "0") or 0)
         device_map = {"": f"cuda:{local}" if torch.cuda.is_available() else "cpu"}

@@ -254,7 +254,9 @@ class ModelWithHeads(nn.Module):
             out.variance = self.variance_head(last_token_hidden(hidden, attention_mask, score_index).float())
         if labels is not None:
             softcap = getattr(self.config, "final_logit_softcapping", None)
-            out.logps = pair_sequence_logps(hidden, self.lm_head, labels, logps_chunk_size, softcap)
+            # A model split by `device_map` ends on another device than its inputs: read there, return with them.
+            out.logps = pair_sequence_logps(hidden, self.lm_head, labels.to(hidden.device), logps_chunk_size,
+                                            softcap).to(input_ids.device)  # fmt: skip
         if beta_features is not None:
             if self.beta_head is None:
                 raise RuntimeError("beta_features were given but this model has no beta head")

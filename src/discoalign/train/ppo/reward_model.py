@@ -186,4 +186,6 @@ def score_responses(
     """Reward (mean (B,), variance (B,) or None) of each prompt + response, read at `reward_token_index`."""
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
-    return reward_model.score(input_ids, attention_mask, with_variance=reward_model.variance_head is not None)
+    mean, variance = reward_model.score(input_ids, attention_mask, with_variance=reward_model.variance_head is not None)
+    # A reward model split by `device_map` returns its scores on its last device; the rollout lives on the inputs'.
+    return mean.to(query_ids.device), None if variance is None else variance.to(query_ids.device)
