@@ -163,3 +163,56 @@ def test_ppo_with_the_reward_adapter_on_the_policy_base_trains_like_the_two_base
         for key in ("objective/scores", "reward/variance", "objective/kl", "loss/policy", "val/vf_loss"):
             assert shared[key] == pytest.approx(separate[key], rel=1e-4, abs=1e-5), key
     assert not (tmp_path / "shared" / "reward").exists()
+
+
+LAUNCHER = """
+import hashlib, json, os, sys
+
+from discoalign.config import load_config
+from discoalign.train.ppo.workflow import build_ppo_trainer
+from transformers import set_seed
+
+cfg = load_config(sys.argv[2])
+set_seed(cfg.training.seed)
+trainer, _ = build_ppo_trainer(cfg)
+trainer.train()
+digest = hashlib.sha256()
+for name, tensor in sorted(trainer._policy().state_dict().items()):
+    digest.update(name.encode())
+    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+with open(f"{sys.argv[1]}.rank{os.environ['RANK']}", "w") as f:
+    json.dump({"digest": digest.hexdigest(), "adapter": trainer._policy().backbone.active_adapter}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_with_the_shared_reward_adapter_stay_in_sync(tmp_path, reward_adapters):
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    raw = {
+        "stage": "ppo", "model_name_or_path": BASE, "finetuning_type": "lora", "lora_rank": 4,
+        "reward_model": reward_adapters["disco"], "reward_model_type": "lora", "disco_risk_coef": 0.5,
+        "dataset": "builtin:synthetic", "synthetic_num_pairs": 32, "max_new_tokens": 5,
+        "per_device_train_batch_size": 4, "ppo_epochs": 2, "max_steps": 2, "logging_steps": 1,
+        "learning_rate": 5e-3, "use_cpu": True, "do_train": True, "disable_tqdm": True, "save_strategy": "no",
+        "seed": 3, "plot_loss": False, "output_dir": str(tmp_path / "out"),
+    }  # fmt: skip
+    config = tmp_path / "ppo.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(LAUNCHER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(launcher), str(tmp_path / "fp"), str(config)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rank0 = json.loads((tmp_path / "fp.rank0").read_text())
+    rank1 = json.loads((tmp_path / "fp.rank1").read_text())
+    # Each rank scores its own rollouts with the reward adapter; DDP keeps the policies (and their adapters) equal.
+    assert rank0 == rank1 and rank0["adapter"] == "default"

@@ -170,6 +170,12 @@ def _validate_model_layer(model: ModelArguments, data: DataArguments, ft: Finetu
     except ConfigError as e:
         fail(str(e))
     notes = []
+    if model.quantization_bit is None and (model.quantization_type != "nf4" or not model.double_quantization):
+        notes.append("`quantization_type` / `double_quantization` apply with `quantization_bit: 4` only; without "
+                     "`quantization_bit` the base is not quantised.")  # fmt: skip
+    elif model.quantization_bit == 8 and (model.quantization_type != "nf4" or not model.double_quantization):
+        notes.append("`quantization_type` / `double_quantization` apply to 4-bit bases; `quantization_bit: 8` uses "
+                     "bitsandbytes' int8 layers.")  # fmt: skip
     if model.device_map is not None and ft.stage in ("rm", "dpo") and not model.ref_model_name_or_path:
         notes.append(f"`device_map: {model.device_map}` places inference-only models (the reward model, a reference "
                      "model, `discoalign score`); the model this run trains is placed by the Trainer.")
