@@ -250,3 +250,22 @@ def test_qlora_ppo_policy_with_the_qlora_reward_model(tmp_path, qlora_rm):
     assert abs(logs[0]["objective/kl"]) < 1e-6  # reference = the quantised policy with its adapters disabled
     assert all(math.isfinite(e["objective/scores"]) for e in logs)
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+@needs_bnb
+def test_a_t5_reward_model_quantises_and_a_builtin_multimodal_model_is_refused():
+    import bitsandbytes as bnb
+
+    from discoalign.models.tiny_multimodal import TINY_MULTIMODAL_ARCHS
+
+    ft = FinetuningArguments(finetuning_type="lora", lora_rank=4)
+    model, tok = load_model_with_heads(ModelArguments(model_name_or_path="builtin:tiny-t5", quantization_bit=4), ft,
+                                       add_value_head=True)  # fmt: skip
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.causal_lm.get_decoder().modules())
+    batch = tok(["Describe a garden. bright calm"], return_tensors="pt")
+    mean, _ = model.score(batch["input_ids"], batch["attention_mask"])
+    mean.sum().backward()
+    assert model.value_head.summary.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="multimodal"):
+        load_model_with_heads(ModelArguments(model_name_or_path=f"builtin:tiny-{TINY_MULTIMODAL_ARCHS[0]}",
+                                             quantization_bit=4), ft, add_value_head=True)  # fmt: skip

@@ -193,6 +193,11 @@ def _with_attn_fallback(load: Callable[[str | None], Any], requested: str | None
 
 def _build_builtin(arch: str, tokenizer, model_args, dtype, load_kwargs: dict | None = None) -> torch.nn.Module:
     name = BUILTIN_PREFIX + arch
+    if load_kwargs and arch in TINY_MULTIMODAL_ARCHS:
+        raise ConfigError(
+            f"`quantization_bit` / `device_map` are not supported with `model_name_or_path: {name}` (a built-in "
+            "multimodal model); quantised and device-mapped loading is verified for text models only."
+        )
     if load_kwargs and arch in TINY_ARCHS + TINY_SEQ2SEQ_ARCHS:
         # Quantisation and device maps happen while `from_pretrained` loads the weights: write the (deterministic)
         # tiny model to a temporary folder and load it from there like any other checkpoint.
