@@ -38,7 +38,7 @@ class ModelArguments:
     double_quantization: bool = field(
         default=True, metadata={"help": "4-bit: also quantise the quantisation constants (saves ~0.4 bit/param)."}
     )
-    device_map: str | None = field(
+    device_map: str | dict | None = field(
         default=None,
         metadata={"help": "Inference-only models (reward model, reference): `auto`, `balanced`, `sequential` or "
                           "one device (`cuda:1`); splits a large model over GPUs. CPU/disk offload is refused."},

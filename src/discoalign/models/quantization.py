@@ -129,9 +129,11 @@ def check_no_offload(devices: set[str], key: str = "device_map") -> None:
     names = {d.split(":")[0] for d in devices}
     offloads = "disk" in names or "meta" in names or ("cpu" in names and len(names - {"cpu"}) > 0)
     if offloads:
+        offloaded = ", ".join(sorted(names & set(OFFLOAD_DEVICES)))
+        others = ", ".join(sorted(names - set(OFFLOAD_DEVICES)))
+        where = f"part of the model on {offloaded} next to {others}" if others else f"the model on {offloaded}"
         raise ConfigError(
-            f"`{key}` places part of the model on {', '.join(sorted(names & set(OFFLOAD_DEVICES)))} next to "
-            f"{', '.join(sorted(names - set(OFFLOAD_DEVICES))) or 'nothing else'}: CPU/disk offload is not supported "
+            f"`{key}` places {where}: CPU/disk offload is not supported "
             "for models with heads (the value head reads the last hidden state, and offloaded weights would move "
             "at every forward pass). Use GPUs only (`device_map: auto` with enough GPU memory, or fewer layers "
             "per GPU via a dict), or a smaller dtype / `quantization_bit`."
