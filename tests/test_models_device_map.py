@@ -115,3 +115,16 @@ def test_the_ppo_reward_model_honours_device_map(tiny_dirs, tmp_path):
     with torch.no_grad():
         expected, _ = model.score(ids, mask)
     torch.testing.assert_close(mean, expected, rtol=0, atol=1e-6)
+
+
+def test_a_yaml_mapping_is_accepted(tiny_dirs):
+    from discoalign.config import build_config
+
+    cfg = build_config({"stage": "ppo", "reward_model": "unused", "dataset": "builtin:synthetic",
+                        "output_dir": "unused", "device_map": {"": "cpu"}})  # fmt: skip
+    assert cfg.model.device_map == {"": "cpu"}
+    model, tok = _reward_model(tiny_dirs["qwen3"], cfg.model.device_map)
+    plain, _ = _reward_model(tiny_dirs["qwen3"])
+    ids, mask = _batch(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(model.score(ids, mask)[0], plain.score(ids, mask)[0], rtol=0, atol=1e-6)
