@@ -55,6 +55,11 @@ def test_heads_read_the_decoder_last_hidden_state_at_the_last_real_token():
         torch.testing.assert_close(variance, model.variance_head(last), rtol=0, atol=1e-6)
         shifted = shift_right(ids, mask, model.config.decoder_start_token_id)
         assert torch.equal(shifted[mask.bool()], decoder_ids[mask.bool()])  # padding positions are masked anyway
+        # Explicit decoder inputs are used as given (and the heads read the decoder's own mask).
+        m, v = model.score(ids, mask, decoder_input_ids=decoder_ids, decoder_attention_mask=mask)
+        torch.testing.assert_close(m, mean, rtol=0, atol=1e-6)
+        m, _ = model.score(ids, mask, decoder_input_ids=decoder_ids[:, :2], decoder_attention_mask=mask[:, :2])
+        torch.testing.assert_close(m, model.value_head(out.decoder_hidden_states[-1][:, 1]), rtol=0, atol=1e-5)
 
         # Each row alone, and the batch left-padded, score the same.
         for i, text in enumerate(texts):
