@@ -36,7 +36,7 @@ BNB_PROBLEM = _bitsandbytes_problem()
 needs_bnb = pytest.mark.skipif(BNB_PROBLEM is not None, reason=BNB_PROBLEM or "")
 
 # The largest |score difference| of a QLoRA reward model's adapter + heads on the unquantised fp32 base vs on
-# the NF4 base it was trained on (tiny Llama, 64 synthetic eval pairs). Measured: ~0.09 with rewards of std ~0.4
+# the NF4 base it was trained on (tiny Llama, 128 synthetic texts). Measured: 0.108, correlation 0.998, score std 0.54
 # (NF4 rounds each weight to one of 16 levels per block of 64; the tiny random model has no outliers to protect).
 UNQUANTISED_TOLERANCE = 0.2
 UNQUANTISED_MIN_CORRELATION = 0.95
