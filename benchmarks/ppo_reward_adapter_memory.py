@@ -6,7 +6,7 @@ batch, then report the process's peak resident set size (ru_maxrss) above its RS
 CPU only; the base is a Llama with hidden 512 and 8 layers (~27 M parameters, ~103 MiB in fp32) so the copy stands
 out from allocator noise. Measured with RSS (VmRSS / ru_maxrss), not tracemalloc (which does not see torch tensors).
 
-    python benchmarks/ppo_reward_adapter_memory.py            # prints a table, writes results/ppo_reward_adapter_memory.json
+    python benchmarks/ppo_reward_adapter_memory.py   # prints a table; writes results/ppo_reward_adapter_memory.json
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def main() -> None:
         print(f"{row['mode']:>9}: peak RSS above start {row['peak_rss_above_start_mib']:8.1f} MiB, held after "
               f"scoring {row['rss_held_above_start_mib']:8.1f} MiB, "
               f"reward model parameters {row['reward_model_parameters']:>11,}")
-    print(f"saving: peak {saving:.1f} MiB, held {held_saving:.1f} MiB (one fp32 copy of the base is {result['base_fp32_mib']:.1f} MiB); "
+    print(f"saving: peak {saving:.1f} MiB, held {held_saving:.1f} MiB "
+          f"(one fp32 copy of the base is {result['base_fp32_mib']:.1f} MiB); "
           f"score sums {separate['score_sum']:.6f} vs {shared['score_sum']:.6f}")
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     with open(os.path.join(os.path.dirname(__file__), "results", "ppo_reward_adapter_memory.json"), "w") as f:

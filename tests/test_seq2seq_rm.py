@@ -138,8 +138,9 @@ def test_score_command_on_a_t5_reward_model(tmp_path):
     assert main(["score", "--model", out, "--data", str(data), "--out", str(scores)]) == 0
     lines = [json.loads(line) for line in scores.read_text().splitlines()]
     assert len(lines) == 4 and all("variance" in line for line in lines)
-    reloaded, _ = load_model_with_heads(ModelArguments(model_name_or_path=out), FinetuningArguments(add_disco_head=True),
-                                        add_value_head=True, is_trainable=False)  # fmt: skip
+    reloaded, _ = load_model_with_heads(ModelArguments(model_name_or_path=out),
+                                        FinetuningArguments(add_disco_head=True), add_value_head=True,
+                                        is_trainable=False)  # fmt: skip
     for name, param in model.named_parameters():
         assert torch.equal(param, dict(reloaded.named_parameters())[name]), name
 

@@ -159,7 +159,8 @@ def _validate_model_layer(model: ModelArguments, data: DataArguments, ft: Finetu
     if model.model_name_or_path in {f"builtin:tiny-{arch}" for arch in TINY_SEQ2SEQ_ARCHS}:
         if ft.stage != "rm":
             fail(f"`model_name_or_path: {model.model_name_or_path}` is an encoder-decoder (seq2seq) model; those are "
-                 f"supported as reward models (`stage: rm`, `score`, a PPO `reward_model`), not for `stage: {ft.stage}`.")
+                 "supported as reward models (`stage: rm`, `score`, a PPO `reward_model`), not for "
+                 f"`stage: {ft.stage}`.")  # fmt: skip
         if data.pack_pairs:
             fail("`pack_pairs: true` supports decoder-only models; an encoder-decoder (seq2seq) reward model cannot "
                  "pack pairs. Set `pack_pairs: false`.")  # fmt: skip
