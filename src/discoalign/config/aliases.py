@@ -38,7 +38,6 @@ NO_EQUIVALENT: dict[str, str] = {
     "flash_attn": "use `attn_implementation` (eager, sdpa or flash_attention_2).",
     "preprocessing_num_workers": "data is converted in the main process (it is checked row by row); remove it.",
     "overwrite_cache": "discoalign keeps no tokenised-data cache; remove it.",
-    "quantization_bit": "quantised training is not supported; remove it.",
 }
 
 

@@ -30,6 +30,19 @@ class ModelArguments:
     image_min_pixels: int = field(
         default=32 * 32, metadata={"help": "Images with fewer pixels are scaled up (aspect kept) before processing."}
     )
+    # quantisation (QLoRA) and placement of inference-only models (docs/quantization.md; LlamaFactory names)
+    quantization_bit: int | None = field(
+        default=None, metadata={"help": "4 or 8: load the base model quantised by bitsandbytes (QLoRA); needs lora."}
+    )
+    quantization_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type: nf4 | fp4."})
+    double_quantization: bool = field(
+        default=True, metadata={"help": "4-bit: also quantise the quantisation constants (saves ~0.4 bit/param)."}
+    )
+    device_map: str | dict | None = field(
+        default=None,
+        metadata={"help": "Inference-only models (reward model, reference): `auto`, `balanced`, `sequential` or "
+                          "one device (`cuda:1`); splits a large model over GPUs. CPU/disk offload is refused."},
+    )
 
 
 @dataclass

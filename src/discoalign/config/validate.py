@@ -135,6 +135,7 @@ def validate_combinations(
         fail(f"`lora_dropout` is {ft.lora_dropout}; it must lie in [0, 1).")
     if ft.lora_alpha is not None and ft.lora_alpha <= 0:
         fail(f"`lora_alpha` is {ft.lora_alpha}; it must be positive (or unset for 2 * lora_rank).")
+    notes += _validate_model_layer(model, data, ft, fail)
     if not model.model_name_or_path:
         fail("`model_name_or_path` is empty; give a local directory, a hub name or builtin:tiny-<arch>.")
     if training.get("do_train") and not data.dataset:
@@ -155,6 +156,40 @@ def validate_combinations(
     if ft.overwrite_output_dir and training.get("resume_from_checkpoint"):
         fail("`overwrite_output_dir: true` would delete the checkpoints that `resume_from_checkpoint` resumes from; "
              "set only one of them.")  # fmt: skip
+    return notes
+
+
+def _validate_model_layer(model: ModelArguments, data: DataArguments, ft: FinetuningArguments, fail) -> list[str]:
+    """`quantization_bit` / `quantization_type` / `double_quantization` (QLoRA), `device_map` (docs/quantization.md)
+    and the built-in seq2seq model (docs/reward_modeling.md), before any model loads. A seq2seq model from a
+    directory is checked when it loads."""
+    from ..models.quantization import check_quantization, parse_device_map
+    from ..models.tiny import TINY_SEQ2SEQ_ARCHS
+
+    if model.model_name_or_path in {f"builtin:tiny-{arch}" for arch in TINY_SEQ2SEQ_ARCHS}:
+        if ft.stage != "rm":
+            fail(f"`model_name_or_path: {model.model_name_or_path}` is an encoder-decoder (seq2seq) model; those are "
+                 "supported as reward models (`stage: rm`, `score`, a PPO `reward_model`), not for "
+                 f"`stage: {ft.stage}`.")  # fmt: skip
+        if data.pack_pairs:
+            fail("`pack_pairs: true` supports decoder-only models; an encoder-decoder (seq2seq) reward model cannot "
+                 "pack pairs. Set `pack_pairs: false`.")  # fmt: skip
+
+    try:
+        check_quantization(model, ft)
+        parse_device_map(model.device_map)
+    except ConfigError as e:
+        fail(str(e))
+    notes = []
+    if model.quantization_bit is None and (model.quantization_type != "nf4" or not model.double_quantization):
+        notes.append("`quantization_type` / `double_quantization` apply with `quantization_bit: 4` only; without "
+                     "`quantization_bit` the base is not quantised.")  # fmt: skip
+    elif model.quantization_bit == 8 and (model.quantization_type != "nf4" or not model.double_quantization):
+        notes.append("`quantization_type` / `double_quantization` apply to 4-bit bases; `quantization_bit: 8` uses "
+                     "bitsandbytes' int8 layers.")  # fmt: skip
+    if model.device_map is not None and ft.stage in ("rm", "dpo") and not model.ref_model_name_or_path:
+        notes.append(f"`device_map: {model.device_map}` places inference-only models (the reward model, a reference "
+                     "model, `discoalign score`); the model this run trains is placed by the Trainer.")
     return notes
 
 

@@ -104,7 +104,9 @@ def save_checkpoint(
         }
     if model.is_peft:
         # "auto" would look the base model up (on the hub) to decide whether embeddings changed; ours never do.
-        model.backbone.save_pretrained(output_dir, state_dict=backbone_state, save_embedding_layers=False)
+        # Only the model's own adapter: a PPO policy may also carry the reward adapter (`models.reward_adapter`).
+        model.backbone.save_pretrained(output_dir, state_dict=backbone_state, save_embedding_layers=False,
+                                       selected_adapters=[model.backbone.active_adapter])  # fmt: skip
     else:
         model.backbone.save_pretrained(output_dir, state_dict=backbone_state)
 

@@ -23,8 +23,17 @@ from .interop import is_sequence_classification
 from .lora import apply_lora
 from .model_with_heads import ModelWithHeads
 from .modality import ActorModality, detect_modality
+from .quantization import (
+    bnb_config,
+    check_no_offload,
+    check_quantization,
+    is_quantized,
+    parse_device_map,
+    prepare_for_kbit_training,
+)
 from .multimodal_loader import build_media_processor, freeze_frozen_parts, multimodal_auto_class, trainable_parts
-from .tiny import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer
+from .seq2seq import is_seq2seq_config
+from .tiny import TINY_ARCHS, TINY_SEQ2SEQ_ARCHS, build_tiny_model, build_tiny_tokenizer, write_tiny_model
 from .tiny_multimodal import TINY_MULTIMODAL_ARCHS, build_tiny_multimodal_model, build_tiny_multimodal_tokenizer
 from .weight_files import locate_file, read_json
 
@@ -43,10 +52,11 @@ def builtin_arch(name: str) -> str | None:
     if not name.startswith("builtin:"):
         return None
     arch = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else None
-    if arch not in TINY_ARCHS + TINY_MULTIMODAL_ARCHS:
+    known = TINY_ARCHS + TINY_SEQ2SEQ_ARCHS + TINY_MULTIMODAL_ARCHS
+    if arch not in known:
         raise ConfigError(
             f"`model_name_or_path: {name}` is not a built-in model. The built-in models are "
-            f"{', '.join(BUILTIN_PREFIX + a for a in TINY_ARCHS + TINY_MULTIMODAL_ARCHS)}."
+            f"{', '.join(BUILTIN_PREFIX + a for a in known)}."
         )
     return arch
 
@@ -181,7 +191,29 @@ def _with_attn_fallback(load: Callable[[str | None], Any], requested: str | None
     raise AssertionError("unreachable")
 
 
-def _build_builtin(arch: str, tokenizer, model_args, dtype) -> torch.nn.Module:
+def _build_builtin(arch: str, tokenizer, model_args, dtype, load_kwargs: dict | None = None) -> torch.nn.Module:
+    name = BUILTIN_PREFIX + arch
+    if load_kwargs and arch in TINY_MULTIMODAL_ARCHS:
+        raise ConfigError(
+            f"`quantization_bit` / `device_map` are not supported with `model_name_or_path: {name}` (a built-in "
+            "multimodal model); quantised and device-mapped loading is verified for text models only."
+        )
+    if load_kwargs and arch in TINY_ARCHS + TINY_SEQ2SEQ_ARCHS:
+        # Quantisation and device maps happen while `from_pretrained` loads the weights: write the (deterministic)
+        # tiny model to a temporary folder and load it from there like any other checkpoint.
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="discoalign-tiny-") as folder:
+            write_tiny_model(arch, folder, seed=0)
+            model = _from_pretrained(folder, model_args, dtype, load_kwargs)
+    else:
+        model = _build_builtin_in_memory(arch, tokenizer, model_args, dtype)
+    model.name_or_path = name
+    model.config._name_or_path = name
+    return model
+
+
+def _build_builtin_in_memory(arch: str, tokenizer, model_args, dtype) -> torch.nn.Module:
     def load(impl: str | None):
         if arch in TINY_MULTIMODAL_ARCHS:
             model = build_tiny_multimodal_model(arch, tokenizer=tokenizer, seed=0)
@@ -194,15 +226,13 @@ def _build_builtin(arch: str, tokenizer, model_args, dtype) -> torch.nn.Module:
     model = _with_attn_fallback(load, model_args.attn_implementation)
     if dtype not in (None, "auto", torch.float32):
         model = model.to(dtype)
-    name = BUILTIN_PREFIX + arch
-    model.name_or_path = name
-    model.config._name_or_path = name
     return model
 
 
-def _from_pretrained(name: str, model_args, dtype) -> torch.nn.Module:
-    """A plain CausalLM from a directory or hub name (a seq-cls reward model loads its body as a CausalLM)."""
-    from transformers import AutoModelForCausalLM
+def _from_pretrained(name: str, model_args, dtype, load_kwargs: dict | None = None) -> torch.nn.Module:
+    """A plain CausalLM (or Seq2SeqLM) from a directory or hub name (a seq-cls reward model loads its body as a
+    CausalLM). `load_kwargs`: `quantization_config` / `device_map` for `from_pretrained`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     cache_dir = getattr(model_args, "cache_dir", None)
     config_path = locate_file(name, "config.json", cache_dir)
@@ -214,14 +244,16 @@ def _from_pretrained(name: str, model_args, dtype) -> torch.nn.Module:
         )
     config_json = read_json(config_path) if config_path is not None else {}
     # Vision-language / audio-language configs are not in AutoModelForCausalLM's mapping.
-    auto_class = multimodal_auto_class(config_json) or AutoModelForCausalLM
+    auto_class = multimodal_auto_class(config_json) or (
+        AutoModelForSeq2SeqLM if is_seq2seq_config(config_json) else AutoModelForCausalLM
+    )
     if config_path is not None and is_sequence_classification(config_json):
         logger.warning(
             "%s is a sequence-classification reward model: its body is loaded as a causal LM whose LM head is "
             "absent and randomly initialised (unused for scoring); `score` becomes the value head.", name,
         )
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "cache_dir": cache_dir}
+    kwargs: dict[str, Any] = {"dtype": dtype, "cache_dir": cache_dir, **(load_kwargs or {})}
     if model_args.trust_remote_code:
         kwargs["trust_remote_code"] = True
 
@@ -252,22 +284,28 @@ def _from_pretrained(name: str, model_args, dtype) -> torch.nn.Module:
     return model
 
 
-def _load_backbone(name: str, tokenizer, model_args, finetuning_args, dtype, is_trainable: bool, depth: int = 0):
+def _load_backbone(
+    name: str, tokenizer, model_args, finetuning_args, dtype, is_trainable: bool, depth: int = 0,
+    load_kwargs: dict | None = None,
+):  # fmt: skip
     """The backbone for `name`: CausalLM, or PeftModel when `name` is a LoRA checkpoint kept as an adapter."""
     if depth > 4:
         raise CheckpointError(f"Adapter checkpoints nest too deeply at {name!r} (an adapter whose base is itself).")
     arch = builtin_arch(name)
     if arch is not None:
-        return _build_builtin(arch, tokenizer, model_args, dtype)
+        return _build_builtin(arch, tokenizer, model_args, dtype, load_kwargs)
     _check_exists(name)
     cache_dir = getattr(model_args, "cache_dir", None)
     base_name = _adapter_base(name, cache_dir)
     if base_name is None:
-        return _from_pretrained(name, model_args, dtype)
+        return _from_pretrained(name, model_args, dtype, load_kwargs)
 
     from peft import PeftModel
 
-    base = _load_backbone(base_name, tokenizer, model_args, finetuning_args, dtype, False, depth + 1)
+    base = _load_backbone(base_name, tokenizer, model_args, finetuning_args, dtype, False, depth + 1, load_kwargs)
+    if isinstance(base, PeftModel) and is_quantized(base.get_base_model()):
+        raise CheckpointError(f"{name!r} is an adapter on another adapter; with `quantization_bit` the inner one "
+                              "cannot be merged into the quantised base. Merge it first, or drop `quantization_bit`.")
     if isinstance(base, PeftModel):
         base = base.merge_and_unload()
     keep_adapter = not is_trainable or finetuning_args.finetuning_type == "lora"
@@ -319,9 +357,24 @@ def load_model_with_heads(
     name = os.path.expanduser(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_args)
     dtype = _resolve_dtype(torch_dtype)
-    backbone = _load_backbone(name, tokenizer, model_args, finetuning_args, dtype, is_trainable)
+    load_kwargs = _placement_kwargs(model_args, finetuning_args, dtype, is_trainable)
+    backbone = _load_backbone(name, tokenizer, model_args, finetuning_args, dtype, is_trainable, 0, load_kwargs)
 
     from peft import PeftModel
+
+    base_lm = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
+    if is_trainable and is_seq2seq_config(base_lm.config) and getattr(finetuning_args, "stage", "rm") != "rm":
+        raise ConfigError(
+            f"`model_name_or_path: {name}` is an encoder-decoder (seq2seq) model; those are supported as reward "
+            f"models (`stage: rm`, `score`, a PPO `reward_model`), not as the trained model of `stage: "
+            f"{finetuning_args.stage}`."
+        )
+    if is_trainable and is_quantized(base_lm):
+        # PEFT's preparation freezes every parameter; an adapter being resumed must stay trainable.
+        resumed = [p for p in backbone.parameters() if p.requires_grad] if isinstance(backbone, PeftModel) else []
+        prepare_for_kbit_training(base_lm)
+        for param in resumed:
+            param.requires_grad_(True)
 
     lora = finetuning_args.finetuning_type == "lora"
     if lora and is_trainable and not isinstance(backbone, PeftModel):
@@ -340,6 +393,7 @@ def load_model_with_heads(
 
     causal_lm = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
     hidden_size = causal_lm.config.get_text_config().hidden_size
+    quantized = is_quantized(causal_lm)
     heads_config = {
         "hidden_size": hidden_size,
         "head_dropout": finetuning_args.head_dropout,
@@ -379,6 +433,45 @@ def load_model_with_heads(
                            name, saved_eps, beta_head.epsilon)
         load_heads(model, name, getattr(model_args, "cache_dir", None))
 
+    device_map = getattr(causal_lm, "hf_device_map", None)
+    if device_map and "device_map" in load_kwargs:
+        # `auto` decides the placement while loading; one that offloads to CPU or disk is refused here.
+        check_no_offload({str(d) for d in device_map.values()})
+    if quantized or "device_map" in load_kwargs:  # (transformers sets `hf_device_map` only for split models)
+        model.place_heads_on_hidden_device()  # heads are fp32 and trainable; on the device of the last hidden state
     if not is_trainable:
         model.requires_grad_(False)
     return model.eval(), tokenizer
+
+
+def _placement_kwargs(model_args, finetuning_args, dtype, is_trainable: bool) -> dict[str, Any]:
+    """`quantization_config` and `device_map` for `from_pretrained` (empty without `quantization_bit`/`device_map`).
+
+    `device_map` applies to inference-only models (`is_trainable=False`: reward model, reference, `score`); the
+    trained model is placed by the Trainer. A quantised model without one goes whole onto this process's device.
+    """
+    check_quantization(model_args, finetuning_args if is_trainable else _LoraLike())
+    kwargs: dict[str, Any] = {}
+    quantization = bnb_config(model_args, dtype)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    device_map = parse_device_map(getattr(model_args, "device_map", None)) if not is_trainable else None
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1 and (isinstance(device_map, str) or (isinstance(device_map, dict) and len(device_map) > 1)):
+        raise ConfigError(
+            f"`device_map: {model_args.device_map}` splits a model over several GPUs, which works in a single-process "
+            f"run only; this run has {world_size} processes, each holding its own copy. Drop `device_map` (or run "
+            "one process)."
+        )
+    if device_map is None and quantization is not None:
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        device_map = {"": f"cuda:{local}" if torch.cuda.is_available() else "cpu"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return kwargs
+
+
+class _LoraLike:
+    """An inference-only model may load quantised whatever the run's finetuning_type (nothing of it trains)."""
+
+    finetuning_type = "lora"

@@ -18,6 +18,7 @@ from ..losses.logps import DEFAULT_CHUNK_SIZE, pair_sequence_logps
 from .heads import BetaHead, ValueHead, VarianceHead, gather_last_token
 from .modality import MODALITY_INPUTS, ActorModality, supported_parameters
 from .pair_attention import pair_attention_mask
+from .seq2seq import is_seq2seq_config, seq2seq_hidden_states
 
 
 @dataclass
@@ -141,6 +142,22 @@ class ModelWithHeads(nn.Module):
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
+    @property
+    def is_seq2seq(self) -> bool:
+        """True for an encoder-decoder backbone (T5 / BART): the heads read the decoder (`models.seq2seq`)."""
+        return is_seq2seq_config(self.config)
+
+    def place_heads_on_hidden_device(self) -> None:
+        """Move the heads to the device of the last hidden state (a model split by `device_map`, or quantised), so
+        their outputs are returned there, as TRL's value-head wrapper does."""
+        from .quantization import last_hidden_device
+
+        body = self.causal_lm.get_decoder() if self.is_seq2seq else self.decoder
+        device = last_hidden_device(body)
+        for head in (self.value_head, self.variance_head, self.beta_head):
+            if head is not None:
+                head.to(device)
+
     # ---- computation ---------------------------------------------------------------------------
 
     def hidden_states(
@@ -154,6 +171,8 @@ class ModelWithHeads(nn.Module):
         batch carries image/video grids for an M-RoPE model, which then computes its 3-D positions from the
         grids and the mask itself. `model_inputs` may hold media inputs (see `supported_parameters`).
         """
+        if self.is_seq2seq:
+            return seq2seq_hidden_states(self.causal_lm, input_ids, attention_mask, **model_inputs)[0]
         segment_ids = model_inputs.pop("segment_ids", None)
         pair_segments = model_inputs.pop("pair_segments", None)
         if segment_ids is not None:
@@ -226,13 +245,19 @@ class ModelWithHeads(nn.Module):
         """
         hidden = self.hidden_states(input_ids, attention_mask, **model_inputs)
         out = HeadsOutput(last_hidden_state=hidden)
+        if self.is_seq2seq and model_inputs.get("decoder_input_ids") is not None:  # heads read the decoder's tokens
+            attention_mask = model_inputs.get("decoder_attention_mask")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(model_inputs["decoder_input_ids"])
         if with_heads and self.value_head is not None:
             out.mean, out.variance = self.heads_at_last_token(hidden, attention_mask, with_variance, score_index)
         elif with_heads and with_variance and self.variance_head is not None:
             out.variance = self.variance_head(last_token_hidden(hidden, attention_mask, score_index).float())
         if labels is not None:
             softcap = getattr(self.config, "final_logit_softcapping", None)
-            out.logps = pair_sequence_logps(hidden, self.lm_head, labels, logps_chunk_size, softcap)
+            # A model split by `device_map` ends on another device than its inputs: read there, return with them.
+            out.logps = pair_sequence_logps(hidden, self.lm_head, labels.to(hidden.device), logps_chunk_size,
+                                            softcap).to(input_ids.device)  # fmt: skip
         if beta_features is not None:
             if self.beta_head is None:
                 raise RuntimeError("beta_features were given but this model has no beta head")

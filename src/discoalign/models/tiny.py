@@ -13,6 +13,8 @@ import os
 import torch
 
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "gpt2")
+# Encoder-decoder models (AutoModelForSeq2SeqLM): reward models only (`models.seq2seq`).
+TINY_SEQ2SEQ_ARCHS = ("t5",)
 
 PAD_TOKEN = "<|endoftext|>"  # also bos and unk
 IM_START = "<|im_start|>"
@@ -194,6 +196,23 @@ def _tiny_config(arch: str, vocab_size: int, pad_id: int, bos_id: int, eos_id: i
     from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
     ids = dict(pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id)
+    if arch == "t5":
+        from transformers import T5Config
+
+        return T5Config(
+            vocab_size=vocab_size,
+            d_model=TINY_HIDDEN,
+            d_kv=TINY_HIDDEN // TINY_HEADS,
+            d_ff=TINY_INTERMEDIATE,
+            num_layers=TINY_LAYERS,
+            num_decoder_layers=TINY_LAYERS,
+            num_heads=TINY_HEADS,
+            feed_forward_proj="relu",
+            dropout_rate=0.0,
+            tie_word_embeddings=False,
+            decoder_start_token_id=pad_id,  # T5's convention: the decoder starts from the pad token
+            **ids,
+        )
     if arch == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size,
@@ -211,23 +230,24 @@ def _tiny_config(arch: str, vocab_size: int, pad_id: int, bos_id: int, eos_id: i
         return Qwen2Config(**decoder)
     if arch == "qwen3":
         return Qwen3Config(head_dim=TINY_HIDDEN // TINY_HEADS, **decoder)
-    raise ValueError(f"unknown tiny arch {arch!r}; expected one of {', '.join(TINY_ARCHS)}")
+    raise ValueError(f"unknown tiny arch {arch!r}; expected one of {', '.join(TINY_ARCHS + TINY_SEQ2SEQ_ARCHS)}")
 
 
 def build_tiny_model(arch: str, tokenizer=None, seed: int = 0):
-    """A randomly initialised `AutoModelForCausalLM` of the given arch (hidden 64, 2 layers), in fp32.
+    """A randomly initialised `AutoModelForCausalLM` (`AutoModelForSeq2SeqLM` for t5) of the given arch (hidden 64,
+    2 layers), in fp32.
 
     Deterministic for a seed; the global RNG is left untouched.
 
     Args:
-        arch: one of TINY_ARCHS.
+        arch: one of TINY_ARCHS or TINY_SEQ2SEQ_ARCHS.
         tokenizer: sets vocab size and special ids; defaults to `build_tiny_tokenizer()`.
         seed: the init seed.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    if arch not in TINY_ARCHS:
-        raise ValueError(f"unknown tiny arch {arch!r}; expected one of {', '.join(TINY_ARCHS)}")
+    if arch not in TINY_ARCHS + TINY_SEQ2SEQ_ARCHS:
+        raise ValueError(f"unknown tiny arch {arch!r}; expected one of {', '.join(TINY_ARCHS + TINY_SEQ2SEQ_ARCHS)}")
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     config = _tiny_config(
         arch,
@@ -236,7 +256,8 @@ def build_tiny_model(arch: str, tokenizer=None, seed: int = 0):
         bos_id=tokenizer.bos_token_id,
         eos_id=tokenizer.eos_token_id,
     )
-    return seeded_from_config(AutoModelForCausalLM, config, tokenizer, seed)
+    auto_class = AutoModelForSeq2SeqLM if arch in TINY_SEQ2SEQ_ARCHS else AutoModelForCausalLM
+    return seeded_from_config(auto_class, config, tokenizer, seed)
 
 
 def seeded_from_config(auto_class, config, tokenizer, seed: int):

@@ -5,10 +5,14 @@
 * LlamaFactory / TRL value-head checkpoints (`value_head.safetensors` / `.bin`, `v_head.*` keys), the DiscoRM
   fork (`var_head.*`), and sequence-classification reward models.
 
-`reward_model_type: lora` says the directory is a LoRA adapter (with its heads): the adapter goes on top of the
-base model its `adapter_config.json` names when that base is available here (a `builtin:tiny-*` name or an
-existing directory), else on top of `model_name_or_path` (the policy's base, LlamaFactory's convention).
+`reward_model_type: lora` says the directory is a LoRA adapter (with its heads). With a LoRA policy it is loaded
+as a second named adapter on the policy's own base (TRL's reward-adapter design, `models.reward_adapter`): one
+base in memory for policy, reference and reward model; the adapter must have been trained on that base. With a
+fully fine-tuned policy the adapter goes on top of the base its `adapter_config.json` names when that base is
+available here (a `builtin:tiny-*` name or an existing directory), else on top of `model_name_or_path` (the
+policy's base, LlamaFactory's convention).
 `reward_model_type: full` loads the directory as it is (an adapter directory still works, on its named base).
+A reward model on its own base loads unquantised and honours `device_map` (docs/quantization.md).
 
 The reward is read where the reward model was trained to read it: a response that ended on its stop token
 gets the rest of the template's turn appended first (`train.rm.position`; ChatML's `\n` after `<|im_end|>`),
@@ -34,6 +38,7 @@ from ...models.heads import ValueHead, VarianceHead, last_token_index
 from ...models.interop import import_heads
 from ...models.loader import load_model_with_heads
 from ...models.model_with_heads import ModelWithHeads
+from ...models.reward_adapter import SharedBaseRewardModel, attach_reward_adapter
 from ...models.weight_files import read_json
 from ..rm.position import append_turn_suffix
 
@@ -81,6 +86,7 @@ def _adapter_on_base(model_args, reward_dir: str, base_name: str, rm_ft, has_var
 
     base_args = copy.copy(model_args)
     base_args.model_name_or_path = base_name
+    base_args.quantization_bit = None  # a reward model on its own base scores as it was trained
     bare_ft = dataclasses.replace(rm_ft, add_disco_head=False)
     base, _ = load_model_with_heads(base_args, bare_ft, add_value_head=False, is_trainable=False)
     try:
@@ -101,8 +107,13 @@ def _adapter_on_base(model_args, reward_dir: str, base_name: str, rm_ft, has_var
     return model
 
 
-def load_reward_model(model_args, finetuning_args, policy_tokenizer) -> ModelWithHeads:
+def load_reward_model(
+    model_args, finetuning_args, policy_tokenizer, policy: ModelWithHeads | None = None
+) -> ModelWithHeads | SharedBaseRewardModel:
     """The frozen reward model named by `finetuning_args.reward_model`, in eval mode.
+
+    With `reward_model_type: lora` and a LoRA `policy`, the reward adapter is loaded onto the policy's base (a
+    `SharedBaseRewardModel`; ConfigError when the adapter was trained on another base).
 
     It gets a variance head exactly when the checkpoint has one. Built under a forked RNG, so loading it draws
     nothing from the run's random stream. Raises ConfigError / CheckpointError naming `reward_model` when the
@@ -135,8 +146,19 @@ def load_reward_model(model_args, finetuning_args, policy_tokenizer) -> ModelWit
     )  # fmt: skip
     rm_args = copy.copy(model_args)
     rm_args.model_name_or_path = reward_dir
+    rm_args.quantization_bit = None  # a reward model on its own base scores as it was trained
     with torch.random.fork_rng(devices=[]):
         named_base = read_json(adapter_config).get("base_model_name_or_path") if is_adapter else None
+        if ft.reward_model_type == "lora" and policy is not None and policy.is_peft:
+            if not _usable_base(named_base):
+                logger.info("The reward adapter's base %r is not available here; it goes on the policy's base.",
+                            named_base)  # fmt: skip
+            shared = attach_reward_adapter(
+                policy, reward_dir, named_base if _usable_base(named_base) else None, has_variance, cache_dir
+            )
+            logger.info("Reward adapter %s loaded on the policy's base as adapter %r (one base in memory).",
+                        reward_dir, shared.adapter_name)  # fmt: skip
+            return shared.eval()
         if is_adapter and not _usable_base(named_base):
             logger.info("The reward adapter's base %r is not available here; using `model_name_or_path: %s`.",
                         named_base, model_args.model_name_or_path)
@@ -231,6 +253,9 @@ def score_responses_detailed(
     mean, aleatoric = reward_model.score(
         input_ids, attention_mask, with_variance=reward_model.variance_head is not None
     )
+    # A reward model split by `device_map` returns its scores on its last device; the rollout lives on the inputs'.
+    mean = mean.to(query_ids.device)
+    aleatoric = None if aleatoric is None else aleatoric.to(query_ids.device)
     epistemic_term = getattr(reward_model, "epistemic", None)
     epistemic = epistemic_term.variance(response_ids, response_mask) if epistemic_term is not None else None
     return RewardScores(mean, aleatoric, epistemic)

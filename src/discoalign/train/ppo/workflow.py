@@ -60,7 +60,8 @@ def build_ppo_trainer(cfg: RunConfig, callbacks: list[TrainerCallback] | None = 
     # the reference are built under forked RNGs.
     model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, add_value_head=True, is_trainable=True)
     model.train()
-    reward_model = load_reward_model(cfg.model, cfg.finetuning, tokenizer)
+    # A LoRA reward adapter (`reward_model_type: lora`) goes onto the LoRA policy's own base.
+    reward_model = load_reward_model(cfg.model, cfg.finetuning, tokenizer, policy=model)
     reference = load_reference(cfg)
     bundle = get_dataset(cfg.data, tokenizer, stage="ppo", seed=args.seed)
     trainer = PPOTrainer(
