@@ -21,6 +21,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "Data": ("dataset", "eval_dataset", "dataset_dir", "dataset_format", "cutoff_len", "val_size", "max_samples",
              "skip_invalid_rows", "synthetic_num_pairs", "synthetic_seed"),
     "Stage and fine-tuning": ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target"),
+    "Quantisation and placement": ("quantization_bit", "quantization_type", "double_quantization", "device_map"),
     "Heads": ("add_disco_head", "add_beta_head", "disco_pref", "use_dynamic_beta", "head_dropout", "head_init_std",
               "beta_head_epsilon", "beta_head_lr_ratio", "beta_head_pooling", "variance_head_lr_ratio",
               "disco_variance_prior"),
