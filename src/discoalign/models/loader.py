@@ -182,11 +182,15 @@ def _with_attn_fallback(load: Callable[[str | None], Any], requested: str | None
 
 
 def _build_builtin(arch: str, tokenizer, model_args, dtype) -> torch.nn.Module:
+    from ..train.distributed import without_zero3_init
+
     def load(impl: str | None):
-        if arch in TINY_MULTIMODAL_ARCHS:
-            model = build_tiny_multimodal_model(arch, tokenizer=tokenizer, seed=0)
-        else:
-            model = build_tiny_model(arch, tokenizer=tokenizer, seed=0)
+        # Seeded weights: the same model under DeepSpeed ZeRO-3 as anywhere else (the engine shards it later).
+        with without_zero3_init():
+            if arch in TINY_MULTIMODAL_ARCHS:
+                model = build_tiny_multimodal_model(arch, tokenizer=tokenizer, seed=0)
+            else:
+                model = build_tiny_model(arch, tokenizer=tokenizer, seed=0)
         if impl is not None:
             model.set_attn_implementation(impl)
         return model
