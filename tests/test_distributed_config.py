@@ -23,6 +23,8 @@ def test_ppo_under_zero3_is_refused_before_any_model_loads():
         load_config(None, {**PPO, "deepspeed": z3})
     z2 = os.path.join(EXAMPLES, "deepspeed", "ds_z2_config.json")
     assert load_config(None, {**PPO, "deepspeed": z2}).training.deepspeed == z2  # ZeRO-2 is allowed
+    with pytest.raises(ConfigError, match="needs `gradient_accumulation_steps: 1`"):
+        load_config(None, {**PPO, "deepspeed": z2, "gradient_accumulation_steps": 2})
 
 
 def test_deepspeed_file_errors_name_the_file(tmp_path, capsys):

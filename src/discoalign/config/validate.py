@@ -305,3 +305,10 @@ def _validate_deepspeed(ft: FinetuningArguments, training: dict[str, Any], fail)
              "for every token (and keep all processes generating in lockstep). Use ZeRO-2 "
              "(examples/deepspeed/ds_z2_config.json), plain data parallelism (no `deepspeed`), or LoRA to fit the "
              "model; see docs/distributed.md.")
+    accumulation = training.get("gradient_accumulation_steps", 1)
+    if ft.stage == "ppo" and isinstance(accumulation, int) and accumulation > 1:
+        # PPO's own update loop scales and steps per mini-batch; the DeepSpeed engine would scale the loss by
+        # 1/gradient_accumulation_steps again and step on its own count of micro-batches (tested: other updates).
+        fail(f"`stage: ppo` under DeepSpeed needs `gradient_accumulation_steps: 1` (got {accumulation}): PPO "
+             "accumulates over its mini-batches itself and the DeepSpeed engine would scale and step a second "
+             "time. Raise `per_device_train_batch_size` instead, or train PPO without `deepspeed`.")
