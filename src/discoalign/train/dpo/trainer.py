@@ -26,7 +26,7 @@ from ...data.packing import packed_model_inputs, prepare_pair_packing
 from ...losses.logps import pair_sequence_logps, response_lengths
 from ...models.model_with_heads import last_token_hidden
 from ..base_trainer import DiscoTrainer
-from ..distributed import prepare_reference
+from ..distributed import prepare_reference, zero_stage
 from .metric import LABEL_COLUMNS, compute_metrics, step_metrics
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,10 @@ class DPOTrainer(DiscoTrainer):
         self.logps_chunk_size = ft.logps_chunk_size
         # inference_mode skips autograd's version counters and views bookkeeping entirely; no_grad is the fallback.
         self.reference_grad_off = torch.inference_mode if ft.reference_inference_mode else torch.no_grad
+        if zero_stage(self.args) == 3:
+            # ZeRO-3 gathers weights into new tensors as layers run: made under inference_mode they would be
+            # inference tensors, which a later training forward (the shared LoRA layers) cannot save for backward.
+            self.reference_grad_off = torch.no_grad
         self.pref_beta = ft.pref_beta
         self.loss_type = ft.pref_loss
         self.label_smoothing = ft.label_smoothing
