@@ -21,7 +21,7 @@ from discoalign.train.tuner import run_exp
 from test_distributed_zero import (COMMON, JOBS, LAUNCHER, LOSS_TOL, PER_DEVICE_BATCH, SCORE_TOL, STEPS, assert_close,
                                    logged_losses, saved_fingerprint, write_yaml)  # fmt: skip
 
-FSDP_JOBS = ("rm_disco", "dpo_dynamic_beta")
+FSDP_JOBS = ("rm_disco", "dpo_dynamic_beta", "dpo_lora", "dpo_precomputed", "rm_bt", "dpo_full")
 
 
 @pytest.mark.slow
