@@ -120,18 +120,21 @@ LAUNCHER = textwrap.dedent(
     from transformers import TrainerCallback
 
     from discoalign.config import load_config
+    from discoalign.train.distributed import is_zero3_partitioned
     from discoalign.train.dpo.trainer import DPOTrainer
     from discoalign.train.tuner import run_exp
     from test_distributed_zero import fingerprint
 
     rank = int(os.environ["RANK"])
-    record = {"fingerprints": {}, "reference_pairs": {}}
+    record = {"fingerprints": {}, "reference_pairs": {}, "reference_sharded": {}}
     current = {}
     reference_forward = DPOTrainer.reference_forward
 
     def counting_reference_forward(self, inputs):
         record["reference_pairs"][current["path"]] = (record["reference_pairs"].get(current["path"], 0)
                                                       + inputs["labels"].shape[0] // 2)
+        if self.ref_model is not None:  # a separate frozen reference: is each rank holding only shards of it?
+            record["reference_sharded"][current["path"]] = is_zero3_partitioned(self.ref_model)
         return reference_forward(self, inputs)
 
     DPOTrainer.reference_forward = counting_reference_forward
@@ -271,6 +274,9 @@ def test_deepspeed_zero2_and_zero3_equal_single_process_save_and_resume(tmp_path
                 assert abs(resumed_losses[step] - losses[step]) <= RESUME_TOL, (what, resumed_losses, losses)
             assert_close(record["fingerprints"][path.replace(".yaml", "_resume.yaml")], in_memory, RESUME_TOL,
                          what + " resumed")  # fmt: skip
+            if name in ("dpo_full", "dpo_dynamic_beta"):
+                # The frozen reference: sharded under ZeRO-3 (an inference engine, as TRL prepares it), whole under 2.
+                assert record["reference_sharded"][path] is (zero == 3), (what, record["reference_sharded"])
             if name == "dpo_precomputed":
                 # Each rank ran the reference over its half of the 40 pairs (and never again: the run has no ref).
                 halves = (record["reference_pairs"][path], record1["reference_pairs"][path])
