@@ -51,6 +51,17 @@ def test_deepspeed_missing_package_is_a_config_error(tmp_path, monkeypatch):
         load_config(None, {**PPO, "deepspeed": str(config)})
 
 
+def test_zero3_without_gathered_saves_is_refused(tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    config = json.load(open(os.path.join(EXAMPLES, "deepspeed", "ds_z3_config.json")))
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    path = tmp_path / "z3.json"
+    path.write_text(json.dumps(config))
+    rm = {"stage": "rm", "model_name_or_path": "builtin:tiny-qwen3", "use_cpu": True, "deepspeed": str(path)}
+    with pytest.raises(ConfigError, match="stage3_gather_16bit_weights_on_model_save"):
+        load_config(None, rm)
+
+
 @pytest.mark.parametrize("length,shards", [(40, 2), (41, 2), (7, 3), (2, 4), (0, 2)])
 def test_shards_cover_every_row_once_in_order(length, shards):
     bounds = [shard_bounds(length, shards, i) for i in range(shards)]

@@ -305,6 +305,14 @@ def _validate_deepspeed(ft: FinetuningArguments, training: dict[str, Any], fail)
              "for every token (and keep all processes generating in lockstep). Use ZeRO-2 "
              "(examples/deepspeed/ds_z2_config.json), plain data parallelism (no `deepspeed`), or LoRA to fit the "
              "model; see docs/distributed.md.")
+    zero = config.get("zero_optimization") or {}
+    if stage == 3 and not (zero.get("stage3_gather_16bit_weights_on_model_save")
+                           or zero.get("gather_16bit_weights_on_model_save")):  # fmt: skip
+        # Without it the Trainer saves only DeepSpeed's sharded checkpoint, and our writer would find the module's
+        # own weights empty (each rank holds shards): the saved model and heads would be unusable.
+        fail("DeepSpeed ZeRO-3 needs `\"stage3_gather_16bit_weights_on_model_save\": true` under "
+             "`zero_optimization` in the `deepspeed` JSON: discoalign saves the gathered weights and heads so that "
+             "the output loads anywhere (examples/deepspeed/ds_z3_config.json sets it).")
     accumulation = training.get("gradient_accumulation_steps", 1)
     if ft.stage == "ppo" and isinstance(accumulation, int) and accumulation > 1:
         # PPO's own update loop scales and steps per mini-batch; the DeepSpeed engine would scale the loss by
