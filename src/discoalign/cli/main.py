@@ -74,7 +74,8 @@ def cmd_train_or_eval(ns: argparse.Namespace) -> int:
             raw["eval_dataset"] = raw["dataset"]
     cfg = build_config(raw, source=repr(ns.config), defaults=defaults, require_stage=True)
     run_exp(cfg)
-    print(f"\nOutputs in {os.path.abspath(cfg.training.output_dir)}")
+    if cfg.training.process_index == 0:  # once per run, not once per process
+        print(f"\nOutputs in {os.path.abspath(cfg.training.output_dir)}")
     return 0
 
 

@@ -25,6 +25,7 @@ def validate_combinations(
     # First, so that a PPO run with `disco_pref` hears about PPO, not about the missing variance head.
     notes += _validate_ppo(ft, fail)
     _validate_sft(model, data, ft, fail)
+    _validate_deepspeed(ft, training, fail)
 
     if ft.disco_pref and not ft.add_disco_head:
         fail(
@@ -336,3 +337,56 @@ def _validate_ppo(ft: FinetuningArguments, fail) -> list[str]:
         notes.append("`target_kl` is set but `use_dynamic_beta` is false: the KL coefficient is the fixed `pref_beta` "
                      "and `target_kl` is not used.")
     return notes
+
+
+def _validate_deepspeed(ft: FinetuningArguments, training: dict[str, Any], fail) -> None:
+    """`deepspeed: <json>`: the package is installed, the file reads as JSON, and the stage supports the run.
+
+    Checked here because `transformers.TrainingArguments` would otherwise raise on the missing package or file
+    with a traceback, and PPO under ZeRO-3 would only fail once rollouts start.
+    """
+    config = training.get("deepspeed")
+    if not config:
+        return
+    import importlib.util
+    import json
+    import os
+
+    if importlib.util.find_spec("deepspeed") is None:
+        fail(f"`deepspeed: {config}` is set but DeepSpeed is not installed. Install it with "
+             "`pip install 'discoalign[deepspeed]'` (on a machine without a CUDA toolkit: "
+             "`DS_BUILD_OPS=0 pip install 'discoalign[deepspeed]'`), or remove `deepspeed`.")  # fmt: skip
+    if isinstance(config, str):
+        path = os.path.expanduser(config)
+        if not os.path.isfile(path):
+            fail(f"`deepspeed: {config}`: no such file. Name a DeepSpeed JSON config such as "
+                 "examples/deepspeed/ds_z2_config.json or ds_z3_config.json.")  # fmt: skip
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"`deepspeed: {path}` cannot be read as JSON ({e}).")
+    if not isinstance(config, dict):
+        fail(f"`deepspeed` must name a JSON file (or be a mapping), not {type(config).__name__}.")
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    if ft.stage == "ppo" and stage == 3:
+        fail("`stage: ppo` does not run under DeepSpeed ZeRO-3: ZeRO-3 keeps a shard of every weight on each "
+             "process, and PPO's rollouts generate token by token, which would have to gather the whole policy "
+             "for every token (and keep all processes generating in lockstep). Use ZeRO-2 "
+             "(examples/deepspeed/ds_z2_config.json), plain data parallelism (no `deepspeed`), or LoRA to fit the "
+             "model; see docs/distributed.md.")
+    zero = config.get("zero_optimization") or {}
+    if stage == 3 and not (zero.get("stage3_gather_16bit_weights_on_model_save")
+                           or zero.get("gather_16bit_weights_on_model_save")):  # fmt: skip
+        # Without it the Trainer saves only DeepSpeed's sharded checkpoint, and our writer would find the module's
+        # own weights empty (each rank holds shards): the saved model and heads would be unusable.
+        fail("DeepSpeed ZeRO-3 needs `\"stage3_gather_16bit_weights_on_model_save\": true` under "
+             "`zero_optimization` in the `deepspeed` JSON: discoalign saves the gathered weights and heads so that "
+             "the output loads anywhere (examples/deepspeed/ds_z3_config.json sets it).")
+    accumulation = training.get("gradient_accumulation_steps", 1)
+    if ft.stage == "ppo" and isinstance(accumulation, int) and accumulation > 1:
+        # PPO's own update loop scales and steps per mini-batch; the DeepSpeed engine would scale the loss by
+        # 1/gradient_accumulation_steps again and step on its own count of micro-batches (tested: other updates).
+        fail(f"`stage: ppo` under DeepSpeed needs `gradient_accumulation_steps: 1` (got {accumulation}): PPO "
+             "accumulates over its mini-batches itself and the DeepSpeed engine would scale and step a second "
+             "time. Raise `per_device_train_batch_size` instead, or train PPO without `deepspeed`.")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -191,6 +192,25 @@ def _with_attn_fallback(load: Callable[[str | None], Any], requested: str | None
     raise AssertionError("unreachable")
 
 
+@contextlib.contextmanager
+def without_zero3_init():
+    """Build a module whole, outside ZeRO-3's partition-at-construction (`deepspeed.zero.Init`, which transformers
+    enters in `from_config` / `from_pretrained` while a ZeRO-3 config is active).
+
+    For the built-in tiny models, whose weights are drawn from a seed: under `zero.Init` the draws differ, and
+    `builtin:tiny-qwen3` would be another model under ZeRO-3 than anywhere else. Built whole, the DeepSpeed engine
+    shards them when it starts. Weights read from files keep `zero.Init` (they load exactly either way).
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def _build_builtin(arch: str, tokenizer, model_args, dtype, load_kwargs: dict | None = None) -> torch.nn.Module:
     name = BUILTIN_PREFIX + arch
     if load_kwargs and arch in TINY_MULTIMODAL_ARCHS:
@@ -215,10 +235,12 @@ def _build_builtin(arch: str, tokenizer, model_args, dtype, load_kwargs: dict | 
 
 def _build_builtin_in_memory(arch: str, tokenizer, model_args, dtype) -> torch.nn.Module:
     def load(impl: str | None):
-        if arch in TINY_MULTIMODAL_ARCHS:
-            model = build_tiny_multimodal_model(arch, tokenizer=tokenizer, seed=0)
-        else:
-            model = build_tiny_model(arch, tokenizer=tokenizer, seed=0)
+        # Seeded weights: the same model under DeepSpeed ZeRO-3 as anywhere else (the engine shards it later).
+        with without_zero3_init():
+            if arch in TINY_MULTIMODAL_ARCHS:
+                model = build_tiny_multimodal_model(arch, tokenizer=tokenizer, seed=0)
+            else:
+                model = build_tiny_model(arch, tokenizer=tokenizer, seed=0)
         if impl is not None:
             model.set_attn_implementation(impl)
         return model

@@ -16,7 +16,7 @@ from collections import defaultdict
 from typing import Any, Literal
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..config.loader import RunConfig
 from ..errors import CheckpointError
@@ -32,6 +32,16 @@ BETA_HEAD_PREFIX = "beta_head."
 VARIANCE_HEAD_PREFIX = "variance_head."
 
 
+class _KeepLmHeadWhole(TrainerCallback):
+    """ZeRO-3: once the engine exists, keep a frozen LM head gathered (`train.distributed.keep_lm_head_whole`)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from .distributed import keep_lm_head_whole
+
+        if model is not None:
+            keep_lm_head_whole(model)
+
+
 class DiscoTrainer(Trainer):
     """Base trainer for all stages. `model` is a `ModelWithHeads`."""
 
@@ -44,6 +54,10 @@ class DiscoTrainer(Trainer):
         self.pack_pairs = bool(getattr(run_config.data, "pack_pairs", False))
         if self.pack_pairs:
             self._enable_pair_packing(model)
+        if (getattr(self.args, "hf_deepspeed_config", None) is not None
+                        and self.args.hf_deepspeed_config.is_zero3()):  # fmt: skip
+            self.add_callback(_KeepLmHeadWhole())
+        # The beta head all-reduces its own centring statistics across ranks (models/heads.py `_global_sum`).
 
     # ---- speed switches (docs/performance.md) ----------------------------------------------------------
 
@@ -220,5 +234,7 @@ class DiscoTrainer(Trainer):
         load_checkpoint_weights(model if model is not None else self._unwrapped(), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled:  # the engine reloads its own (possibly sharded) checkpoint
+            return super()._load_best_model()
         if self.state.best_model_checkpoint:
             self._load_from_checkpoint(self.state.best_model_checkpoint)

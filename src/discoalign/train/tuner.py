@@ -8,6 +8,7 @@ from transformers import TrainerCallback
 
 from ..config.loader import RunConfig
 from ..config.output_dir import check_resume, prepare_output_dir
+from .distributed import prepare_distributed
 
 
 def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
@@ -18,6 +19,8 @@ def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> d
     # in an unused head must draw the same numbers.
     set_seed(cfg.training.seed)
     args = cfg.training
+    # Before any model loads: DeepSpeed's process group (ZeRO-3 shards weights as they load), quiet replicas.
+    prepare_distributed(args)
     if args.do_train:
         check_resume(args.output_dir, args.resume_from_checkpoint)
     if args.should_save:  # the main process: checked before any model loads

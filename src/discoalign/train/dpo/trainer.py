@@ -27,6 +27,7 @@ from ...losses.logps import pair_sequence_logps, response_lengths
 from ...models.model_with_heads import last_token_hidden
 from ...models.pair_attention import prepare_pair_packing
 from ..base_trainer import DiscoTrainer
+from ..distributed import prepare_reference, zero_stage
 from .metric import LABEL_COLUMNS, compute_metrics, step_metrics
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,10 @@ class DPOTrainer(DiscoTrainer):
         self.logps_chunk_size = ft.logps_chunk_size
         # inference_mode skips autograd's version counters and views bookkeeping entirely; no_grad is the fallback.
         self.reference_grad_off = torch.inference_mode if ft.reference_inference_mode else torch.no_grad
+        if zero_stage(self.args) == 3:
+            # ZeRO-3 gathers weights into new tensors as layers run: made under inference_mode they would be
+            # inference tensors, which a later training forward (the shared LoRA layers) cannot save for backward.
+            self.reference_grad_off = torch.no_grad
         self.pref_beta = ft.pref_beta
         self.loss_type = ft.pref_loss
         self.label_smoothing = ft.label_smoothing
@@ -155,7 +160,8 @@ class DPOTrainer(DiscoTrainer):
                 prepare_pair_packing(ref_model)  # the reference runs the same packed batches
             ref_model.requires_grad_(False)
             disable_dropout(ref_model)
-            self.ref_model = self.accelerator.prepare_model(ref_model.eval(), evaluation_mode=True)
+            # DeepSpeed: an inference engine, sharded like the policy under ZeRO-3 (as TRL prepares it).
+            self.ref_model = prepare_reference(self.accelerator, ref_model.eval())
         elif not self.is_lora and not ft.precompute_ref_logps:
             raise ValueError("full fine-tuning without precompute_ref_logps needs a ref_model")
 
@@ -225,9 +231,17 @@ class DPOTrainer(DiscoTrainer):
         return logps[:batch], logps[batch:], prompt_hidden
 
     def precompute_reference(self, dataset, name: str):
-        """Add the reference columns (log-probs, and beta features for dynamic beta) to `dataset`, in one pass."""
+        """Add the reference columns (log-probs, and beta features for dynamic beta) to `dataset`, in one pass.
+
+        On N processes each rank runs a contiguous 1/N of the rows and every rank gets all of them back (in
+        dataset order). Under ZeRO-3 the weights are gathered whole for this pass, which runs before the training
+        engine (and its per-layer gathering) exists.
+        """
+        from ..distributed import gather_rows, gathered_parameters, rank, shard_bounds, world_size
+
+        start, end = shard_bounds(len(dataset), world_size(), rank())
         loader = DataLoader(
-            dataset,
+            dataset.select(range(start, end)),
             batch_size=self.args.per_device_eval_batch_size,
             collate_fn=self.data_collator,
             shuffle=False,
@@ -238,21 +252,28 @@ class DPOTrainer(DiscoTrainer):
         was_training = model.training
         model.eval()
         try:
-            for batch in loader:
-                batch = self._prepare_inputs(batch)
-                c, r, h = self.reference_forward(batch)
-                chosen.append(c.cpu())
-                rejected.append(r.cpu())
-                if h is not None:
-                    hidden.append(h.cpu())
+            with gathered_parameters(model):
+                for batch in loader:
+                    batch = self._prepare_inputs(batch)
+                    c, r, h = self.reference_forward(batch)
+                    chosen.append(c.cpu())
+                    rejected.append(r.cpu())
+                    if h is not None:
+                        hidden.append(h.cpu())
         finally:
             model.train(was_training)
+        empty = torch.zeros(0)
+        chosen_all = gather_rows(torch.cat(chosen) if chosen else empty, len(dataset))
+        rejected_all = gather_rows(torch.cat(rejected) if rejected else empty, len(dataset))
+        if self.needs_beta_features:
+            width = self._policy().config.get_text_config().hidden_size
+            hidden_all = gather_rows(torch.cat(hidden) if hidden else torch.zeros(0, width), len(dataset))
         logger.info("Precomputed reference log-probs for %d %s pairs.", len(dataset), name)
         dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
-        dataset = dataset.add_column(REF_CHOSEN, torch.cat(chosen).tolist())
-        dataset = dataset.add_column(REF_REJECTED, torch.cat(rejected).tolist())
-        if hidden:
-            dataset = dataset.add_column(REF_PROMPT_HIDDEN, torch.cat(hidden).tolist())
+        dataset = dataset.add_column(REF_CHOSEN, chosen_all.tolist())
+        dataset = dataset.add_column(REF_REJECTED, rejected_all.tolist())
+        if self.needs_beta_features:
+            dataset = dataset.add_column(REF_PROMPT_HIDDEN, hidden_all.tolist())
         return dataset
 
     def reference_outputs(self, inputs: dict[str, torch.Tensor]):

@@ -52,6 +52,15 @@ def load_reference(cfg: RunConfig, policy) -> Any | None:
         return ref
     if ft.precompute_ref_logps:
         return None
+    from ..distributed import is_zero3_partitioned
+
+    if is_zero3_partitioned(policy):
+        # ZeRO-3 sharded the policy while it loaded: a copy would copy shards. Load the same weights again (they
+        # are sharded too, and the reference's DeepSpeed engine gathers each layer as it runs).
+        ref_ft = copy.copy(ft)
+        ref_ft.add_disco_head = ref_ft.add_beta_head = False
+        ref, _ = load_model_with_heads(cfg.model, ref_ft, add_value_head=False, is_trainable=False)
+        return ref.requires_grad_(False).eval()
     return make_frozen_reference(policy)
 
 
