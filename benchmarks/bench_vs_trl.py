@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -506,8 +506,12 @@ def sweep(args, setup: Setup, workdir: str) -> dict[str, Any]:
                         runner.step()
                     seconds = statistics.median(runner.timed(args.steps) for _ in range(args.reps))
                     results.setdefault(pair, {}).setdefault(side, []).append(
-                        {"seq_len": seq_len, "batch": batch, "step_seconds": seconds,
-                         "tokens_per_s": shape.tokens_per_step / seconds}  # fmt: skip
+                        {
+                            "seq_len": seq_len,
+                            "batch": batch,
+                            "step_seconds": seconds,
+                            "tokens_per_s": shape.tokens_per_step / seconds,
+                        }  # fmt: skip
                     )
                     print(f"   {pair} {side} seq {seq_len} batch {batch}: {seconds:.3f} s/step", flush=True)
                     del runner

@@ -73,7 +73,10 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "disco_dynamic": ("DiscoDPO + dynamic beta", {**DISCO, **DYNAMIC}),
     # not in the default table: the baselines told the data's true mean flip rate (worse than BASELINE_LS here)
     "cdpo_known": (f"cDPO (ls = {MEAN_FLIP:.2f})", {"label_smoothing": round(MEAN_FLIP, 4)}),
-    "robust_known": (f"robust DPO (ls = {MEAN_FLIP:.2f})", {"pref_loss": "robust", "label_smoothing": round(MEAN_FLIP, 4)}),
+    "robust_known": (
+        f"robust DPO (ls = {MEAN_FLIP:.2f})",
+        {"pref_loss": "robust", "label_smoothing": round(MEAN_FLIP, 4)},
+    ),
 }
 DEFAULT_ROWS = ("dpo", "cdpo", "robust", "beta_dpo", "dynamic", "disco", "disco_dynamic")
 
@@ -87,8 +90,15 @@ def context_means(values: np.ndarray, noise: np.ndarray) -> tuple[list[float], l
 def run_row(key: str, seed: int, ns: argparse.Namespace) -> dict[str, float]:
     """Train one row for one seed; return its measurements."""
     name, overrides = ROWS[key]
-    raw = {**BASE, **overrides, "seed": seed, "synthetic_seed": 1000 * seed, "synthetic_num_pairs": ns.pairs,
-           "num_train_epochs": ns.epochs, "output_dir": os.path.join(ns.out, f"{key}_seed{seed}")}
+    raw = {
+        **BASE,
+        **overrides,
+        "seed": seed,
+        "synthetic_seed": 1000 * seed,
+        "synthetic_num_pairs": ns.pairs,
+        "num_train_epochs": ns.epochs,
+        "output_dir": os.path.join(ns.out, f"{key}_seed{seed}"),
+    }
     raw.update(dict(kv.split("=", 1) for kv in ns.set))
     cfg = build_config(raw, source=f"benchmarks/dpo_noise.py row {name!r}")
     start = time.time()
@@ -200,7 +210,10 @@ def main() -> None:
 
     table = []
     for key, runs in results.items():
-        col = lambda k, digits=3: summarise([r.get(k) for r in runs if k in r], digits)  # noqa: E731
+
+        def col(k: str, digits: int = 3, runs: list = runs) -> str:
+            return summarise([r.get(k) for r in runs if k in r], digits)
+
         table.append(
             {
                 "row": ROWS[key][0],

@@ -108,12 +108,16 @@ def main() -> None:
     base_params = separate["reward_model_parameters"] - shared["reward_model_parameters"]
     result["base_fp32_mib"] = base_params * 4 / 2**20
     for row in rows:
-        print(f"{row['mode']:>9}: peak RSS above start {row['peak_rss_above_start_mib']:8.1f} MiB, held after "
-              f"scoring {row['rss_held_above_start_mib']:8.1f} MiB, "
-              f"reward model parameters {row['reward_model_parameters']:>11,}")
-    print(f"saving: peak {saving:.1f} MiB, held {held_saving:.1f} MiB "
-          f"(one fp32 copy of the base is {result['base_fp32_mib']:.1f} MiB); "
-          f"score sums {separate['score_sum']:.6f} vs {shared['score_sum']:.6f}")
+        print(
+            f"{row['mode']:>9}: peak RSS above start {row['peak_rss_above_start_mib']:8.1f} MiB, held after "
+            f"scoring {row['rss_held_above_start_mib']:8.1f} MiB, "
+            f"reward model parameters {row['reward_model_parameters']:>11,}"
+        )
+    print(
+        f"saving: peak {saving:.1f} MiB, held {held_saving:.1f} MiB "
+        f"(one fp32 copy of the base is {result['base_fp32_mib']:.1f} MiB); "
+        f"score sums {separate['score_sum']:.6f} vs {shared['score_sum']:.6f}"
+    )
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     with open(os.path.join(os.path.dirname(__file__), "results", "ppo_reward_adapter_memory.json"), "w") as f:
         json.dump(result, f, indent=2)

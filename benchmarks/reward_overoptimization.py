@@ -79,7 +79,7 @@ def trap_words(tokenizer, seen: set[int], kind: str, count: int = 12, seed: int 
             ok = all(any(t not in seen for t in ids) for ids in forms(word))
         else:
             a, b = rng.sample(VOCABULARY, 2)
-            word = a + b[rng.randint(0, 1):]
+            word = a + b[rng.randint(0, 1) :]
             ok = all(all(t in seen for t in ids) for ids in forms(word))
         if ok and word not in VOCABULARY and word not in words:
             words.append(word)
@@ -145,6 +145,7 @@ def pair_probability(d: np.ndarray, var: np.ndarray | None, disco: bool, tempera
 
 def fit_temperature(d: np.ndarray, y: np.ndarray) -> float:
     """Temperature minimising the logistic NLL of labels y (1: first wins) on a grid (log-spaced)."""
+
     def log_expit(x: np.ndarray) -> np.ndarray:
         return -np.logaddexp(0.0, -x)
 
@@ -348,12 +349,17 @@ def summarise(results: list[dict[str, Any]], out: str) -> dict[str, Any]:
             "mean": {k: v.mean(0).tolist() for k, v in curves.items()},
             "std": {k: v.std(0).tolist() for k, v in curves.items()},
             "per_seed_at_max_n": {k: v[:, -1].tolist() for k, v in curves.items()},
-            "trap_pick_rate_at_max_n": {k: float(np.mean([r["kinds"][kind]["trap_pick_rate_at_max_n"][k]
-                                                          for r in results])) for k in curves},  # fmt: skip
-            "sigma_trap_vs_rest": {k: np.mean([r["kinds"][kind]["sigma_trap_vs_rest"][k] for r in results], 0).tolist()
-                                   for k in results[0]["kinds"][kind]["sigma_trap_vs_rest"]},  # fmt: skip
-            "mean_trap_vs_rest": {k: np.mean([r["kinds"][kind]["mean_trap_vs_rest"][k] for r in results], 0).tolist()
-                                  for k in results[0]["kinds"][kind]["mean_trap_vs_rest"]},  # fmt: skip
+            "trap_pick_rate_at_max_n": {
+                k: float(np.mean([r["kinds"][kind]["trap_pick_rate_at_max_n"][k] for r in results])) for k in curves
+            },  # fmt: skip
+            "sigma_trap_vs_rest": {
+                k: np.mean([r["kinds"][kind]["sigma_trap_vs_rest"][k] for r in results], 0).tolist()
+                for k in results[0]["kinds"][kind]["sigma_trap_vs_rest"]
+            },  # fmt: skip
+            "mean_trap_vs_rest": {
+                k: np.mean([r["kinds"][kind]["mean_trap_vs_rest"][k] for r in results], 0).tolist()
+                for k in results[0]["kinds"][kind]["mean_trap_vs_rest"]
+            },  # fmt: skip
             "pairs": average_tables([r["kinds"][kind]["pairs"] for r in results]),
         }
     summary["heldout_pairs"] = average_tables([r["heldout_pairs"] for r in results])
@@ -415,7 +421,12 @@ def report(summary: dict[str, Any]) -> str:
 
 
 def table(title: str, rows: dict[str, dict[str, float]]) -> list[str]:
-    out = [f"{title}:", "", "| model | NLL | ECE | accuracy | acc. confident half | AURC |", "|---|---|---|---|---|---|"]
+    out = [
+        f"{title}:",
+        "",
+        "| model | NLL | ECE | accuracy | acc. confident half | AURC |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, m in rows.items():
         if name.startswith("_"):
             continue

@@ -23,8 +23,10 @@ TEXTS = ["bright calm garden", "Topic: music. Describe a river. quick gentle", "
 
 def _load(name: str, add_value_head: bool = True, is_trainable: bool = True, **ft):
     return load_model_with_heads(
-        ModelArguments(model_name_or_path=name), FinetuningArguments(**ft),
-        add_value_head=add_value_head, is_trainable=is_trainable,
+        ModelArguments(model_name_or_path=name),
+        FinetuningArguments(**ft),
+        add_value_head=add_value_head,
+        is_trainable=is_trainable,
     )
 
 
@@ -59,11 +61,17 @@ def test_save_and_reload_gives_identical_scores(tmp_path, arch, finetuning_type)
     assert {"heads.safetensors", "heads_config.json", "tokenizer.json"} <= files
     if finetuning_type == "lora":
         assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
-        assert json.load(open(os.path.join(out, "adapter_config.json")))["base_model_name_or_path"] == f"builtin:tiny-{arch}"
+        assert (
+            json.load(open(os.path.join(out, "adapter_config.json")))["base_model_name_or_path"]
+            == f"builtin:tiny-{arch}"
+        )
     else:
         assert "model.safetensors" in files and "adapter_config.json" not in files
     assert set(load_file(os.path.join(out, "heads.safetensors"))) == {
-        "value_head.summary.weight", "value_head.summary.bias", "variance_head.summary.weight", "variance_head.summary.bias"
+        "value_head.summary.weight",
+        "value_head.summary.bias",
+        "variance_head.summary.weight",
+        "variance_head.summary.bias",
     }
     config = json.load(open(os.path.join(out, "heads_config.json")))
     assert config["value_head"] and config["variance_head"] and not config["beta_head"]
@@ -92,7 +100,9 @@ def test_lora_checkpoint_continues_training_or_merges(tmp_path):
 
 
 def test_beta_head_round_trip_and_epsilon(tmp_path, caplog):
-    model, tok = _load("builtin:tiny-qwen3", add_value_head=False, stage="dpo", add_beta_head=True, beta_head_epsilon=0.3)
+    model, tok = _load(
+        "builtin:tiny-qwen3", add_value_head=False, stage="dpo", add_beta_head=True, beta_head_epsilon=0.3
+    )
     with torch.no_grad():
         model.beta_head.summary.weight.normal_()
     out = save_checkpoint(model, str(tmp_path / "dpo"), tok)
@@ -187,7 +197,9 @@ def test_truncated_model_weights(saved, tmp_path):
 def test_heads_config_lists_a_head_the_weights_lack(saved, tmp_path):
     path = _copy(saved, tmp_path)
     tensors = load_file(os.path.join(path, "heads.safetensors"))
-    save_file({k: v for k, v in tensors.items() if not k.startswith("variance_head")}, os.path.join(path, "heads.safetensors"))
+    save_file(
+        {k: v for k, v in tensors.items() if not k.startswith("variance_head")}, os.path.join(path, "heads.safetensors")
+    )
     with pytest.raises(CheckpointError, match=r"variance_head.*variance_head\.summary\.weight"):
         _load(path, add_disco_head=True)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -84,12 +83,18 @@ def test_score_writes_mean_and_variance_per_response(trained, tmp_path):
     scores = tmp_path / "scores.jsonl"
     assert main(["score", "--model", str(out), "--data", str(data), "--out", str(scores)]) == 0
     lines = [json.loads(line) for line in open(scores)]
-    assert [(l["index"], l["response"]) for l in lines] == [(0, "chosen"), (0, "rejected"), (1, "chosen"), (1, "rejected")]
+    assert [(l["index"], l["response"]) for l in lines] == [
+        (0, "chosen"),
+        (0, "rejected"),
+        (1, "chosen"),
+        (1, "rejected"),
+    ]
     assert all(l["variance"] > 0 for l in lines)
     # scoring a response alone gives the same mean as in the batch (right padding, last real token)
+    import torch
+
     from discoalign.config.schema import FinetuningArguments, ModelArguments
     from discoalign.models.loader import load_model_with_heads
-    import torch
 
     model, tok = load_model_with_heads(
         ModelArguments(model_name_or_path=str(out)),

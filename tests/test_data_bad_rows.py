@@ -8,8 +8,7 @@ import logging
 import pytest
 
 from discoalign.config.schema import DataArguments
-from discoalign.data import get_dataset
-from discoalign.data import checks
+from discoalign.data import checks, get_dataset
 from discoalign.errors import DataError
 from discoalign.models.tiny import build_tiny_tokenizer
 

@@ -14,12 +14,22 @@ import subprocess
 import sys
 
 import pytest
+from test_distributed_zero import (
+    COMMON,
+    JOBS,
+    LAUNCHER,
+    LOSS_TOL,
+    PER_DEVICE_BATCH,
+    SCORE_TOL,
+    STEPS,
+    assert_close,
+    logged_losses,  # fmt: skip
+    saved_fingerprint,
+    write_yaml,
+)
 
 from discoalign.config import load_config
 from discoalign.train.tuner import run_exp
-
-from test_distributed_zero import (COMMON, JOBS, LAUNCHER, LOSS_TOL, PER_DEVICE_BATCH, SCORE_TOL, STEPS, assert_close,
-                                   logged_losses, saved_fingerprint, write_yaml)  # fmt: skip
 
 FSDP_JOBS = ("rm_disco", "dpo_dynamic_beta", "dpo_lora", "dpo_precomputed", "rm_bt", "dpo_full")
 
@@ -44,7 +54,16 @@ def test_fsdp2_equals_single_process_and_saves_gathered(tmp_path, tiny_dirs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(launcher), str(tmp_path / "record"), tests_dir, *paths]
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(launcher),
+        str(tmp_path / "record"),
+        tests_dir,
+        *paths,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-6000:]
     record = json.loads((tmp_path / "record.rank0").read_text())

@@ -197,7 +197,7 @@ def test_deepspeed_zero2_and_zero3_equal_single_process_save_and_resume(tmp_path
     if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:
         pytest.skip("torchrun is not installed beside this Python")
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (`pip install 'discoalign[deepspeed]'`)")
-    runs, resumes = {}, {}
+    runs = {}
     for name, keys in JOBS.items():
         model = "builtin:tiny-qwen3" if keys["stage"] == "rm" else tiny_dirs["qwen3"]
         values = {**COMMON, **keys, "model_name_or_path": model}
@@ -217,9 +217,13 @@ def test_deepspeed_zero2_and_zero3_equal_single_process_save_and_resume(tmp_path
     rm, tok = load_model_with_heads(ModelArguments(model_name_or_path="builtin:tiny-qwen3"), FinetuningArguments(),
                                     add_value_head=True)  # fmt: skip
     ppo = {**PPO, "reward_model": save_checkpoint(rm, str(tmp_path / "rm"), tok)}
-    ppo_yamls = [write_yaml(tmp_path / "ppo_ddp.yaml", {**ppo, "output_dir": str(tmp_path / "ppo_ddp")}),
-                 write_yaml(tmp_path / "ppo_z2.yaml", {**ppo, "output_dir": str(tmp_path / "ppo_z2"),
-                                                       "deepspeed": os.path.join(EXAMPLES, "ds_z2_config.json")})]
+    ppo_yamls = [
+        write_yaml(tmp_path / "ppo_ddp.yaml", {**ppo, "output_dir": str(tmp_path / "ppo_ddp")}),
+        write_yaml(
+            tmp_path / "ppo_z2.yaml",
+            {**ppo, "output_dir": str(tmp_path / "ppo_z2"), "deepspeed": os.path.join(EXAMPLES, "ds_z2_config.json")},
+        ),
+    ]
     trained = [str(tmp_path / f"z{zero}_{name}.yaml") for zero in (2, 3) for name in JOBS]
     resumed = [path.replace(".yaml", "_resume.yaml") for path in trained]
     launcher = tmp_path / "launcher.py"

@@ -136,7 +136,7 @@ def test_precomputed_full_reference_runs_zero_times_during_training(tmp_path, re
     monkeypatch.setattr(workflow, "load_reference", keep_and_hook)
     common = dict(ref_model_name_or_path=ref_dir, add_beta_head=True, use_dynamic_beta=True, logging_steps=1)
     trainer = make_trainer(tmp_path / "pre", precompute_ref_logps=True, **common)
-    (_, counter), = loaded
+    ((_, counter),) = loaded
     precompute_calls = counter.calls
     assert precompute_calls == 3 == trainer.reference_forward_calls  # 12 pairs / eval batch 4
     assert trainer.ref_model is None

@@ -194,7 +194,9 @@ def test_disco_gradients_exact_at_very_negative_z(z):
     # DiscoDPO: z = beta d / sqrt(var_w + var_l) with beta 0.1, variances 0.5 each -> z = 0.1 d
     d = torch.tensor([z / 0.1], requires_grad=True)
     zero = torch.zeros(1)
-    loss, _, _ = dpo_loss(d, zero, zero, zero, 0.1, chosen_var=torch.full((1,), 0.5), rejected_var=torch.full((1,), 0.5))
+    loss, _, _ = dpo_loss(
+        d, zero, zero, zero, 0.1, chosen_var=torch.full((1,), 0.5), rejected_var=torch.full((1,), 0.5)
+    )
     loss.sum().backward()
     assert d.grad.item() * 10 == pytest.approx(expected, rel=1e-5)
     assert loss.item() == pytest.approx(-torch.special.log_ndtr(torch.tensor(z, dtype=torch.float64)).item(), rel=1e-6)

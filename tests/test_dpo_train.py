@@ -47,14 +47,33 @@ def test_run_writes_checkpoint_metrics_plots_and_heads_reload(tmp_path, finetuni
 
     history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
     train_keys = set().union(*(entry for entry in history if "loss" in entry))
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected", "beta/mean", "beta/min", "beta/max", "variance/chosen", "variance/rejected"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "beta/mean",
+        "beta/min",
+        "beta/max",
+        "variance/chosen",
+        "variance/rejected",
+    ):
         assert key in train_keys, key  # fmt: skip
     assert "beta/mean_when_correct" in train_keys or "beta/mean_when_wrong" in train_keys
     eval_metrics = json.loads((tmp_path / "eval_results.json").read_text())
     assert eval_metrics == pytest.approx(results["eval"])
-    for key in ("eval_loss", "eval_rewards/accuracies", "eval_true_pref_accuracy", "eval_true_pref_logp_accuracy",
-                "eval_beta_clean", "eval_beta_noisy", "eval_variance_clean", "eval_variance_noisy"):
+    for key in (
+        "eval_loss",
+        "eval_rewards/accuracies",
+        "eval_true_pref_accuracy",
+        "eval_true_pref_logp_accuracy",
+        "eval_beta_clean",
+        "eval_beta_noisy",
+        "eval_variance_clean",
+        "eval_variance_noisy",
+    ):
         assert key in eval_metrics, key  # fmt: skip
     assert 0.0 <= eval_metrics["eval_true_pref_accuracy"] <= 1.0
     for plot in ("loss.png", "rewards_accuracy.png", "rewards_margins.png", "beta.png", "variance.png"):
@@ -183,4 +202,3 @@ def test_grid_demo_returns_one_row_per_cell(tmp_path):
     for row in rows:
         assert {"final loss", "reward acc.", "true-pref acc."} <= set(row)
         assert 0.0 <= float(row["true-pref acc."]) <= 1.0 and float(row["final loss"]) > 0
-

@@ -150,7 +150,9 @@ def test_full_model_ids_and_step0_losses_match_trl(tmp_path, tiny_dirs, data_fil
                                                                         pref_loss, ls, ref_dir)  # fmt: skip
         our_loss, trl_loss = _our_loss(ours), _trl_loss(theirs, loss_type, weights, ls)
         assert abs(our_loss - trl_loss) < 1e-5, (pref_loss, ls, our_loss, trl_loss)
-        assert abs(our_loss - {"sigmoid": 0.6931, "robust": 0.6931, "ipo": 25.0, "hinge": 1.0}[pref_loss]) > 1e-3  # not d = 0
+        assert (
+            abs(our_loss - {"sigmoid": 0.6931, "robust": 0.6931, "ipo": 25.0, "hinge": 1.0}[pref_loss]) > 1e-3
+        )  # not d = 0
 
 
 def test_lora_ids_and_step0_losses_match_trl(tmp_path, tiny_dirs, data_file):

@@ -58,8 +58,9 @@ def runs(tmp_path_factory):
 
 def test_epistemic_off_is_todays_bt_bit_for_bit(runs):
     _, out = runs
-    off, on = load_file(os.path.join(out["none"], "heads.safetensors")), load_file(
-        os.path.join(out["token_novelty"], "heads.safetensors")
+    off, on = (
+        load_file(os.path.join(out["none"], "heads.safetensors")),
+        load_file(os.path.join(out["token_novelty"], "heads.safetensors")),
     )
     assert off.keys() == on.keys() and all(torch.equal(off[k], on[k]) for k in off)
     a, b = (load_file(os.path.join(out[k], "model.safetensors")) for k in ("none", "token_novelty"))
@@ -106,8 +107,8 @@ def test_epistemic_saved_loaded_and_scored(runs, tmp_path):
 
 
 def test_ppo_reward_model_uses_total_sigma(runs):
-    from discoalign.train.ppo.reward_model import load_reward_model, score_responses_detailed
     from discoalign.models.loader import load_model_with_heads
+    from discoalign.train.ppo.reward_model import load_reward_model, score_responses_detailed
 
     _, out = runs
     _, tok = load_model_with_heads(ModelArguments(model_name_or_path="builtin:tiny-qwen2"),
@@ -123,8 +124,11 @@ def test_ppo_reward_model_uses_total_sigma(runs):
     from discoalign.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no variance head, no epistemic term"):
-        load_reward_model(ModelArguments(model_name_or_path="builtin:tiny-qwen2"),
-                          FinetuningArguments(stage="ppo", reward_model=out["none"], disco_risk_coef=1.0), tok)
+        load_reward_model(
+            ModelArguments(model_name_or_path="builtin:tiny-qwen2"),
+            FinetuningArguments(stage="ppo", reward_model=out["none"], disco_risk_coef=1.0),
+            tok,
+        )
 
 
 def test_rm_accuracy_drops_ties_like_trl():

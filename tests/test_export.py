@@ -12,9 +12,11 @@ from discoalign.config.schema import FinetuningArguments, ModelArguments
 from discoalign.models.checkpoint import save_checkpoint
 from discoalign.models.loader import load_model_with_heads
 
-TEXTS = ["<|im_start|>user\nWhich is best?<|im_end|>\n<|im_start|>assistant\nThe blue one.<|im_end|>\n",
-         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, friend!<|im_end|>\n",
-         "<|im_start|>user\nA longer question about colours and shapes?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"]
+TEXTS = [
+    "<|im_start|>user\nWhich is best?<|im_end|>\n<|im_start|>assistant\nThe blue one.<|im_end|>\n",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, friend!<|im_end|>\n",
+    "<|im_start|>user\nA longer question about colours and shapes?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n",
+]
 
 
 def _batch(tokenizer):
@@ -155,6 +157,8 @@ def test_export_cli_and_its_errors(lora_rm, tmp_path, tiny_dirs, capsys):
     assert main(["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2
     assert "not a directory" in capsys.readouterr().err
     # a plain causal LM (no value head) exports as `ours` only
-    assert main(["export", "--model", tiny_dirs["qwen3"], "--out", str(tmp_path / "z"), "--layout", "llamafactory"]) == 2
+    assert (
+        main(["export", "--model", tiny_dirs["qwen3"], "--out", str(tmp_path / "z"), "--layout", "llamafactory"]) == 2
+    )
     assert "no value head" in capsys.readouterr().err
     assert main(["export", "--model", src, "--out", src]) == 2

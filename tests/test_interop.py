@@ -42,8 +42,10 @@ def _heads(seed: int) -> dict[str, torch.Tensor]:
 
 def _load(path: str, disco: bool = False, **ft):
     return load_model_with_heads(
-        ModelArguments(model_name_or_path=path), FinetuningArguments(add_disco_head=disco, **ft),
-        add_value_head=True, is_trainable=False,
+        ModelArguments(model_name_or_path=path),
+        FinetuningArguments(add_disco_head=disco, **ft),
+        add_value_head=True,
+        is_trainable=False,
     )
 
 
@@ -92,7 +94,9 @@ def test_discorm_value_and_variance_heads(tmp_path, tiny_dirs, tok, caplog):
     for text in ROWS:
         h = _last_hidden(base, tok, text)
         mean, var = _our_scores(model, tok, text)
-        torch.testing.assert_close(mean, h @ heads["v_head.summary.weight"][0] + heads["v_head.summary.bias"][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            mean, h @ heads["v_head.summary.weight"][0] + heads["v_head.summary.bias"][0], atol=1e-6, rtol=0
+        )
         # DiscoRM's variance is softplus(raw); ours adds the 1e-6 floor.
         raw = h @ heads["var_head.var.weight"][0] + heads["var_head.var.bias"][0]
         torch.testing.assert_close(var, F.softplus(raw) + VARIANCE_FLOOR, atol=1e-6, rtol=0)
@@ -138,7 +142,9 @@ def test_trl_legacy_lora_adapter_with_v_head_bin(tmp_path, tok):
     model, _ = _load(adapter_dir)
     assert model.is_peft
     for text in ROWS:
-        expected = _last_hidden(peft_model, tok, text) @ heads["v_head.summary.weight"][0] + heads["v_head.summary.bias"][0]
+        expected = (
+            _last_hidden(peft_model, tok, text) @ heads["v_head.summary.weight"][0] + heads["v_head.summary.bias"][0]
+        )
         torch.testing.assert_close(_our_scores(model, tok, text)[0], expected, atol=1e-6, rtol=0)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from discoalign.losses.reward import bt_reward_loss, center_rewards_penalty, disco_reward_loss

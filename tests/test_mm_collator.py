@@ -12,7 +12,11 @@ from discoalign.data.media_collator import MultimodalPairwiseCollator, make_pair
 from discoalign.errors import ConfigError, DataError
 from discoalign.models.loader import load_model_with_heads
 
-DATA = {"qwen2-vl": "builtin:synthetic-vl", "qwen2.5-vl": "builtin:synthetic-vl", "qwen2-audio": "builtin:synthetic-audio"}
+DATA = {
+    "qwen2-vl": "builtin:synthetic-vl",
+    "qwen2.5-vl": "builtin:synthetic-vl",
+    "qwen2-audio": "builtin:synthetic-audio",
+}
 
 
 def model_and_rows(arch: str, n: int = 6):
@@ -22,7 +26,9 @@ def model_and_rows(arch: str, n: int = 6):
         add_value_head=True,
         is_trainable=False,
     )
-    data = get_dataset(DataArguments(dataset=DATA[arch], synthetic_num_pairs=n), tokenizer, "rm", media=model.media_processor)
+    data = get_dataset(
+        DataArguments(dataset=DATA[arch], synthetic_num_pairs=n), tokenizer, "rm", media=model.media_processor
+    )
     return model, tokenizer, [data.train[i] for i in range(n)]
 
 

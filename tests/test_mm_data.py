@@ -285,7 +285,9 @@ def test_synthetic_audio_rows_know_the_answer():
         spectrum = np.abs(np.fft.rfft(samples))
         peak_hz = np.argmax(spectrum) * 16000 / len(samples)
         named = row["chosen"][0]["content"].split()[-1].rstrip(".")
-        true_pitch = {220.0: "low", 440.0: "middle", 880.0: "high"}[min((220.0, 440.0, 880.0), key=lambda f: abs(f - peak_hz))]
+        true_pitch = {220.0: "low", 440.0: "middle", 880.0: "high"}[
+            min((220.0, 440.0, 880.0), key=lambda f: abs(f - peak_hz))
+        ]
         assert (named == true_pitch) == (row["true_reward_chosen"] == 1.0)
         assert {row["true_reward_chosen"], row["true_reward_rejected"]} <= {0.0, 0.5, 1.0}
 

@@ -17,7 +17,11 @@ from discoalign.errors import ConfigError
 from discoalign.models.loader import load_model_with_heads
 from discoalign.train.tuner import run_exp
 
-DATA = {"qwen2-vl": "builtin:synthetic-vl", "qwen2.5-vl": "builtin:synthetic-vl", "qwen2-audio": "builtin:synthetic-audio"}
+DATA = {
+    "qwen2-vl": "builtin:synthetic-vl",
+    "qwen2.5-vl": "builtin:synthetic-vl",
+    "qwen2-audio": "builtin:synthetic-audio",
+}
 
 
 def fixed_batch(model, tokenizer, arch: str):

@@ -64,8 +64,11 @@ def test_the_model_that_trains_ignores_device_map(tiny_dirs):
 
     seen = []
     original = loader._from_pretrained
-    monkeypatch_kwargs = lambda name, args, dtype, load_kwargs=None: seen.append(load_kwargs) or original(  # noqa: E731
-        name, args, dtype, load_kwargs)
+
+    def monkeypatch_kwargs(name, args, dtype, load_kwargs=None):
+        seen.append(load_kwargs)
+        return original(name, args, dtype, load_kwargs)
+
     loader._from_pretrained = monkeypatch_kwargs
     try:
         _reward_model(tiny_dirs["qwen3"], "auto", trainable=True)

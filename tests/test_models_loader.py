@@ -17,13 +17,17 @@ from discoalign.models.tiny import build_tiny_model
 
 def _load(name="builtin:tiny-llama", model_kw=None, add_value_head=True, **ft):
     return load_model_with_heads(
-        ModelArguments(model_name_or_path=name, **(model_kw or {})), FinetuningArguments(**ft),
+        ModelArguments(model_name_or_path=name, **(model_kw or {})),
+        FinetuningArguments(**ft),
         add_value_head=add_value_head,
     )
 
 
 def test_unknown_builtin_lists_the_archs():
-    with pytest.raises(ConfigError, match=r"builtin:tiny-mamba.*builtin:tiny-llama, builtin:tiny-qwen2, builtin:tiny-qwen3, builtin:tiny-gpt2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"builtin:tiny-mamba.*builtin:tiny-llama, builtin:tiny-qwen2, builtin:tiny-qwen3, builtin:tiny-gpt2",
+    ):
         _load("builtin:tiny-mamba")
     with pytest.raises(ConfigError, match="model_name_or_path"):
         load_tokenizer(ModelArguments(model_name_or_path="builtin:gpt2"))
@@ -104,8 +108,12 @@ def test_unused_heads_change_no_random_draw():
     for extra in ({}, {"add_disco_head": True}, {"add_disco_head": True, "add_beta_head": True, "stage": "dpo"}):
         torch.manual_seed(7)
         model, _ = _load(finetuning_type="lora", lora_rank=2, **extra)
-        results.append(({n: p.clone() for n, p in model.named_parameters() if "lora_" in n or "value_head" in n},
-                        torch.random.get_rng_state()))
+        results.append(
+            (
+                {n: p.clone() for n, p in model.named_parameters() if "lora_" in n or "value_head" in n},
+                torch.random.get_rng_state(),
+            )
+        )
     for params, state in results[1:]:
         assert torch.equal(state, results[0][1])
         assert params.keys() == results[0][0].keys()

@@ -12,8 +12,12 @@ from discoalign.models.lora import find_linear_targets
 from discoalign.models.tiny import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer
 
 DECODER_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-EXPECTED_TARGETS = {"llama": DECODER_TARGETS, "qwen2": DECODER_TARGETS, "qwen3": DECODER_TARGETS,
-                    "gpt2": {"c_attn", "c_proj", "c_fc"}}  # GPT-2's Conv1D layers count as linear
+EXPECTED_TARGETS = {
+    "llama": DECODER_TARGETS,
+    "qwen2": DECODER_TARGETS,
+    "qwen3": DECODER_TARGETS,
+    "gpt2": {"c_attn", "c_proj", "c_fc"},
+}  # GPT-2's Conv1D layers count as linear
 
 
 def _lora_model(arch: str, **ft):
@@ -61,7 +65,9 @@ def test_frozen_load_adds_no_adapter():
     model, _ = _lora_model("qwen2")
     frozen, _ = load_model_with_heads(
         ModelArguments(model_name_or_path="builtin:tiny-qwen2"),
-        FinetuningArguments(finetuning_type="lora"), add_value_head=True, is_trainable=False,
+        FinetuningArguments(finetuning_type="lora"),
+        add_value_head=True,
+        is_trainable=False,
     )
     assert model.is_peft and not frozen.is_peft
     assert not any(p.requires_grad for p in frozen.parameters())
@@ -107,9 +113,16 @@ def test_trainer_with_gradient_checkpointing_trains_only_adapter_and_heads(tmp_p
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
-        gradient_checkpointing=True, report_to="none", remove_unused_columns=False, save_strategy="no",
-        use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        gradient_checkpointing=True,
+        report_to="none",
+        remove_unused_columns=False,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
     )
     MeanToOne(model=model, args=args, train_dataset=rows, data_collator=collate).train()
     assert model.is_gradient_checkpointing

@@ -214,8 +214,10 @@ def test_qlora_reward_model_scores_on_the_unquantised_base_within_tolerance(qlor
     assert not any(isinstance(m, torch.nn.Linear) and "4bit" in type(m).__name__ for m in plain.modules())
     diff = (q_scores - p_scores).abs().max().item()
     corr = torch.corrcoef(torch.stack([q_scores, p_scores]))[0, 1].item()
-    print(f"QLoRA adapter on the fp32 base: max |score diff| {diff:.4f}, correlation {corr:.4f}, "
-          f"score std {p_scores.std().item():.4f}")
+    print(
+        f"QLoRA adapter on the fp32 base: max |score diff| {diff:.4f}, correlation {corr:.4f}, "
+        f"score std {p_scores.std().item():.4f}"
+    )
     assert diff < UNQUANTISED_TOLERANCE and corr > UNQUANTISED_MIN_CORRELATION
 
 

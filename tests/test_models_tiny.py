@@ -73,7 +73,11 @@ def test_model_config(tok, arch):
     cfg = model.config
     assert cfg.hidden_size == 64 and cfg.num_hidden_layers == 2 and cfg.num_attention_heads == 4
     assert cfg.vocab_size == len(tok)
-    assert (cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id) == (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id)
+    assert (cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id) == (
+        tok.pad_token_id,
+        tok.eos_token_id,
+        tok.bos_token_id,
+    )
     if arch == "gpt2":
         assert cfg.n_inner == 128 and cfg.n_positions == 512
     else:

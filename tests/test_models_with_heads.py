@@ -23,7 +23,9 @@ def _model(arch: str, tok, lora: bool = False, disco: bool = True) -> ModelWithH
     torch.manual_seed(0)
     model, _ = load_model_with_heads(
         ModelArguments(model_name_or_path=f"builtin:tiny-{arch}"),
-        FinetuningArguments(finetuning_type="lora" if lora else "full", add_disco_head=disco, head_init_std=0.3, lora_rank=4),
+        FinetuningArguments(
+            finetuning_type="lora" if lora else "full", add_disco_head=disco, head_init_std=0.3, lora_rank=4
+        ),
         add_value_head=True,
     )
     with torch.no_grad():  # non-trivial heads so that a wrong token position shows in the numbers
@@ -94,7 +96,8 @@ def test_hidden_states_equal_last_layer_without_lm_logits(tok, arch, lora):
 
 def test_variance_starts_at_one_and_can_be_skipped(tok):
     model, _ = load_model_with_heads(
-        ModelArguments(model_name_or_path="builtin:tiny-qwen3"), FinetuningArguments(add_disco_head=True),
+        ModelArguments(model_name_or_path="builtin:tiny-qwen3"),
+        FinetuningArguments(add_disco_head=True),
         add_value_head=True,
     )
     ids, mask = _pad([tok(t)["input_ids"] for t in TEXTS], tok.pad_token_id, "right")
@@ -125,8 +128,10 @@ def test_variance_only_model_for_disco_dpo(tok):
 
 def test_heads_compute_in_fp32_on_a_bf16_backbone(tok):
     model, _ = load_model_with_heads(
-        ModelArguments(model_name_or_path="builtin:tiny-llama"), FinetuningArguments(add_disco_head=True),
-        add_value_head=True, torch_dtype="bfloat16",
+        ModelArguments(model_name_or_path="builtin:tiny-llama"),
+        FinetuningArguments(add_disco_head=True),
+        add_value_head=True,
+        torch_dtype="bfloat16",
     )
     assert next(model.backbone.parameters()).dtype == torch.bfloat16
     assert model.value_head.summary.weight.dtype == torch.float32
@@ -150,7 +155,10 @@ def test_plumbing_for_trainer_and_reference(tok):
     with model.disable_adapter():  # a full model is its own reference: the context is a no-op
         pass
     assert [n for n, _ in model.head_parameters()] == [
-        "value_head.summary.weight", "value_head.summary.bias", "variance_head.summary.weight", "variance_head.summary.bias",
+        "value_head.summary.weight",
+        "value_head.summary.bias",
+        "variance_head.summary.weight",
+        "variance_head.summary.bias",
     ]
     model.gradient_checkpointing_enable()
     assert model.is_gradient_checkpointing and model.config.use_cache is False

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from discoalign.config import build_config
+from discoalign.config.attention import PAIR_SDPA
 from discoalign.config.schema import FinetuningArguments, ModelArguments
 from discoalign.data.collator import PairwiseCollator
-from discoalign.config.attention import PAIR_SDPA
 from discoalign.data.packing import pack_pair_rows
-from discoalign.models.pair_attention import pair_attention_mask
 from discoalign.errors import ConfigError
 from discoalign.models.loader import load_model_with_heads
+from discoalign.models.pair_attention import pair_attention_mask
 from discoalign.train.rm.trainer import RewardTrainer
 
 TOL = 1e-5

@@ -23,7 +23,7 @@ SHORT = {
     "1_sft.yaml": "max_steps=4 synthetic_num_pairs=64 per_device_train_batch_size=16",
     "2_rm.yaml": "max_steps=3 synthetic_num_pairs=64 per_device_train_batch_size=16",
     "3_ppo.yaml": "max_steps=1 synthetic_num_pairs=64 max_samples=16 per_device_train_batch_size=4 ppo_buffer_size=1 "
-                  "ppo_epochs=1 per_device_eval_batch_size=16 max_new_tokens=6",
+    "ppo_epochs=1 per_device_eval_batch_size=16 max_new_tokens=6",
     "4_dpo.yaml": "max_steps=2 synthetic_num_pairs=64 per_device_train_batch_size=8",
     "5_sft_alpaca.yaml": "max_steps=2 max_samples=16 cutoff_len=128",
     "6_dpo_en_demo.yaml": "max_steps=2 max_samples=12 val_size=4 cutoff_len=128",

@@ -160,8 +160,12 @@ def test_score_refuses_folders_without_a_trained_reward_head(tmp_path, tiny_dirs
     config["value_head_kind"] = "critic"
     json.dump(config, open(os.path.join(critic, "heads_config.json"), "w"))
     # a DPO policy: no value head
-    model, tok = load_model_with_heads(ModelArguments(model_name_or_path=tiny_dirs["qwen2"]),
-                                       FinetuningArguments(stage="dpo"), add_value_head=False, is_trainable=False)
+    model, tok = load_model_with_heads(
+        ModelArguments(model_name_or_path=tiny_dirs["qwen2"]),
+        FinetuningArguments(stage="dpo"),
+        add_value_head=False,
+        is_trainable=False,
+    )
     dpo = save_checkpoint(model, str(tmp_path / "dpo"), tokenizer=tok)
     for folder, words in ((critic, "critic"), (dpo, "no reward head"), (tiny_dirs["qwen2"], "no reward head")):
         assert main(["score", "--model", folder, "--data", str(data), "--out", str(tmp_path / "x.jsonl")]) == 2
@@ -194,8 +198,9 @@ def test_score_skip_invalid_rows_counts(tmp_path, tiny_dirs, capsys):
     assert "skipped 1 of 3 rows: 1 empty response" in printed
     assert len(out.read_text().splitlines()) == 4
     cands = tmp_path / "c.jsonl"
-    cands.write_text("\n".join(json.dumps(r) for r in [{"prompt": PROMPT, "response": " "}, {"prompt": PROMPT,
-                                                                                          "response": "ok"}]))
+    cands.write_text(
+        "\n".join(json.dumps(r) for r in [{"prompt": PROMPT, "response": " "}, {"prompt": PROMPT, "response": "ok"}])
+    )
     assert main(["score", "--model", path, "--data", str(cands), "--out", str(out), "--skip-invalid-rows"]) == 0
     assert "skipped 1 of 2 rows: 1 empty response" in capsys.readouterr().out
 

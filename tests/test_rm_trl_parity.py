@@ -60,7 +60,8 @@ def test_bt_loss_matches_trl_reward_trainer(tmp_path, tiny_dirs, with_margin, ce
     )
     our_loss = RewardTrainer(ours, cfg, processing_class=tokenizer).compute_loss(ours, dict(batch))
 
-    trl_args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", center_rewards_coefficient=center, bf16=False
+    trl_args = RewardConfig(
+        output_dir=str(tmp_path / "trl"), report_to="none", center_rewards_coefficient=center, bf16=False
     )
     from datasets import Dataset
 

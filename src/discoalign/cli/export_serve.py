@@ -47,8 +47,8 @@ def add_serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="Serve a reward model over HTTP (OpenRLHF's remote reward-model API).",
-        description="POST /get_reward with {\"query\": [texts], \"prompts\": [...]} returns {\"rewards\", \"scores\", "
-        "\"mean\", \"variance\"}; GET /health. Requests are batched up to a token budget; binds 127.0.0.1 by default.",
+        description='POST /get_reward with {"query": [texts], "prompts": [...]} returns {"rewards", "scores", '
+        '"mean", "variance"}; GET /health. Requests are batched up to a token budget; binds 127.0.0.1 by default.',
     )
     p.add_argument("--model", required=True, help="Reward-model directory (ours, LlamaFactory/TRL, or seq-cls).")
     p.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only).")

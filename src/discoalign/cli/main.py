@@ -28,8 +28,8 @@ EPILOG = textwrap.dedent(
 
 def _setup_logging() -> None:
     logging.basicConfig(format="[discoalign] %(levelname)s %(message)s", level=logging.INFO)
-    import transformers
     import datasets
+    import transformers
 
     transformers.logging.set_verbosity_warning()
     datasets.logging.set_verbosity_error()
@@ -85,8 +85,10 @@ def cmd_score(ns: argparse.Namespace) -> int:
     summary = score_file(ns.model, ns.data, ns.out, cutoff_len=ns.cutoff_len, batch_size=ns.batch_size,
                          skip_invalid_rows=ns.skip_invalid_rows)  # fmt: skip
     skipped = ", ".join(f"{n} {reason}" for reason, n in summary.skipped.items())
-    print(f"Wrote {summary.written} scored responses ({summary.kind} rows) to {ns.out}"
-          + (f"; skipped {sum(summary.skipped.values())} of {summary.rows} rows: {skipped}" if skipped else ""))
+    print(
+        f"Wrote {summary.written} scored responses ({summary.kind} rows) to {ns.out}"
+        + (f"; skipped {sum(summary.skipped.values())} of {summary.rows} rows: {skipped}" if skipped else "")
+    )
     return 0
 
 
@@ -94,8 +96,10 @@ def cmd_bon(ns: argparse.Namespace) -> int:
     from ..eval.bon import rerank_file, sample_and_select
 
     if bool(ns.candidates) == bool(ns.policy):
-        raise ConfigError("`discoalign bon` needs either --candidates FILE (rerank prompt + response rows) or "
-                          "--policy DIR with --prompts FILE (sample --n responses per prompt), not both.")
+        raise ConfigError(
+            "`discoalign bon` needs either --candidates FILE (rerank prompt + response rows) or "
+            "--policy DIR with --prompts FILE (sample --n responses per prompt), not both."
+        )
     common = dict(kappa=ns.kappa, cutoff_len=ns.cutoff_len, batch_size=ns.batch_size,
                   skip_invalid_rows=ns.skip_invalid_rows)  # fmt: skip
     if ns.candidates:
@@ -105,8 +109,10 @@ def cmd_bon(ns: argparse.Namespace) -> int:
             raise ConfigError("`discoalign bon --policy` needs --prompts: a file of prompts (any format PPO reads).")
         summary = sample_and_select(ns.model, ns.policy, ns.prompts, ns.out, n=ns.n, max_new_tokens=ns.max_new_tokens,
                                     temperature=ns.temperature, seed=ns.seed, **common)  # fmt: skip
-    print(f"Selected the best of {summary.candidates} candidates for {summary.prompts} prompts "
-          f"(mean - {ns.kappa} * sigma); wrote {ns.out}")
+    print(
+        f"Selected the best of {summary.candidates} candidates for {summary.prompts} prompts "
+        f"(mean - {ns.kappa} * sigma); wrote {ns.out}"
+    )
     return 0
 
 

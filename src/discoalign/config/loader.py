@@ -17,8 +17,8 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import ConfigError
-from .schema import ARGUMENT_CLASSES, DataArguments, FinetuningArguments, ModelArguments
 from .aliases import apply_aliases
+from .schema import ARGUMENT_CLASSES, DataArguments, FinetuningArguments, ModelArguments
 from .validate import build_training_arguments, validate_combinations
 
 logger = logging.getLogger(__name__)
@@ -118,8 +118,11 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
                 f"Config key `{key}` in {source} is {value!r}; it must be one of {', '.join(map(repr, args))}."
             )
         return value
+
     def bad(expected: str) -> ConfigError:
-        return ConfigError(f"Config key `{key}` in {source} is {value!r} ({type(value).__name__}); expected {expected}.")
+        return ConfigError(
+            f"Config key `{key}` in {source} is {value!r} ({type(value).__name__}); expected {expected}."
+        )
 
     if hint is bool:
         if isinstance(value, bool):

@@ -40,8 +40,10 @@ class ModelArguments:
     )
     device_map: str | dict | None = field(
         default=None,
-        metadata={"help": "Inference-only models (reward model, reference): `auto`, `balanced`, `sequential` or "
-                          "one device (`cuda:1`); splits a large model over GPUs. CPU/disk offload is refused."},
+        metadata={
+            "help": "Inference-only models (reward model, reference): `auto`, `balanced`, `sequential` or "
+            "one device (`cuda:1`); splits a large model over GPUs. CPU/disk offload is refused."
+        },
     )
 
 
@@ -67,31 +69,41 @@ class DataArguments:
     # speed switches (docs/performance.md); each leaves every loss and gradient unchanged
     pack_pairs: bool = field(
         default=False,
-        metadata={"help": "One row per pair: the prompt once, then chosen and rejected with their own position ids "
-                          "and a mask that keeps them apart. Needs attn_implementation eager or sdpa."},
+        metadata={
+            "help": "One row per pair: the prompt once, then chosen and rejected with their own position ids "
+            "and a mask that keeps them apart. Needs attn_implementation eager or sdpa."
+        },
     )
     group_by_length: bool = field(
         default=False, metadata={"help": "Batch pairs of similar length together (less padding); order changes."}
     )
     media_dir: str | None = field(
         default=None,
-        metadata={"help": "Folder that relative `images` / `audios` paths start from; default: the data file's folder."},
+        metadata={
+            "help": "Folder that relative `images` / `audios` paths start from; default: the data file's folder."
+        },
     )
     # ---- SFT and the LlamaFactory dataset registry (docs/sft.md, docs/data.md) ----
     dataset_dir: str | None = field(
         default=None,
-        metadata={"help": "Folder with LlamaFactory's `dataset_info.json`; `dataset` / `eval_dataset` may then name "
-                          "its entries (comma-separated)."},
+        metadata={
+            "help": "Folder with LlamaFactory's `dataset_info.json`; `dataset` / `eval_dataset` may then name "
+            "its entries (comma-separated)."
+        },
     )
     packing: bool = field(
         default=False,
-        metadata={"help": "SFT: lay each batch's sequences end to end in one row, kept apart by a block-diagonal "
-                          "mask (no padding; same loss). Needs attn_implementation eager or sdpa."},
+        metadata={
+            "help": "SFT: lay each batch's sequences end to end in one row, kept apart by a block-diagonal "
+            "mask (no padding; same loss). Needs attn_implementation eager or sdpa."
+        },
     )
     sft_responses: Literal["chosen", "both"] = field(
         default="chosen",
-        metadata={"help": "SFT on pairwise data: train on the chosen response, or on both (a format warm-up that "
-                          "learns no preference)."},
+        metadata={
+            "help": "SFT on pairwise data: train on the chosen response, or on both (a format warm-up that "
+            "learns no preference)."
+        },
     )
 
 
@@ -124,24 +136,32 @@ class FinetuningArguments:
     beta_head_epsilon: float = field(default=0.5, metadata={"help": "s(x) = 1 + eps * tanh(.), eps in (0, 1)."})
     beta_head_lr_ratio: float = field(
         default=10.0,
-        metadata={"help": "Beta head lr = learning_rate * ratio (10: chosen on benchmarks/dpo_noise.py, where 1 "
-                          "left the head too slow to help)."},
+        metadata={
+            "help": "Beta head lr = learning_rate * ratio (10: chosen on benchmarks/dpo_noise.py, where 1 "
+            "left the head too slow to help)."
+        },
     )
     variance_head_lr_ratio: float | None = field(
         default=None,
-        metadata={"help": "Variance head lr = learning_rate * ratio. Default: 10 for stage dpo (DiscoDPO's variance "
-                          "barely moves at 1, docs/noisy_labels.md), 1 otherwise."},
+        metadata={
+            "help": "Variance head lr = learning_rate * ratio. Default: 10 for stage dpo (DiscoDPO's variance "
+            "barely moves at 1, docs/noisy_labels.md), 1 otherwise."
+        },
     )
     beta_head_pooling: Literal["last", "mean"] = field(
         default="mean",
-        metadata={"help": "Beta head features: the reference's hidden state at the last prompt token (`last`) or "
-                          "its mean over the prompt's tokens (`mean`)."},
+        metadata={
+            "help": "Beta head features: the reference's hidden state at the last prompt token (`last`) or "
+            "its mean over the prompt's tokens (`mean`)."
+        },
     )
     disco_variance_prior: float = field(
         default=0.03,
-        metadata={"help": "Disco (rm and DiscoDPO): strength lambda of a Normal(0, 1/lambda) prior on each "
-                          "log-variance, adding lambda/2 * (log sigma^2)^2 per response; anchors the variance scale "
-                          "(0 turns it off)."},
+        metadata={
+            "help": "Disco (rm and DiscoDPO): strength lambda of a Normal(0, 1/lambda) prior on each "
+            "log-variance, adding lambda/2 * (log sigma^2)^2 per response; anchors the variance scale "
+            "(0 turns it off)."
+        },
     )
     # reward modelling
     center_rewards_coefficient: float | None = field(
@@ -150,8 +170,10 @@ class FinetuningArguments:
     # epistemic reward uncertainty (stage rm; docs/reward_modeling.md "Epistemic uncertainty")
     epistemic: Literal["none", "token_novelty"] = field(
         default="none",
-        metadata={"help": "rm: add an epistemic variance term to the reward model: `token_novelty` = prior variance x "
-                          "(response tokens + adjacent token pairs never seen in training); `none`: no term."},
+        metadata={
+            "help": "rm: add an epistemic variance term to the reward model: `token_novelty` = prior variance x "
+            "(response tokens + adjacent token pairs never seen in training); `none`: no term."
+        },
     )
     # preference optimisation
     pref_beta: float = field(default=0.1, metadata={"help": "DPO beta (KL coefficient in PPO)."})
@@ -160,13 +182,17 @@ class FinetuningArguments:
     )
     label_smoothing: float = field(
         default=0.0,
-        metadata={"help": "Label-flip rate in [0, 0.5): conservative DPO with `sigmoid`, the known flip rate of "
-                          "robust DPO with `robust`."},
+        metadata={
+            "help": "Label-flip rate in [0, 0.5): conservative DPO with `sigmoid`, the known flip rate of "
+            "robust DPO with `robust`."
+        },
     )
     pref_beta_mode: Literal["static", "batch"] = field(
         default="static",
-        metadata={"help": "static: beta = pref_beta. batch: beta-DPO (Wu et al. 2024), one beta per batch from the "
-                          "implicit margins' running statistics, with beta-guided data filtering."},
+        metadata={
+            "help": "static: beta = pref_beta. batch: beta-DPO (Wu et al. 2024), one beta per batch from the "
+            "implicit margins' running statistics, with beta-guided data filtering."
+        },
     )
     beta_dpo_alpha: float = field(
         default=0.6, metadata={"help": "beta-DPO: beta = pref_beta * (1 + alpha * (mean margin - running mean))."}
@@ -181,8 +207,10 @@ class FinetuningArguments:
     # speed switches of the DPO family (docs/performance.md); each leaves every loss and gradient unchanged
     logps_chunk_size: int = field(
         default=512,
-        metadata={"help": "Response tokens projected through the LM head at once for log-probs (recomputed in "
-                          "backward). 0: the plain path, one fp32 log-softmax over batch x length x vocab."},
+        metadata={
+            "help": "Response tokens projected through the LM head at once for log-probs (recomputed in "
+            "backward). 0: the plain path, one fp32 log-softmax over batch x length x vocab."
+        },
     )
     reference_inference_mode: bool = field(
         default=True, metadata={"help": "Run the reference forward under torch.inference_mode (else torch.no_grad)."}
@@ -202,8 +230,10 @@ class FinetuningArguments:
     ppo_epochs: int = field(default=4, metadata={"help": "PPO: optimisation epochs over each rollout batch."})
     ppo_buffer_size: int = field(
         default=1,
-        metadata={"help": "PPO: mini-batches per rollout batch; a rollout holds per_device_train_batch_size x "
-                          "gradient_accumulation_steps x ppo_buffer_size prompts per device."},
+        metadata={
+            "help": "PPO: mini-batches per rollout batch; a rollout holds per_device_train_batch_size x "
+            "gradient_accumulation_steps x ppo_buffer_size prompts per device."
+        },
     )
     gamma: float = field(default=1.0, metadata={"help": "PPO: discount factor of GAE."})
     lam: float = field(default=0.95, metadata={"help": "PPO: lambda of GAE."})
@@ -228,8 +258,10 @@ class FinetuningArguments:
     # outputs
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Train into an `output_dir` that already holds a run: its checkpoints, results, predictions "
-                          "and plots are deleted first (other files are kept). Off: such a run is refused."},
+        metadata={
+            "help": "Train into an `output_dir` that already holds a run: its checkpoints, results, predictions "
+            "and plots are deleted first (other files are kept). Off: such a run is refused."
+        },
     )
     plot_loss: bool = field(default=True, metadata={"help": "Write PNG plots to output_dir/plots/."})
     num_score_samples: int = field(default=5, metadata={"help": "Rows shown in the table printed after eval."})

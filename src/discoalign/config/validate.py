@@ -44,8 +44,10 @@ def validate_combinations(
             "beta. The beta head belongs to `stage: dpo` (and `ppo`)."
         )
     if ft.epistemic != "none" and ft.stage != "rm":
-        fail(f"`epistemic: {ft.epistemic}` is a property of a reward model and applies to `stage: rm` only; PPO uses "
-             "the term saved with its `reward_model`. Remove it or set `stage: rm`.")
+        fail(
+            f"`epistemic: {ft.epistemic}` is a property of a reward model and applies to `stage: rm` only; PPO uses "
+            "the term saved with its `reward_model`. Remove it or set `stage: rm`."
+        )
     if ft.disco_pref and ft.stage == "dpo" and ft.pref_loss != "sigmoid":
         fail(
             f"`pref_loss: {ft.pref_loss}` cannot be combined with `disco_pref: true`: DiscoDPO is the probit member "
@@ -75,8 +77,11 @@ def validate_combinations(
         fail(f"`label_smoothing` applies to `pref_loss: sigmoid` and `robust` only, not `{ft.pref_loss}`.")
     if ft.pref_beta_mode == "batch":
         if ft.use_dynamic_beta or ft.disco_pref or ft.pref_loss != "sigmoid":
-            clash = "`use_dynamic_beta: true`" if ft.use_dynamic_beta else (
-                "`disco_pref: true`" if ft.disco_pref else f"`pref_loss: {ft.pref_loss}`")
+            clash = (
+                "`use_dynamic_beta: true`"
+                if ft.use_dynamic_beta
+                else ("`disco_pref: true`" if ft.disco_pref else f"`pref_loss: {ft.pref_loss}`")
+            )
             fail(
                 f"`pref_beta_mode: batch` (beta-DPO, Wu et al. 2024) is a baseline for the logistic DPO loss and "
                 f"cannot be combined with {clash}. Use `pref_loss: sigmoid` with `disco_pref: false` and "
@@ -189,8 +194,10 @@ def _validate_model_layer(model: ModelArguments, data: DataArguments, ft: Finetu
         notes.append("`quantization_type` / `double_quantization` apply to 4-bit bases; `quantization_bit: 8` uses "
                      "bitsandbytes' int8 layers.")  # fmt: skip
     if model.device_map is not None and ft.stage in ("rm", "dpo") and not model.ref_model_name_or_path:
-        notes.append(f"`device_map: {model.device_map}` places inference-only models (the reward model, a reference "
-                     "model, `discoalign score`); the model this run trains is placed by the Trainer.")
+        notes.append(
+            f"`device_map: {model.device_map}` places inference-only models (the reward model, a reference "
+            "model, `discoalign score`); the model this run trains is placed by the Trainer."
+        )
     return notes
 
 
@@ -261,19 +268,24 @@ def _validate_sft(model: ModelArguments, data: DataArguments, ft: FinetuningArgu
     if ft.stage == "sft":
         heads = [k for k in ("add_disco_head", "add_beta_head", "disco_pref", "use_dynamic_beta") if getattr(ft, k)]
         if heads:
-            fail(f"{', '.join(f'`{k}`' for k in heads)} cannot be used with `stage: sft`: supervised fine-tuning "
-                 "trains the language model only and has no heads. Remove them, or use `stage: rm` / `dpo`.")
+            fail(
+                f"{', '.join(f'`{k}`' for k in heads)} cannot be used with `stage: sft`: supervised fine-tuning "
+                "trains the language model only and has no heads. Remove them, or use `stage: rm` / `dpo`."
+            )
         if data.pack_pairs:
             fail("`pack_pairs` packs preference pairs (stage rm / dpo); for `stage: sft` use `packing: true`.")
     else:
         if data.packing:
-            fail(f"`packing` applies to `stage: sft` only, not `stage: {ft.stage}` (pairwise stages have "
-                 "`pack_pairs`).")
+            fail(
+                f"`packing` applies to `stage: sft` only, not `stage: {ft.stage}` (pairwise stages have `pack_pairs`)."
+            )
         if data.sft_responses != "chosen":
             fail(f"`sft_responses` applies to `stage: sft` only, not `stage: {ft.stage}`.")
     if data.packing and model.attn_implementation not in (None, "sdpa", "eager"):
-        fail(f"`packing: true` needs `attn_implementation` sdpa or eager (a block-diagonal attention mask), not "
-             f"`{model.attn_implementation}`. Set `packing: false`.")
+        fail(
+            f"`packing: true` needs `attn_implementation` sdpa or eager (a block-diagonal attention mask), not "
+            f"`{model.attn_implementation}`. Set `packing: false`."
+        )
 
 
 # Keys that only `stage: ppo` reads; setting one elsewhere is a mistake worth a clear error.
@@ -290,17 +302,23 @@ def _validate_ppo(ft: FinetuningArguments, fail) -> list[str]:
         defaults = FinetuningArguments()
         changed = [k for k in PPO_ONLY_KEYS if getattr(ft, k) != getattr(defaults, k)]
         if changed:
-            fail(f"{', '.join(f'`{k}`' for k in changed)} appl{'ies' if len(changed) == 1 else 'y'} to `stage: ppo` "
-                 f"only, not `stage: {ft.stage}`. Remove {'it' if len(changed) == 1 else 'them'} or set `stage: ppo`.")
+            fail(
+                f"{', '.join(f'`{k}`' for k in changed)} appl{'ies' if len(changed) == 1 else 'y'} to `stage: ppo` "
+                f"only, not `stage: {ft.stage}`. Remove {'it' if len(changed) == 1 else 'them'} or set `stage: ppo`."
+            )
         return []
     if not ft.reward_model:
-        fail("`stage: ppo` needs `reward_model`: the directory of a trained reward model (for example the output "
-             "of `discoalign train examples/rm_bt.yaml`).")
+        fail(
+            "`stage: ppo` needs `reward_model`: the directory of a trained reward model (for example the output "
+            "of `discoalign train examples/rm_bt.yaml`)."
+        )
     if ft.disco_pref or ft.add_disco_head:
         keys = [k for k in ("add_disco_head", "disco_pref") if getattr(ft, k)]
-        fail(f"{' and '.join(f'`{k}`' for k in keys)} cannot be used with `stage: ppo`: the policy has no variance "
-             "head in PPO. The Disco variance comes from the reward model; `disco_risk_coef` decides how much it "
-             "counts (reward = mean - disco_risk_coef * sqrt(variance)).")
+        fail(
+            f"{' and '.join(f'`{k}`' for k in keys)} cannot be used with `stage: ppo`: the policy has no variance "
+            "head in PPO. The Disco variance comes from the reward model; `disco_risk_coef` decides how much it "
+            "counts (reward = mean - disco_risk_coef * sqrt(variance))."
+        )
     positive_ints = {"max_new_tokens": ft.max_new_tokens, "ppo_epochs": ft.ppo_epochs,
                      "ppo_buffer_size": ft.ppo_buffer_size}  # fmt: skip
     for key, value in positive_ints.items():
@@ -317,9 +335,11 @@ def _validate_ppo(ft: FinetuningArguments, fail) -> list[str]:
         # later leaves the nucleus a log-prob of -inf, so the combination is refused rather than run off-policy.
         truncating = (("top_p", ft.top_p, 1.0), ("top_k", ft.top_k, 0))
         keys = " and ".join(f"`{k}: {v}`" for k, v, off in truncating if v != off)
-        fail(f"{keys}: PPO samples from the full softmax (divided by `temperature`) so that its log-probs, ratio "
-             "and KL are those of the distribution that sampled; truncated sampling is not supported. Set "
-             "`top_p: 1.0` and `top_k: 0` (use `temperature` to sharpen sampling).")
+        fail(
+            f"{keys}: PPO samples from the full softmax (divided by `temperature`) so that its log-probs, ratio "
+            "and KL are those of the distribution that sampled; truncated sampling is not supported. Set "
+            "`top_p: 1.0` and `top_k: 0` (use `temperature` to sharpen sampling)."
+        )
     for key in ("gamma", "lam"):
         if not 0.0 <= getattr(ft, key) <= 1.0:
             fail(f"`{key}` is {getattr(ft, key)}; it must lie in [0, 1].")
@@ -334,8 +354,10 @@ def _validate_ppo(ft: FinetuningArguments, fail) -> list[str]:
         fail(f"`reward_clip` is {ft.reward_clip}; it must be positive (or unset for no clipping).")
     notes = []
     if ft.target_kl != FinetuningArguments().target_kl and not ft.use_dynamic_beta:
-        notes.append("`target_kl` is set but `use_dynamic_beta` is false: the KL coefficient is the fixed `pref_beta` "
-                     "and `target_kl` is not used.")
+        notes.append(
+            "`target_kl` is set but `use_dynamic_beta` is false: the KL coefficient is the fixed `pref_beta` "
+            "and `target_kl` is not used."
+        )
     return notes
 
 
@@ -370,23 +392,29 @@ def _validate_deepspeed(ft: FinetuningArguments, training: dict[str, Any], fail)
         fail(f"`deepspeed` must name a JSON file (or be a mapping), not {type(config).__name__}.")
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
     if ft.stage == "ppo" and stage == 3:
-        fail("`stage: ppo` does not run under DeepSpeed ZeRO-3: ZeRO-3 keeps a shard of every weight on each "
-             "process, and PPO's rollouts generate token by token, which would have to gather the whole policy "
-             "for every token (and keep all processes generating in lockstep). Use ZeRO-2 "
-             "(examples/deepspeed/ds_z2_config.json), plain data parallelism (no `deepspeed`), or LoRA to fit the "
-             "model; see docs/distributed.md.")
+        fail(
+            "`stage: ppo` does not run under DeepSpeed ZeRO-3: ZeRO-3 keeps a shard of every weight on each "
+            "process, and PPO's rollouts generate token by token, which would have to gather the whole policy "
+            "for every token (and keep all processes generating in lockstep). Use ZeRO-2 "
+            "(examples/deepspeed/ds_z2_config.json), plain data parallelism (no `deepspeed`), or LoRA to fit the "
+            "model; see docs/distributed.md."
+        )
     zero = config.get("zero_optimization") or {}
     if stage == 3 and not (zero.get("stage3_gather_16bit_weights_on_model_save")
                            or zero.get("gather_16bit_weights_on_model_save")):  # fmt: skip
         # Without it the Trainer saves only DeepSpeed's sharded checkpoint, and our writer would find the module's
         # own weights empty (each rank holds shards): the saved model and heads would be unusable.
-        fail("DeepSpeed ZeRO-3 needs `\"stage3_gather_16bit_weights_on_model_save\": true` under "
-             "`zero_optimization` in the `deepspeed` JSON: discoalign saves the gathered weights and heads so that "
-             "the output loads anywhere (examples/deepspeed/ds_z3_config.json sets it).")
+        fail(
+            'DeepSpeed ZeRO-3 needs `"stage3_gather_16bit_weights_on_model_save": true` under '
+            "`zero_optimization` in the `deepspeed` JSON: discoalign saves the gathered weights and heads so that "
+            "the output loads anywhere (examples/deepspeed/ds_z3_config.json sets it)."
+        )
     accumulation = training.get("gradient_accumulation_steps", 1)
     if ft.stage == "ppo" and isinstance(accumulation, int) and accumulation > 1:
         # PPO's own update loop scales and steps per mini-batch; the DeepSpeed engine would scale the loss by
         # 1/gradient_accumulation_steps again and step on its own count of micro-batches (tested: other updates).
-        fail(f"`stage: ppo` under DeepSpeed needs `gradient_accumulation_steps: 1` (got {accumulation}): PPO "
-             "accumulates over its mini-batches itself and the DeepSpeed engine would scale and step a second "
-             "time. Raise `per_device_train_batch_size` instead, or train PPO without `deepspeed`.")
+        fail(
+            f"`stage: ppo` under DeepSpeed needs `gradient_accumulation_steps: 1` (got {accumulation}): PPO "
+            "accumulates over its mini-batches itself and the DeepSpeed engine would scale and step a second "
+            "time. Raise `per_device_train_batch_size` instead, or train PPO without `deepspeed`."
+        )

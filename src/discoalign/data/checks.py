@@ -105,7 +105,13 @@ def as_message(value: Any, field: str) -> dict[str, str]:
 
 
 # Typed content parts (TRL / OpenAI vision-language messages) -> the markers LlamaFactory writes in the text.
-PART_MARKERS = {"image": "<image>", "image_url": "<image>", "audio": "<audio>", "input_audio": "<audio>", "video": "<video>"}
+PART_MARKERS = {
+    "image": "<image>",
+    "image_url": "<image>",
+    "audio": "<audio>",
+    "input_audio": "<audio>",
+    "video": "<video>",
+}
 
 
 def content_parts_text(parts: list[Any], field: str) -> str:

@@ -16,7 +16,8 @@ Converters raise `checks.RowProblem` for a bad row; the pipeline decides whether
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import DataError
 from .checks import (

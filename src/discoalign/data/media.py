@@ -80,8 +80,10 @@ def image_refs(value: Any, base_dir: str | None, field: str = IMAGE_COLUMN) -> l
 
 
 def _is_number_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and bool(value) and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in value
+    return (
+        isinstance(value, (list, tuple))
+        and bool(value)
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
     )
 
 
@@ -94,7 +96,9 @@ def audio_refs(value: Any, base_dir: str | None, field: str = AUDIO_COLUMN) -> l
         if isinstance(item, str):
             refs.append({"path": os.path.abspath(_resolve(item, base_dir)), "array": None, "sampling_rate": None})
         elif _is_number_list(item) or isinstance(item, np.ndarray):
-            refs.append({"path": None, "array": [float(x) for x in np.asarray(item).reshape(-1)], "sampling_rate": None})
+            refs.append(
+                {"path": None, "array": [float(x) for x in np.asarray(item).reshape(-1)], "sampling_rate": None}
+            )
         elif isinstance(item, dict) and (item.get("array") is not None or item.get("path")):
             rate = item.get("sampling_rate")
             if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))):
@@ -104,7 +108,9 @@ def audio_refs(value: Any, base_dir: str | None, field: str = AUDIO_COLUMN) -> l
                 raise RowProblem(WRONG_TYPE, f"{where}.array", "expected a list of numbers (one waveform)")
             rate = int(rate) if rate is not None else None
             if array is None:
-                refs.append({"path": os.path.abspath(_resolve(item["path"], base_dir)), "array": None, "sampling_rate": rate})
+                refs.append(
+                    {"path": os.path.abspath(_resolve(item["path"], base_dir)), "array": None, "sampling_rate": rate}
+                )
             else:
                 samples = [float(x) for x in np.asarray(array).reshape(-1)]
                 refs.append({"path": None, "array": samples, "sampling_rate": rate})

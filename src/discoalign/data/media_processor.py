@@ -117,7 +117,9 @@ class MediaProcessor:
 
     def load_images(self, refs: list[dict[str, Any]], field: str = IMAGE_COLUMN) -> list:
         """PIL images of normalised references (RowProblem on a missing or corrupt file)."""
-        return [open_image(r, f"{field}[{i}]", self.image_max_pixels, self.image_min_pixels) for i, r in enumerate(refs)]
+        return [
+            open_image(r, f"{field}[{i}]", self.image_max_pixels, self.image_min_pixels) for i, r in enumerate(refs)
+        ]
 
     def load_audios(self, refs: list[dict[str, Any]], field: str = AUDIO_COLUMN) -> list[np.ndarray]:
         """Mono waveforms at the feature extractor's rate (RowProblem on a missing file or a wrong rate)."""
@@ -145,7 +147,11 @@ class MediaProcessor:
         features it gets alone.
         """
         out = self.feature_extractor(
-            waves, sampling_rate=self.sampling_rate, return_attention_mask=True, padding="max_length", return_tensors="pt"
+            waves,
+            sampling_rate=self.sampling_rate,
+            return_attention_mask=True,
+            padding="max_length",
+            return_tensors="pt",
         )
         return {"input_features": out["input_features"].float(), "feature_attention_mask": out["attention_mask"].long()}
 
@@ -242,7 +248,9 @@ class MediaProcessor:
                 if field != "prompt" and any(m in message["content"] for m in (IMAGE_MARKER, AUDIO_MARKER)):
                     raise RowProblem(MEDIA_MISMATCH, field, "media markers may appear only in the prompt")
         if any(VIDEO_MARKER in m["content"] for m in pair["prompt"]):
-            raise RowProblem(MEDIA_UNSUPPORTED, "prompt", f"the prompt has a {VIDEO_MARKER} marker; videos are not supported yet")
+            raise RowProblem(
+                MEDIA_UNSUPPORTED, "prompt", f"the prompt has a {VIDEO_MARKER} marker; videos are not supported yet"
+            )
 
         prompt = pair["prompt"]
         out = dict(pair)

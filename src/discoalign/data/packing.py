@@ -18,7 +18,8 @@ to a segment-aware sdpa that skips the masked blocks) is `models.pair_attention`
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -133,8 +133,8 @@ def _read_save_to_disk(path: str) -> list[Any]:
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise DataError(
-                f"The DatasetDict saved in {path!r} has no \"train\" split (it has "
-                f"{', '.join(map(repr, loaded))}); save the split to use as its own Dataset, or name it \"train\"."
+                f'The DatasetDict saved in {path!r} has no "train" split (it has '
+                f'{", ".join(map(repr, loaded))}); save the split to use as its own Dataset, or name it "train".'
             )
         loaded = loaded["train"]
     return loaded.to_list()
@@ -181,8 +181,7 @@ def read_spec(spec: str, synthetic_num_pairs: int, synthetic_seed: int) -> list[
         files = sorted(
             os.path.join(spec, name)
             for name in os.listdir(spec)
-            if os.path.splitext(name)[1].lower() in SUPPORTED_EXTENSIONS
-            and os.path.isfile(os.path.join(spec, name))
+            if os.path.splitext(name)[1].lower() in SUPPORTED_EXTENSIONS and os.path.isfile(os.path.join(spec, name))
         )
         if not files:
             raise DataError(

@@ -16,10 +16,10 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 512
 
 
-
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Gemma-style final logit soft-capping `cap * tanh(logits / cap)`; identity when `cap` is None."""
     return logits if cap is None else torch.tanh(logits / cap) * cap
+
 
 def _token_logps(
     hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, final_logit_softcapping: float | None
@@ -117,6 +117,7 @@ def pair_sequence_logps(
             its rejected tokens, both read from hidden row b.
         chunk_size: tokens per LM-head chunk (see `sequence_logps`); 0 takes the plain full log-softmax.
     """
+
     def logps(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if chunk_size == 0:
             return full_sequence_logps(h, lm_head, y, final_logit_softcapping)

@@ -204,9 +204,7 @@ def clipped_value_loss(
     return loss, clipfrac
 
 
-def disco_risk_adjusted_reward(
-    mean: torch.Tensor, variance: torch.Tensor | None, risk_coef: float
-) -> torch.Tensor:
+def disco_risk_adjusted_reward(mean: torch.Tensor, variance: torch.Tensor | None, risk_coef: float) -> torch.Tensor:
     """`mean - risk_coef * sqrt(variance)`: a Disco reward model's score, made careful where it is unsure.
 
     Args:

@@ -149,8 +149,12 @@ def _checkpoint_head_tensors(name_or_path: str, cache_dir: str | None) -> tuple[
             )
         return {}, config_path
     if config_path is None:
-        logger.warning("Checkpoint %r has %s but no %s; using the heads found in the weights.",
-                       name_or_path, HEADS_WEIGHTS_NAME, HEADS_CONFIG_NAME)
+        logger.warning(
+            "Checkpoint %r has %s but no %s; using the heads found in the weights.",
+            name_or_path,
+            HEADS_WEIGHTS_NAME,
+            HEADS_CONFIG_NAME,
+        )
     tensors = load_tensor_file(weights_path)
     absent = [name for name in flagged if f"{name}.summary.weight" not in tensors]
     if absent:
@@ -172,7 +176,9 @@ def _copy_head(head: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor
         if bias is not None and bias.abs().max() > 0:
             logger.warning(
                 "%r holds an uncentred beta head (nonzero bias %s); this run's beta head is centred and has no "
-                "bias, so the bias is dropped and s(x) keeps its mean of 1 over the data.", source, bias.tolist(),
+                "bias, so the bias is dropped and s(x) keeps its mean of 1 over the data.",
+                source,
+                bias.tolist(),
             )
     for key, param in head.state_dict().items():
         full_key = f"{name}.{key}"
@@ -213,14 +219,16 @@ def load_heads(model: ModelWithHeads, checkpoint_dir: str, cache_dir: str | None
     if status.get("variance_head") == "fresh" and has["value_head"]:
         logger.warning(
             "Checkpoint %r has a value head but no variance head; the variance head is created fresh "
-            "(sigma^2 = 1 for every input) and will be learned from here.", checkpoint_dir,
+            "(sigma^2 = 1 for every input) and will be learned from here.",
+            checkpoint_dir,
         )
     if status.get("value_head") == "fresh" and any(has.values()):
         logger.warning("Checkpoint %r has no value head; the value head is created fresh.", checkpoint_dir)
     if status.get("variance_head") == "ignored":
         logger.warning(
             "Checkpoint %r has a variance head but this run has none (`add_disco_head: false`): it is used as a "
-            "scalar reward model, the mean is used and the variance ignored.", checkpoint_dir,
+            "scalar reward model, the mean is used and the variance ignored.",
+            checkpoint_dir,
         )
     for name in ("value_head", "beta_head"):
         if status.get(name) == "ignored":
@@ -326,8 +334,11 @@ def load_checkpoint_weights(model: ModelWithHeads, checkpoint_dir: str) -> None:
         from peft import set_peft_model_state_dict
 
         path = next(
-            (p for p in (os.path.join(checkpoint_dir, n) for n in ("adapter_model.safetensors", "adapter_model.bin"))
-             if os.path.isfile(p)),
+            (
+                p
+                for p in (os.path.join(checkpoint_dir, n) for n in ("adapter_model.safetensors", "adapter_model.bin"))
+                if os.path.isfile(p)
+            ),
             None,
         )
         if path is None:

@@ -21,7 +21,8 @@ reward models. It never changes the mean; total variance = aleatoric (Disco head
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -54,7 +55,7 @@ class TokenNovelty:
     def _pair_bucket(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.long() * _HASH_MULT + b.long()) % self.buckets
 
-    def fit(self, responses: Iterable[list[int]]) -> "TokenNovelty":
+    def fit(self, responses: Iterable[list[int]]) -> TokenNovelty:
         """Add the tokens and adjacent pairs of each response (a list of ids) to the counts."""
         for ids in responses:
             t = torch.as_tensor(list(ids), dtype=torch.long)
@@ -97,7 +98,7 @@ class TokenNovelty:
                   os.path.join(output_dir, EPISTEMIC_WEIGHTS_NAME), metadata={"format": "pt"})  # fmt: skip
 
     @classmethod
-    def load(cls, path: str, config: dict[str, Any]) -> "TokenNovelty":
+    def load(cls, path: str, config: dict[str, Any]) -> TokenNovelty:
         """Read `epistemic.safetensors` at `path` with the settings `config` (from heads_config.json)."""
         from safetensors.torch import load_file
 

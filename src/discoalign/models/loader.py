@@ -13,7 +13,8 @@ import contextlib
 import copy
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -22,8 +23,9 @@ from .checkpoint import ADAPTER_CONFIG_NAME, load_heads, read_heads_config
 from .heads import BetaHead, ValueHead, VarianceHead
 from .interop import is_sequence_classification
 from .lora import apply_lora
-from .model_with_heads import ModelWithHeads
 from .modality import ActorModality, detect_modality
+from .model_with_heads import ModelWithHeads
+from .multimodal_loader import build_media_processor, freeze_frozen_parts, multimodal_auto_class, trainable_parts
 from .quantization import (
     bnb_config,
     check_no_offload,
@@ -32,7 +34,6 @@ from .quantization import (
     parse_device_map,
     prepare_for_kbit_training,
 )
-from .multimodal_loader import build_media_processor, freeze_frozen_parts, multimodal_auto_class, trainable_parts
 from .seq2seq import is_seq2seq_config
 from .tiny import TINY_ARCHS, TINY_SEQ2SEQ_ARCHS, build_tiny_model, build_tiny_tokenizer, write_tiny_model
 from .tiny_multimodal import TINY_MULTIMODAL_ARCHS, build_tiny_multimodal_model, build_tiny_multimodal_tokenizer
@@ -187,8 +188,9 @@ def _with_attn_fallback(load: Callable[[str | None], Any], requested: str | None
             key = f"{impl}->{candidates[i + 1]}"
             if key not in _warned_attn:
                 _warned_attn.add(key)
-                logger.warning("attn_implementation %r is unavailable (%s); falling back to %r.", impl, message,
-                               candidates[i + 1])
+                logger.warning(
+                    "attn_implementation %r is unavailable (%s); falling back to %r.", impl, message, candidates[i + 1]
+                )
     raise AssertionError("unreachable")
 
 
@@ -272,7 +274,8 @@ def _from_pretrained(name: str, model_args, dtype, load_kwargs: dict | None = No
     if config_path is not None and is_sequence_classification(config_json):
         logger.warning(
             "%s is a sequence-classification reward model: its body is loaded as a causal LM whose LM head is "
-            "absent and randomly initialised (unused for scoring); `score` becomes the value head.", name,
+            "absent and randomly initialised (unused for scoring); `score` becomes the value head.",
+            name,
         )
 
     kwargs: dict[str, Any] = {"dtype": dtype, "cache_dir": cache_dir, **(load_kwargs or {})}
@@ -326,8 +329,10 @@ def _load_backbone(
 
     base = _load_backbone(base_name, tokenizer, model_args, finetuning_args, dtype, False, depth + 1, load_kwargs)
     if isinstance(base, PeftModel) and is_quantized(base.get_base_model()):
-        raise CheckpointError(f"{name!r} is an adapter on another adapter; with `quantization_bit` the inner one "
-                              "cannot be merged into the quantised base. Merge it first, or drop `quantization_bit`.")
+        raise CheckpointError(
+            f"{name!r} is an adapter on another adapter; with `quantization_bit` the inner one "
+            "cannot be merged into the quantised base. Merge it first, or drop `quantization_bit`."
+        )
     if isinstance(base, PeftModel):
         base = base.merge_and_unload()
     keep_adapter = not is_trainable or finetuning_args.finetuning_type == "lora"
@@ -451,8 +456,12 @@ def load_model_with_heads(
         checkpoint_config = read_heads_config(name, getattr(model_args, "cache_dir", None)) or {}
         saved_eps = checkpoint_config.get("beta_head_epsilon")
         if beta_head is not None and checkpoint_config.get("beta_head") and saved_eps != beta_head.epsilon:
-            logger.warning("The beta head in %s was trained with beta_head_epsilon=%s; this run uses %s.",
-                           name, saved_eps, beta_head.epsilon)
+            logger.warning(
+                "The beta head in %s was trained with beta_head_epsilon=%s; this run uses %s.",
+                name,
+                saved_eps,
+                beta_head.epsilon,
+            )
         load_heads(model, name, getattr(model_args, "cache_dir", None))
 
     device_map = getattr(causal_lm, "hf_device_map", None)

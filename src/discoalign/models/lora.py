@@ -6,7 +6,7 @@ found by walking the modules; GPT-2's `Conv1D` is a linear layer with transposed
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

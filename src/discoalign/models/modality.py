@@ -7,8 +7,9 @@ on, instead of hard-coding `pixel_values` and friends: a model gets exactly the 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 

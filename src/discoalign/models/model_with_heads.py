@@ -7,8 +7,9 @@ logits (a vocab-sized tensor per token) and no stack of every layer's hidden sta
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -160,9 +161,7 @@ class ModelWithHeads(nn.Module):
 
     # ---- computation ---------------------------------------------------------------------------
 
-    def hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **model_inputs: Any
-    ) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **model_inputs: Any) -> torch.Tensor:
         """input_ids, attention_mask: (N, T) -> the backbone's last hidden state (N, T, H).
 
         With packed pairs, `model_inputs` holds `segment_ids` and `position_ids` (see `data.packing`) and the

@@ -30,7 +30,9 @@ class MultimodalParts:
 
 # The LoRA target pattern per architecture: every linear layer under `language_model` (and under an unfrozen part).
 KNOWN_PARTS: dict[str, MultimodalParts] = {
-    "qwen2_vl": MultimodalParts("model.language_model", vision_tower=("model.visual",), projector=("model.visual.merger",)),
+    "qwen2_vl": MultimodalParts(
+        "model.language_model", vision_tower=("model.visual",), projector=("model.visual.merger",)
+    ),
     "qwen2_5_vl": MultimodalParts(
         "model.language_model", vision_tower=("model.visual",), projector=("model.visual.merger",)
     ),
@@ -116,11 +118,15 @@ def exclusion_pattern(causal_lm: nn.Module, flags: dict[str, bool], targets: lis
         if not frozen:
             continue
         inner = [p for p, f in flags.items() if not f and p != prefix and _under(p, prefix)]
-        lookahead = "".join(f"(?!{re.escape(p[len(prefix):])}(?:\\.|$))" for p in inner)
+        lookahead = "".join(f"(?!{re.escape(p[len(prefix) :])}(?:\\.|$))" for p in inner)
         alternatives.append(f"{re.escape(prefix)}{lookahead}(?:\\..*)?")
     target_set = set(targets)
     for name, module in causal_lm.named_modules():
-        if name.rsplit(".", 1)[-1] in target_set and not isinstance(module, linear_types()) and not is_frozen(name, flags):
+        if (
+            name.rsplit(".", 1)[-1] in target_set
+            and not isinstance(module, linear_types())
+            and not is_frozen(name, flags)
+        ):
             alternatives.append(re.escape(name))
     return "|".join(f"(?:{a})" for a in alternatives)
 

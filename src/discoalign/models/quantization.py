@@ -40,7 +40,7 @@ def check_quantization(model_args, ft) -> None:
     if not bitsandbytes_available():
         raise ConfigError(
             f"`quantization_bit: {bits}` needs the `bitsandbytes` package, which is not installed. Install it "
-            "(`pip install -c constraints.txt -e \".[qlora]\"`) or drop `quantization_bit`."
+            '(`pip install -c constraints.txt -e ".[qlora]"`) or drop `quantization_bit`.'
         )
 
 
@@ -145,9 +145,8 @@ def last_hidden_device(decoder: torch.nn.Module) -> torch.device:
 
     The final norm (`norm`, `ln_f`, `final_layer_norm`) is the last parameter registered in every body we load.
     """
-    last = None
-    for last in decoder.parameters():
-        pass
+    params = list(decoder.parameters())
+    last = params[-1] if params else None
     if last is None:
         raise ValueError("the decoder has no parameters")
     return last.device

@@ -123,9 +123,7 @@ def _corpus() -> list[str]:
 # Qwen2's pre-tokenizer split. Using exactly Qwen2's pipeline (NFC, this split, byte-level without its own
 # regex, no post-processor) matters: `AutoTokenizer` rebuilds a saved qwen2 model's tokenizer as
 # `Qwen2Tokenizer` from vocab + merges alone, and only an identical pipeline then gives identical ids.
-_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 @functools.lru_cache(maxsize=1)

@@ -267,8 +267,8 @@ def serve(ns) -> None:
     from .scorer import RewardScorer
 
     try:
-        import uvicorn  # noqa: F401
         import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError:
         raise ConfigError("`discoalign serve` needs starlette and uvicorn: pip install 'discoalign[serve]'.") from None
     settings = ServeSettings(ns.cutoff_len, ns.max_batch_tokens, ns.max_queue, ns.max_request_bytes)

@@ -31,8 +31,10 @@ class RewardScorer:
             raise CheckpointError(f"--model {model_dir!r} is not a directory holding a reward model.")
         heads = checkpoint_heads(model_dir)
         if not heads["value_head"]:
-            raise CheckpointError(f"--model {model_dir!r} has no value head, so it is not a reward model (an SFT, DPO "
-                                  "or PPO policy?). Give the output of a `stage: rm` run, or a foreign reward model.")
+            raise CheckpointError(
+                f"--model {model_dir!r} has no value head, so it is not a reward model (an SFT, DPO "
+                "or PPO policy?). Give the output of a `stage: rm` run, or a foreign reward model."
+            )
         if disco_risk_coef < 0:
             raise CheckpointError(f"--disco-risk-coef is {disco_risk_coef}; it must be non-negative.")
         self.disco = bool(heads["variance_head"])

@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback
 from ..config.loader import RunConfig
 from ..errors import CheckpointError
 
+
 def variance_head_lr_ratio(ft) -> float:
     """`variance_head_lr_ratio`, or its default: 10 for DiscoDPO (measured, docs/noisy_labels.md), 1 otherwise."""
     if ft.variance_head_lr_ratio is not None:

@@ -18,12 +18,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ...data.collator import PairwiseCollator
+from ...data.packing import packed_model_inputs
 from ...errors import ConfigError
 from ...losses.beta_dpo import beta_dpo_batch, update_margin_statistics
 from ...losses.dpo import dpo_loss
-from ...losses.variance import log_variance_prior
-from ...data.packing import packed_model_inputs
 from ...losses.logps import pair_sequence_logps, response_lengths
+from ...losses.variance import log_variance_prior
 from ...models.model_with_heads import last_token_hidden
 from ...models.pair_attention import prepare_pair_packing
 from ..base_trainer import DiscoTrainer
@@ -353,7 +353,9 @@ class DPOTrainer(DiscoTrainer):
         )
         if self.use_disco and self.variance_prior:
             # Anchors the variance scale (losses/variance.py, docs/disco_variance.md).
-            losses = losses + log_variance_prior(var_c, self.variance_prior) + log_variance_prior(var_r, self.variance_prior)
+            losses = (
+                losses + log_variance_prior(var_c, self.variance_prior) + log_variance_prior(var_r, self.variance_prior)
+            )
         if self.pref_ftx > 0:
             # SFT term on chosen responses: mean token negative log-likelihood (LlamaFactory's `pref_ftx`).
             losses = losses + self.pref_ftx * (-chosen_logps / lengths[:batch])
@@ -391,7 +393,11 @@ class DPOTrainer(DiscoTrainer):
             return torch.tensor(self.pref_beta, device=margins.device), None
         ft = self.finetuning_args
         beta, keep = beta_dpo_batch(
-            margins, self.margin_mean, self.margin_std, self.pref_beta, ft.beta_dpo_alpha,
+            margins,
+            self.margin_mean,
+            self.margin_std,
+            self.pref_beta,
+            ft.beta_dpo_alpha,
             ft.beta_dpo_filter if training else 0.0,
         )
         return beta, keep if training else None
@@ -424,7 +430,9 @@ class DPOTrainer(DiscoTrainer):
         nan = torch.full_like(chosen, float("nan"))
         beta = out["beta"]
         if self._policy().beta_head is not None or self.beta_dpo:
-            beta_col = beta.float().expand_as(chosen) if isinstance(beta, torch.Tensor) else torch.full_like(chosen, beta)
+            beta_col = (
+                beta.float().expand_as(chosen) if isinstance(beta, torch.Tensor) else torch.full_like(chosen, beta)
+            )
         else:
             beta_col = nan
         var_c = out["chosen_var"].float() if out["chosen_var"] is not None else nan

@@ -39,7 +39,7 @@ class PPOPolicy(ModelWithHeads):
     """`ModelWithHeads` plus a response-scoring forward (see the module docstring)."""
 
     @classmethod
-    def from_model(cls, model: ModelWithHeads) -> "PPOPolicy":
+    def from_model(cls, model: ModelWithHeads) -> PPOPolicy:
         """The same modules (shared, not copied) under this class."""
         policy = cls(model.backbone, model.value_head, model.variance_head, model.beta_head, model.heads_config,
                      model.modality)  # fmt: skip

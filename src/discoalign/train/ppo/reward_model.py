@@ -62,17 +62,23 @@ def reward_heads_present(path: str, cache_dir: str | None = None) -> tuple[bool,
 
 def _check_reward_dir(name: str | None) -> str:
     if not name:
-        raise ConfigError("`stage: ppo` needs `reward_model`: the directory of a reward model (e.g. one trained "
-                          "with `stage: rm`, such as the output of examples/rm_bt.yaml).")
+        raise ConfigError(
+            "`stage: ppo` needs `reward_model`: the directory of a reward model (e.g. one trained "
+            "with `stage: rm`, such as the output of examples/rm_bt.yaml)."
+        )
     if name.startswith("builtin:"):
-        raise ConfigError(f"`reward_model: {name}` is a random built-in model without a trained reward head; train a "
-                          "reward model first (`stage: rm`, e.g. examples/rm_bt.yaml) and point `reward_model` at its "
-                          "output directory.")
+        raise ConfigError(
+            f"`reward_model: {name}` is a random built-in model without a trained reward head; train a "
+            "reward model first (`stage: rm`, e.g. examples/rm_bt.yaml) and point `reward_model` at its "
+            "output directory."
+        )
     if os.path.isfile(name):
         raise CheckpointError(f"`reward_model: {name}` is a file; it must be a reward-model directory.")
     if not os.path.isdir(name):
-        raise CheckpointError(f"`reward_model: {name}`: the directory does not exist (no network here, and hub "
-                              "reward models must already be saved locally).")
+        raise CheckpointError(
+            f"`reward_model: {name}`: the directory does not exist (no network here, and hub "
+            "reward models must already be saved locally)."
+        )
     return name
 
 
@@ -160,8 +166,11 @@ def load_reward_model(
                         reward_dir, shared.adapter_name)  # fmt: skip
             return shared.eval()
         if is_adapter and not _usable_base(named_base):
-            logger.info("The reward adapter's base %r is not available here; using `model_name_or_path: %s`.",
-                        named_base, model_args.model_name_or_path)
+            logger.info(
+                "The reward adapter's base %r is not available here; using `model_name_or_path: %s`.",
+                named_base,
+                model_args.model_name_or_path,
+            )
             model = _adapter_on_base(model_args, reward_dir, model_args.model_name_or_path, rm_ft, has_variance)
             reward_tokenizer = policy_tokenizer
         else:

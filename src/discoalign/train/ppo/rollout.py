@@ -14,8 +14,8 @@ token of every row) also feeds the beta head.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ class Rollout:
     def __len__(self) -> int:
         return self.query_ids.shape[0]
 
-    def select(self, index: torch.Tensor) -> "Rollout":
+    def select(self, index: torch.Tensor) -> Rollout:
         """The rows at `index` ((n,) long), every tensor indexed alike."""
         picked = {}
         for f in fields(self):

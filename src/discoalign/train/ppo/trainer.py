@@ -24,7 +24,8 @@ import math
 import os
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,10 +45,10 @@ from ...losses.ppo import (
     token_rewards,
 )
 from ..base_trainer import DiscoTrainer
+from ..rm.position import turn_end_suffix
 from .metric import rollout_metrics
 from .policy import PPOPolicy
 from .prompts import PromptSchedule, left_pad, prompt_rows
-from ..rm.position import turn_end_suffix
 from .reward_model import score_responses
 from .rollout import Rollout, pad_columns, sample_responses, stop_token_ids, truncate_at_stop
 from .samples import SAMPLES_FILE, append_samples, show_samples
@@ -199,7 +200,13 @@ class PPOTrainer(DiscoTrainer):
 
         reward_model = self.accelerator.unwrap_model(self.reward_model)
         mean, variance = score_responses(
-            reward_model, query_ids, query_mask, response_ids, response_mask, ended, self.turn_suffix,
+            reward_model,
+            query_ids,
+            query_mask,
+            response_ids,
+            response_mask,
+            ended,
+            self.turn_suffix,
             self.pad_token_id,
         )
         return {
@@ -360,8 +367,10 @@ class PPOTrainer(DiscoTrainer):
                 for i, index in enumerate(micro_batches):
                     batch = rollout.select(index.to(rollout.query_ids.device))
                     last = i == len(micro_batches) - 1
-                    sync = contextlib.nullcontext if last or self.is_deepspeed_enabled else functools.partial(
-                        self.accelerator.no_sync, model=model
+                    sync = (
+                        contextlib.nullcontext
+                        if last or self.is_deepspeed_enabled
+                        else functools.partial(self.accelerator.no_sync, model=model)
                     )
                     with sync():
                         with self.compute_loss_context_manager():

@@ -36,8 +36,10 @@ def load_reference(cfg: RunConfig) -> Any | None:
     if not cfg.model.ref_model_name_or_path:
         return None
     if cfg.finetuning.finetuning_type == "lora":
-        logger.warning("`ref_model_name_or_path` is ignored with `finetuning_type: lora`: the reference is the base "
-                       "model with the adapters disabled.")
+        logger.warning(
+            "`ref_model_name_or_path` is ignored with `finetuning_type: lora`: the reference is the base "
+            "model with the adapters disabled."
+        )
         return None
     ref_args = copy.copy(cfg.model)
     ref_args.model_name_or_path = cfg.model.ref_model_name_or_path

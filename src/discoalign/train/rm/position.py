@@ -10,7 +10,7 @@ fallback template, after which EOS is appended) the suffix is empty and nothing 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

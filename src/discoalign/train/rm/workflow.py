@@ -60,7 +60,10 @@ def run_rm(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> di
         results["eval"] = metrics
         if trainer.is_world_process_zero():
             rows = write_predictions(
-                output.predictions, bundle.eval, cfg.finetuning.disco_pref, os.path.join(args.output_dir, "predictions.jsonl")
+                output.predictions,
+                bundle.eval,
+                cfg.finetuning.disco_pref,
+                os.path.join(args.output_dir, "predictions.jsonl"),
             )
             if cfg.finetuning.plot_loss:
                 conf, acc, count = reliability_bins(np.array([r["probability"] for r in rows]))
