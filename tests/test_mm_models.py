@@ -206,7 +206,7 @@ def test_omni_checkpoints_are_refused_clearly(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_omni", "thinker_config": {}}))
     (tmp_path / "tokenizer.json").write_text("{}")
-    from discoalign.models.loader import _from_pretrained
+    from discoalign.models.backbone import _from_pretrained
 
     with pytest.raises(ConfigError, match=r"omni.*qwen2_5_omni"):
         _from_pretrained(str(tmp_path), ModelArguments(model_name_or_path=str(tmp_path)), torch.float32)

@@ -60,7 +60,7 @@ def test_a_device_mapped_reference_gives_the_same_logps(tiny_dirs):
 
 
 def test_the_model_that_trains_ignores_device_map(tiny_dirs):
-    import discoalign.models.loader as loader
+    import discoalign.models.backbone as loader
 
     seen = []
     original = loader._from_pretrained
@@ -99,7 +99,7 @@ def test_splitting_a_model_in_a_multi_process_run_is_refused(tiny_dirs, monkeypa
 def test_offload_is_refused_before_the_model_loads(tiny_dirs, monkeypatch):
     import discoalign.models.loader as loader
 
-    monkeypatch.setattr(loader, "_load_backbone", lambda *a, **k: pytest.fail("loaded before the check"))
+    monkeypatch.setattr(loader, "load_backbone", lambda *a, **k: pytest.fail("loaded before the check"))
     with pytest.raises(ConfigError, match="offload"):
         _reward_model(tiny_dirs["qwen3"], {"model.embed_tokens": "cpu", "model.layers": "disk"})
 

@@ -9,7 +9,7 @@ import torch
 
 from discoalign.config.schema import FinetuningArguments, ModelArguments
 from discoalign.errors import CheckpointError, ConfigError
-from discoalign.models import loader as loader_module
+from discoalign.models import backbone as loader_module
 from discoalign.models.checkpoint import save_checkpoint
 from discoalign.models.loader import load_model_with_heads, load_tokenizer
 from discoalign.models.tiny import build_tiny_model

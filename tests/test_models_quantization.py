@@ -82,7 +82,7 @@ def test_bad_quantisation_and_device_map_settings_exit_2(tmp_path, capsys, overr
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was checked")
 
-    monkeypatch.setattr(loader, "_load_backbone", no_model)
+    monkeypatch.setattr(loader, "load_backbone", no_model)
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({**RM, **overrides, "output_dir": str(tmp_path / "out")}))
     assert main(["train", str(config)]) == 2
