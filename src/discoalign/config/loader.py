@@ -19,7 +19,8 @@ import yaml
 from ..errors import ConfigError
 from .aliases import apply_aliases
 from .schema import ARGUMENT_CLASSES, DataArguments, FinetuningArguments, ModelArguments
-from .validate import build_training_arguments, validate_combinations
+from .training_args import build_training_arguments
+from .validate import validate_combinations
 
 logger = logging.getLogger(__name__)
 
