@@ -15,7 +15,7 @@ from discoalign.losses.dpo import dpo_loss
 from discoalign.losses.reward import disco_reward_loss
 from discoalign.losses.variance import log_variance_prior
 from discoalign.models.heads import BetaHead
-from discoalign.train.dpo.trainer import prompt_features
+from discoalign.train.dpo.reference import prompt_features
 from discoalign.train.dpo.workflow import build_dpo_trainer
 
 BASE = {

@@ -28,71 +28,18 @@ from ...models.model_with_heads import last_token_hidden
 from ...models.pair_attention import prepare_pair_packing
 from ..base_trainer import DiscoTrainer
 from ..distributed import prepare_reference, zero_stage
+from ..frozen import disable_dropout
 from .metric import LABEL_COLUMNS, compute_metrics, step_metrics
+from .reference import (
+    REF_CHOSEN,
+    REF_PROMPT_HIDDEN,
+    REF_REJECTED,
+    REFERENCE_COLUMNS,
+    ReferenceColumnsCollator,
+    prompt_features,
+)
 
 logger = logging.getLogger(__name__)
-
-# Dataset columns written by `precompute_reference`, read back by `ReferenceColumnsCollator`.
-REF_CHOSEN = "ref_chosen_logps"
-REF_REJECTED = "ref_rejected_logps"
-REF_PROMPT_HIDDEN = "ref_prompt_hidden"
-REFERENCE_COLUMNS = (REF_CHOSEN, REF_REJECTED, REF_PROMPT_HIDDEN)
-
-
-class ReferenceColumnsCollator:
-    """Wraps the pairwise collator: precomputed reference columns become (B,) / (B, H) fp32 tensors."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        extra = {k: [row[k] for row in rows] for k in REFERENCE_COLUMNS if k in rows[0]}
-        batch = self.inner([{k: v for k, v in row.items() if k not in extra} for row in rows])
-        for key, values in extra.items():
-            batch[key] = torch.tensor(values, dtype=torch.float32)
-        return batch
-
-
-def disable_dropout(module: nn.Module) -> None:
-    """Set every `nn.Dropout` in `module` to p = 0 (as TRL's DPO does), so policy and reference are deterministic."""
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-
-
-def make_frozen_reference(model: nn.Module) -> nn.Module:
-    """A frozen deep copy of the policy (`ModelWithHeads`) to serve as the reference of full fine-tuning."""
-    import copy
-
-    ref = copy.deepcopy(model)
-    ref.requires_grad_(False)
-    return ref.eval()
-
-
-def prompt_features(
-    hidden: torch.Tensor, attention_mask: torch.Tensor, prompt_last_index: torch.Tensor, pooling: str
-) -> torch.Tensor:
-    """The beta head's reference features of each pair's prompt.
-
-    Args:
-        hidden: (N, T, H) reference hidden states of the batch; its first B rows hold each pair's prompt (the chosen
-            rows of the plain layout, or the packed rows of `pack_pairs`, which start with the shared prompt).
-        attention_mask: (N, T) 0/1.
-        prompt_last_index: (B,) position of each pair's last prompt token in those rows.
-        pooling: ``last`` (the hidden state at the last prompt token) or ``mean`` (the mean over the prompt's tokens:
-            real tokens up to and including the last prompt token; with packing that is the shared prompt plus the
-            copy of its last token heading the chosen segment).
-    Returns:
-        (B, H) fp32.
-    """
-    batch = prompt_last_index.shape[0]
-    rows = torch.arange(batch, device=hidden.device)
-    if pooling == "last":
-        return hidden[rows, prompt_last_index].float()
-    positions = torch.arange(hidden.shape[1], device=hidden.device)
-    mask = (positions[None, :] <= prompt_last_index[:, None]) & attention_mask[:batch].bool()
-    weights = mask.float()
-    return (hidden[:batch].float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ from ...data import get_dataset
 from ...data.media_collator import make_pairwise_collator
 from ...errors import ConfigError
 from ...models.loader import load_model_with_heads
-from .trainer import DPOTrainer, make_frozen_reference
+from ..frozen import frozen_copy
+from .trainer import DPOTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def load_reference(cfg: RunConfig, policy) -> Any | None:
         ref_ft.add_disco_head = ref_ft.add_beta_head = False
         ref, _ = load_model_with_heads(cfg.model, ref_ft, add_value_head=False, is_trainable=False)
         return ref.requires_grad_(False).eval()
-    return make_frozen_reference(policy)
+    return frozen_copy(policy)
 
 
 def resolve_eval_reference(cfg: RunConfig) -> None:

@@ -18,7 +18,6 @@ resuming. The learning-rate schedule advances once per PPO step; `max_steps` and
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import math
 import os
@@ -45,6 +44,7 @@ from ...losses.ppo import (
     token_rewards,
 )
 from ..base_trainer import DiscoTrainer
+from ..frozen import disable_dropout, frozen_copy
 from ..rm.position import turn_end_suffix
 from .metric import rollout_metrics
 from .policy import PPOPolicy
@@ -52,21 +52,6 @@ from .prompts import PromptSchedule, left_pad, prompt_rows
 from .reward_model import score_responses
 from .rollout import Rollout, pad_columns, sample_responses, stop_token_ids, truncate_at_stop
 from .samples import SAMPLES_FILE, append_samples, show_samples
-
-
-def disable_dropout(module: nn.Module) -> None:
-    """p = 0 in every `nn.Dropout` of `module`, as TRL's PPO does: the ratio pi / pi_old must be exactly 1 before
-    the first update, which dropout would break."""
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-
-
-def make_frozen_reference(policy: nn.Module) -> PPOPolicy:
-    """The reference of full fine-tuning: a frozen copy of the policy's backbone (no heads)."""
-    reference = PPOPolicy(copy.deepcopy(policy.backbone))
-    reference.requires_grad_(False)
-    return reference.eval()
 
 
 def _forked_rng(seed: int):
@@ -148,7 +133,7 @@ class PPOTrainer(DiscoTrainer):
 
         self.reward_model = self.accelerator.prepare_model(reward_model.eval(), evaluation_mode=True)
         if ref_model is None and not policy.is_peft:
-            ref_model = make_frozen_reference(policy)
+            ref_model = frozen_copy(PPOPolicy(policy.backbone))  # the backbone only: no heads
         self.ref_model = None
         if ref_model is not None:
             ref_model = ref_model if isinstance(ref_model, PPOPolicy) else PPOPolicy.from_model(ref_model)

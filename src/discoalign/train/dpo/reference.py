@@ -1,0 +1,54 @@
+"""What DPO reads from the reference model: its log-probs (live or precomputed as dataset columns) and the beta
+head's features of each prompt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Dataset columns written by `precompute_reference`, read back by `ReferenceColumnsCollator`.
+REF_CHOSEN = "ref_chosen_logps"
+REF_REJECTED = "ref_rejected_logps"
+REF_PROMPT_HIDDEN = "ref_prompt_hidden"
+REFERENCE_COLUMNS = (REF_CHOSEN, REF_REJECTED, REF_PROMPT_HIDDEN)
+
+
+class ReferenceColumnsCollator:
+    """Wraps the pairwise collator: precomputed reference columns become (B,) / (B, H) fp32 tensors."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        extra = {k: [row[k] for row in rows] for k in REFERENCE_COLUMNS if k in rows[0]}
+        batch = self.inner([{k: v for k, v in row.items() if k not in extra} for row in rows])
+        for key, values in extra.items():
+            batch[key] = torch.tensor(values, dtype=torch.float32)
+        return batch
+
+
+def prompt_features(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, prompt_last_index: torch.Tensor, pooling: str
+) -> torch.Tensor:
+    """The beta head's reference features of each pair's prompt.
+
+    Args:
+        hidden: (N, T, H) reference hidden states of the batch; its first B rows hold each pair's prompt (the chosen
+            rows of the plain layout, or the packed rows of `pack_pairs`, which start with the shared prompt).
+        attention_mask: (N, T) 0/1.
+        prompt_last_index: (B,) position of each pair's last prompt token in those rows.
+        pooling: ``last`` (the hidden state at the last prompt token) or ``mean`` (the mean over the prompt's tokens:
+            real tokens up to and including the last prompt token; with packing that is the shared prompt plus the
+            copy of its last token heading the chosen segment).
+    Returns:
+        (B, H) fp32.
+    """
+    batch = prompt_last_index.shape[0]
+    rows = torch.arange(batch, device=hidden.device)
+    if pooling == "last":
+        return hidden[rows, prompt_last_index].float()
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    mask = (positions[None, :] <= prompt_last_index[:, None]) & attention_mask[:batch].bool()
+    weights = mask.float()
+    return (hidden[:batch].float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
