@@ -96,3 +96,10 @@ def test_no_import_cycles_in_the_package():
     assert len(graph) > 50 and graph["discoalign.models.lora"]  # the walk really read the package
     cycles = find_cycles(graph)
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_no_source_file_over_400_lines():
+    long = {
+        str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400
+    }
+    assert not long, f"split these files (one idea per file): {long}"
