@@ -7,9 +7,8 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-
-IGNORE_INDEX = -100
-GROUND_TRUTH_COLUMNS = ("true_reward_chosen", "true_reward_rejected", "noise")
+from ..losses.logps import IGNORE_INDEX
+from .formats import GROUND_TRUTH_COLUMNS
 
 
 class PairwiseCollator:

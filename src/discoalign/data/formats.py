@@ -46,7 +46,9 @@ FORMAT_COLUMNS = {
     "sharegpt": "`conversations` [{from, value}], `chosen` {from, value}, `rejected` {from, value} (optional `system`)",
     "prompt": "`prompt`, or `instruction` (+ `input`), or `messages` / `conversations`",
 }
-PASSTHROUGH_FLOATS = ("true_reward_chosen", "true_reward_rejected", "noise")
+# Ground truth of `builtin:synthetic` rows, carried from the data to eval (label arrays of the rm / dpo trainers).
+GROUND_TRUTH_COLUMNS = ("true_reward_chosen", "true_reward_rejected", "noise")
+PASSTHROUGH_FLOATS = GROUND_TRUTH_COLUMNS
 PASSTHROUGH_COLUMNS = PASSTHROUGH_FLOATS + ("topic",)
 PROMPT_PASSTHROUGH = ("noise", "topic")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from ..losses.logps import IGNORE_INDEX
+
 SHARED, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
 # Batch keys only a packed batch has; a trainer passes them on to the model.
 PACKED_MODEL_INPUTS = ("position_ids", "segment_ids", "pair_segments", "score_index")

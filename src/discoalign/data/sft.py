@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..losses.logps import IGNORE_INDEX
 from .checks import (
     EMPTY_RESPONSE,
     MALFORMED,
@@ -40,7 +41,6 @@ from .formats import PAIRWISE_CONVERTERS, PROMPT_PASSTHROUGH, _passthrough
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
 RESPONSE_COLUMNS = ("output", "response", "completion")
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...data.formats import GROUND_TRUTH_COLUMNS
 from ...eval.calibration import spearman
 
 # Columns of the (B, 5) prediction array of `DPOTrainer.prediction_step`; NaN where a value does not exist.
 PREDICTION_COLUMNS = ("implicit_margin", "policy_logp_margin", "beta", "var_chosen", "var_rejected")
 # Columns of its (B, 3) label array.
-LABEL_COLUMNS = ("true_reward_chosen", "true_reward_rejected", "noise")
+LABEL_COLUMNS = GROUND_TRUTH_COLUMNS
 
 
 def step_metrics(

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ...data.formats import GROUND_TRUTH_COLUMNS
 from ...data.packing import packed_model_inputs
 from ...losses.reward import bt_reward_loss, center_rewards_penalty, disco_reward_loss
 from ...losses.variance import log_variance_prior
@@ -14,7 +15,7 @@ from ..base_trainer import DiscoTrainer
 # Columns of the (B, 4) prediction and (B, 3) label arrays handed to `compute_metrics`; NaN where a value does
 # not exist.
 PREDICTION_COLUMNS = ("mean_chosen", "mean_rejected", "var_chosen", "var_rejected")
-LABEL_COLUMNS = ("true_reward_chosen", "true_reward_rejected", "noise")
+LABEL_COLUMNS = GROUND_TRUTH_COLUMNS
 
 
 class RewardTrainer(DiscoTrainer):
