@@ -191,21 +191,13 @@ def sample_and_select(
         scores = score_responses_detailed(
             reward_model, query_ids, query_mask, response_ids, response_mask, ended, suffix, pad
         )
-        total = scores.variance
         for p, row in enumerate(chunk):
             candidates = []
             for j in range(n):
                 k = p * n + j
                 text = tokenizer.decode(response_ids[k][response_mask[k].bool()], skip_special_tokens=True)
-                c: dict[str, Any] = {"text": text, "ended": bool(ended[k]), "mean": float(scores.mean[k]),
-                                     "prompt_messages": row["prompt"]}  # fmt: skip
-                if scores.aleatoric is not None:
-                    c["aleatoric_variance"] = float(scores.aleatoric[k])
-                if scores.epistemic is not None:
-                    c["epistemic_variance"] = float(scores.epistemic[k])
-                if total is not None:
-                    c["variance"] = float(total[k])
-                    c["sigma"] = math.sqrt(float(total[k]))
+                c: dict[str, Any] = {"text": text, "ended": bool(ended[k]), "prompt_messages": row["prompt"]}
+                c.update(scores.item(k))
                 candidates.append(c)
             groups.append(candidates)
     best = select_best(groups, kappa)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -177,17 +176,7 @@ def score_token_pairs(
         scores = score_responses_detailed(
             model, query_ids.to(device), query_mask.to(device), response_ids.to(device), response_mask.to(device)
         )
-        total = scores.variance
-        for row in range(len(chunk)):
-            line = {"mean": float(scores.mean[row])}
-            if scores.aleatoric is not None:
-                line["aleatoric_variance"] = float(scores.aleatoric[row])
-            if scores.epistemic is not None:
-                line["epistemic_variance"] = float(scores.epistemic[row])
-            if total is not None:
-                line["variance"] = float(total[row])
-                line["sigma"] = math.sqrt(float(total[row]))
-            out.append(line)
+        out += [scores.item(row) for row in range(len(chunk))]
     return out
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -215,6 +216,20 @@ class RewardScores:
     mean: torch.Tensor
     aleatoric: torch.Tensor | None = None
     epistemic: torch.Tensor | None = None
+
+    def item(self, i: int) -> dict[str, float]:
+        """Response i as `score` and `bon` write it: `mean` and, when the model has them, `aleatoric_variance`,
+        `epistemic_variance`, `variance` (their sum) and `sigma`."""
+        out = {"mean": float(self.mean[i])}
+        if self.aleatoric is not None:
+            out["aleatoric_variance"] = float(self.aleatoric[i])
+        if self.epistemic is not None:
+            out["epistemic_variance"] = float(self.epistemic[i])
+        total = self.variance
+        if total is not None:
+            out["variance"] = float(total[i])
+            out["sigma"] = math.sqrt(float(total[i]))
+        return out
 
     @property
     def variance(self) -> torch.Tensor | None:
