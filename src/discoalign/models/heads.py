@@ -84,7 +84,7 @@ class BetaHead(nn.Module):
     overall level, so the bias is identifiable and needed.
     """
 
-    def __init__(self, hidden_size: int, epsilon: float = 0.5, centered: bool = True) -> None:
+    def __init__(self, hidden_size: int, epsilon: float = 0.8, centered: bool = True) -> None:
         super().__init__()
         if not 0.0 < epsilon < 1.0:
             raise ValueError(f"beta_head_epsilon must lie in (0, 1), got {epsilon}")
