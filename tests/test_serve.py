@@ -8,6 +8,7 @@ fixture's finaliser, so a failure cannot hang the suite.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -128,7 +129,8 @@ def test_scores_equal_discoalign_score(server, offline):
     assert server.scorer.tokenize(texts) == ids  # the server sees exactly the tokens `score` scored
     status, body = call(server.url + "/get_reward", {"query": texts, "prompts": ["p"] * len(texts)})
     assert status == 200
-    assert set(body) == {"rewards", "scores", "mean", "variance", "extra_logs"}
+    assert set(body) == {"rewards", "scores", "mean", "variance", "aleatoric_variance", "extra_logs"}
+    assert body["aleatoric_variance"] == body["variance"]  # a Disco model without an epistemic term
     assert body["extra_logs"] == {"mean": body["mean"], "variance": body["variance"]}
     assert body["rewards"] == body["scores"] == body["mean"]
     for got_mean, got_var, line in zip(body["mean"], body["variance"], scores):
@@ -292,3 +294,53 @@ def test_text_ending_on_the_stop_token_is_scored_where_training_read_it(server, 
     assert status == 200
     for got, line in zip(body["mean"], scores[:4]):
         assert got == pytest.approx(line["mean"], abs=1e-5)
+
+
+def test_epistemic_part_is_served_from_the_response_tokens(tmp_path):
+    """A reward model with `epistemic: token_novelty`: with `prompts` in the body, each item gets its epistemic
+    variance (the response's unseen tokens), equal to `discoalign score` on the same prompt + response rows; the
+    reward subtracts the total sigma."""
+    import yaml
+
+    from discoalign.cli.main import main
+    from discoalign.eval.score import encode_prompt_response
+
+    config = tmp_path / "rm.yaml"
+    config.write_text(yaml.safe_dump({
+        "stage": "rm", "model_name_or_path": "builtin:tiny-qwen2", "dataset": "builtin:synthetic",
+        "synthetic_num_pairs": 32, "cutoff_len": 48, "per_device_train_batch_size": 8, "max_steps": 2,
+        "save_strategy": "no", "plot_loss": False, "epistemic": "token_novelty", "output_dir": str(tmp_path / "rm"),
+    }))  # fmt: skip
+    assert main(["train", str(config)]) == 0
+    rows = [{"prompt": "Topic: food. Describe a cake.", "response": r} for r in ("calm", "zqxj vwpk calm")]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    assert (
+        main(["score", "--model", str(tmp_path / "rm"), "--data", str(data), "--out", str(tmp_path / "s.jsonl")]) == 0
+    )
+    offline = [json.loads(x) for x in open(tmp_path / "s.jsonl")]
+
+    scorer = RewardScorer(str(tmp_path / "rm"), disco_risk_coef=1.0)
+    assert scorer.epistemic is not None and not scorer.disco
+    prompts, queries = [], []
+    for row in rows:
+        prompt_ids, response_ids = encode_prompt_response(
+            scorer.tokenizer, [{"role": "user", "content": row["prompt"]}],
+            [{"role": "assistant", "content": row["response"]}], 48,
+        )  # fmt: skip
+        prompts.append(scorer.tokenizer.decode(prompt_ids, skip_special_tokens=False))
+        queries.append(scorer.tokenizer.decode(prompt_ids + response_ids, skip_special_tokens=False))
+    srv = Server(build_app(scorer, ServeSettings(cutoff_len=256, max_batch_tokens=2048, max_queue=64,
+                                                 max_request_bytes=64 * 1024)))  # fmt: skip
+    try:
+        status, body = call(srv.url + "/get_reward", {"query": queries, "prompts": prompts})
+        _, without_prompts = call(srv.url + "/get_reward", {"query": queries})
+    finally:
+        srv.stop()
+    assert status == 200 and "aleatoric_variance" not in body
+    assert body["epistemic_variance"][0] < body["epistemic_variance"][1]  # unseen pieces in the second
+    for got_mean, got_epi, reward, line in zip(body["mean"], body["epistemic_variance"], body["rewards"], offline):
+        assert got_mean == pytest.approx(line["mean"], abs=1e-5)
+        assert got_epi == pytest.approx(line["epistemic_variance"], abs=1e-6)
+        assert reward == pytest.approx(got_mean - math.sqrt(got_epi), abs=1e-5)
+    assert "epistemic_variance" not in without_prompts  # without prompts the response span is unknown

@@ -34,7 +34,7 @@ class Scorer(Protocol):
     disco: bool
     model_dir: str
 
-    def tokenize(self, texts: list[str]) -> list[list[int]]: ...
+    def tokenize(self, texts: list[str], prompts: list[str] | None = None) -> list[list[int]]: ...
 
     def score_ids(self, sequences: list[list[int]]) -> list[dict[str, float]]: ...
 
@@ -210,11 +210,11 @@ def build_app(scorer: Scorer, settings: ServeSettings | None = None):
             if len(raw) > settings.max_request_bytes:
                 raise RequestError(413, f"the body has {len(raw)} bytes, more than the server's limit of "
                                         f"{settings.max_request_bytes} (--max-request-bytes)")  # fmt: skip
-            queries, _ = parse_body(raw)
+            queries, prompts = parse_body(raw)
             if len(queries) > settings.max_queue:
                 raise RequestError(413, f"the request has {len(queries)} queries, more than the server's queue holds "
                                         f"({settings.max_queue}, --max-queue); split it")  # fmt: skip
-            sequences = scorer.tokenize(queries) if queries else []
+            sequences = (scorer.tokenize(queries, prompts) if prompts else scorer.tokenize(queries)) if queries else []
             for index, ids in enumerate(sequences):
                 if len(ids) > settings.cutoff_len:
                     raise RequestError(413, f"`query[{index}]` has {len(ids)} tokens, more than the server's "
@@ -233,8 +233,10 @@ def build_app(scorer: Scorer, settings: ServeSettings | None = None):
                 return error(500, f"scoring failed: {type(e).__name__}: {e}")
         rewards = [r["reward"] for r in results]
         payload: dict[str, Any] = {"rewards": rewards, "scores": rewards, "mean": [r["mean"] for r in results]}
-        if scorer.disco:
-            payload["variance"] = [r["variance"] for r in results]
+        # Per item, the total variance and its parts, when the model has them (an epistemic part needs `prompts`).
+        for key in ("variance", "aleatoric_variance", "epistemic_variance"):
+            if (scorer.disco and key != "epistemic_variance") or any(key in r for r in results):
+                payload[key] = [r.get(key) for r in results]
         # OpenRLHF logs the per-item lists of `extra_logs` as training metrics (its serve_rm example returns the key).
         payload["extra_logs"] = {k: payload[k] for k in ("mean", "variance") if k in payload}
         return JSONResponse(payload)

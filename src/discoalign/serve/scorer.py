@@ -14,6 +14,12 @@ from ..errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 
+class Query(list):
+    """A query's token ids (a list), and where its response starts when the request said (else None)."""
+
+    response_start: int | None = None
+
+
 class RewardScorer:
     """A frozen reward model (ours, LlamaFactory/TRL value head, DiscoRM, seq-cls; LoRA or full) and its tokenizer.
 
@@ -60,15 +66,25 @@ class RewardScorer:
         self.stop_id = self.tokenizer.eos_token_id
         self.turn_suffix = turn_end_suffix(self.tokenizer) if self.stop_id is not None else []
 
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
+    @property
+    def epistemic(self):
+        """The reward model's epistemic term (`models.epistemic`), or None."""
+        return getattr(self.model, "epistemic", None)
+
+    def tokenize(self, texts: list[str], prompts: list[str] | None = None) -> list[Query]:
         """Token ids of each text as it is (no special tokens added: the policy's template already wrote them), plus
-        the template's turn end after a final stop token."""
+        the template's turn end after a final stop token. With `prompts` (OpenRLHF sends them) and an epistemic term,
+        each query also records where its response starts: the epistemic term reads the response tokens only."""
         out = []
-        for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            ids = list(ids)
-            if self.turn_suffix and ids and ids[-1] == self.stop_id:
-                ids += self.turn_suffix
-            out.append(ids)
+        for i, ids in enumerate(self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            query = Query(ids)
+            if self.turn_suffix and query and query[-1] == self.stop_id:
+                query += self.turn_suffix
+            if prompts is not None and self.epistemic is not None:
+                prompt_ids = self.tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
+                if 0 < len(prompt_ids) < len(query) and query[: len(prompt_ids)] == prompt_ids:
+                    query.response_start = len(prompt_ids)
+            out.append(query)
         return out
 
     @torch.no_grad()
@@ -86,13 +102,41 @@ class RewardScorer:
             attention_mask[row, : len(ids)] = 1
         device = self.model.device
         mean, variance = self.model.score(input_ids.to(device), attention_mask.to(device), with_variance=self.disco)
+        epistemic = self._epistemic(sequences)
         out: list[dict[str, Any]] = []
         for row in range(len(sequences)):
             item = {"mean": float(mean[row])}
-            reward = item["mean"]
+            total = 0.0
             if variance is not None:
-                item["variance"] = float(variance[row])
-                reward -= self.disco_risk_coef * math.sqrt(item["variance"])
+                item["aleatoric_variance"] = float(variance[row])
+                total += item["aleatoric_variance"]
+            if epistemic is not None and epistemic[row] is not None:
+                item["epistemic_variance"] = epistemic[row]
+                total += epistemic[row]
+            reward = item["mean"]
+            if len(item) > 1:  # the total variance of whatever parts the model has, as `score` reports it
+                item["variance"] = total
+                reward -= self.disco_risk_coef * math.sqrt(total)
             item["reward"] = reward
             out.append(item)
+        return out
+
+    def _epistemic(self, sequences: list[list[int]]) -> list[float | None] | None:
+        """Epistemic variance of each query whose response start is known (see `tokenize`); None without the term."""
+        term = self.epistemic
+        if term is None:
+            return None
+        spans = [(row, seq[seq.response_start :]) for row, seq in enumerate(sequences)
+                 if getattr(seq, "response_start", None) is not None]  # fmt: skip
+        out: list[float | None] = [None] * len(sequences)
+        if spans:
+            width = max(len(ids) for _, ids in spans)
+            ids = torch.full((len(spans), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(spans), width), dtype=torch.long)
+            for i, (_, response) in enumerate(spans):
+                ids[i, : len(response)] = torch.tensor(response, dtype=torch.long)
+                mask[i, : len(response)] = 1
+            values = term.variance(ids, mask)
+            for i, (row, _) in enumerate(spans):
+                out[row] = float(values[i])
         return out
