@@ -148,6 +148,9 @@ LAUNCHER = textwrap.dedent(
         run_exp(load_config(path), callbacks=[Fingerprint()])
     with open(f"{sys.argv[1]}.rank{rank}", "w") as f:
         json.dump(record, f)
+    from discoalign.train.distributed import shutdown_process_group
+
+    shutdown_process_group()  # a clean exit: gloo threads torn down at interpreter exit can abort a rank
     """
 )
 

@@ -259,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command in ("train", "eval", "score", "demo"):
         _set_cpu_threads()
     try:
-        return ns.func(ns)
+        code = ns.func(ns)
+        if ns.command in ("train", "eval"):
+            from ..train.distributed import shutdown_process_group
+
+            shutdown_process_group()  # under torchrun: a clean exit on every rank
+        return code
     except DiscoAlignError as e:
         message = " ".join(str(e).split())
         print(f"\ndiscoalign: error: {message}", file=sys.stderr)

@@ -194,3 +194,12 @@ def keep_lm_head_whole(model: nn.Module) -> int:
             param.is_external_param = True
             marked += 1
     return marked
+
+
+def shutdown_process_group() -> None:
+    """At the end of a multi-process run: wait for every rank, then destroy the process group. Left to interpreter
+    exit, the gloo backend's threads can be torn down while still joinable, and a rank aborts (SIGABRT, "terminate
+    called without an active exception") after its work is done, failing the whole `torchrun`."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
