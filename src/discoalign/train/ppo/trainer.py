@@ -10,26 +10,27 @@ One PPO step:
    step over `gradient_accumulation_steps` micro-batches, minimising
    `policy loss + vf_coef * value loss (+ the beta head's controller loss with use_dynamic_beta)`.
 
-The loop is the Trainer's own machinery: `_prepare_for_training` (accelerate: DDP / DeepSpeed / FSDP, optimizer
-and scheduler), callbacks, `log`, `_save_checkpoint` (our checkpoint layout + optimizer, scheduler, RNG) and
-resuming. The learning-rate schedule advances once per PPO step; `max_steps` and `global_step` count PPO steps.
+The loop is `transformers.Trainer.train()` itself, driven through its public surface (as TRL's online trainers
+do): `get_train_dataloader` yields one PPO step per optimizer step, `training_step` runs the step, taking every
+optimizer step but the last, which the Trainer takes (so DDP / DeepSpeed / FSDP wrapping, clipping, the schedule,
+callbacks, logging, checkpoints with optimizer / scheduler / RNG state and resuming are all the Trainer's own).
+The learning-rate schedule advances once per PPO step; `max_steps` and `global_step` count PPO steps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationConfig
-from transformers.trainer_utils import TrainOutput, get_last_checkpoint, speed_metrics
+from torch.utils.data import DataLoader
+from transformers import GenerationConfig, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from ...errors import ConfigError
 from ...losses.ppo import (
@@ -55,6 +56,14 @@ def _forked_rng(seed: int):
     stack.enter_context(torch.random.fork_rng(devices=devices))
     torch.manual_seed(seed)
     return stack
+
+
+class _LogLastStep(TrainerCallback):
+    """Log the last PPO step whatever `logging_steps` says, so that the plots reach the end of the run."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
 
 
 class PPOTrainer(RolloutCollector, DiscoTrainer):
@@ -138,7 +147,9 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
         self.mini_batch_size = micro * self.args.gradient_accumulation_steps
         self.rollout_batch_size = self.mini_batch_size * ft.ppo_buffer_size
         self.samples_path = os.path.join(self.args.output_dir, SAMPLES_FILE)
-        self.last_samples: list[dict[str, Any]] = []
+        self.last_samples: list[dict[str, Any]] = []  # the samples of the last logged step
+        self._step_samples: list[dict[str, Any]] = []  # the current step's samples
+        self.add_callback(_LogLastStep())
 
     # ---- pieces --------------------------------------------------------------------------------------
 
@@ -151,10 +162,6 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
             return self.accelerator.unwrap_model(self.ref_model), contextlib.nullcontext()
         policy = self._policy()
         return policy, policy.disable_adapter()
-
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:
-            self._signature_columns = ["prompt_input_ids", "prompt", "topic", "noise"]
 
     # ---- optimisation --------------------------------------------------------------------------------
 
@@ -192,16 +199,24 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
         stats["loss/total"] = loss.detach()
         return loss, stats
 
-    def optimize(self, model: nn.Module, rollout: Rollout) -> tuple[dict[str, float], float | None]:
-        """`ppo_epochs` passes of mini-batch updates over one rollout. Returns (mean statistics, last grad norm)."""
+    def optimize(
+        self, model: nn.Module, rollout: Rollout, leave_last_step: bool = False
+    ) -> tuple[dict[str, float], float | None]:
+        """`ppo_epochs` passes of mini-batch updates over one rollout. Returns (mean statistics, last grad norm).
+
+        With `leave_last_step` the last mini-batch's gradients are left in place and its optimizer step is not
+        taken: inside `Trainer.train()` the Trainer takes it (clipping, logging `grad_norm`, stepping the optimizer
+        and the learning-rate schedule once per PPO step); the grad norm returned is then None.
+        """
         ft = self.finetuning_args
         micro = self.args.per_device_train_batch_size
         collected: dict[str, list[torch.Tensor]] = defaultdict(list)
         grad_norm = None
         model.train()
-        for _ in range(ft.ppo_epochs):
+        starts = range(0, len(rollout), self.mini_batch_size)
+        for epoch in range(ft.ppo_epochs):
             order = torch.randperm(len(rollout))
-            for start in range(0, len(rollout), self.mini_batch_size):
+            for start in starts:
                 mini_batch = order[start : start + self.mini_batch_size]
                 micro_batches = mini_batch.split(micro)
                 for i, index in enumerate(micro_batches):
@@ -218,124 +233,99 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
                         self.accelerator.backward(loss / len(micro_batches))
                     for key, value in stats.items():
                         collected[key].append(value.float())
-                if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-                    grad_norm = self._clip_grad_norm(model)
-                self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
-                self.optimizer.step()
-                self.control = self.callback_handler.on_optimizer_step(self.args, self.state, self.control)
-                model.zero_grad()
+                if leave_last_step and epoch == ft.ppo_epochs - 1 and start == starts[-1]:
+                    break
+                grad_norm = self._optimizer_step(model)
         means = {key: float(torch.stack(values).mean()) for key, values in collected.items()}
-        if grad_norm is not None:
-            grad_norm = float(grad_norm)
         return means, grad_norm
 
-    # ---- the loop ------------------------------------------------------------------------------------
+    def _optimizer_step(self, model: nn.Module) -> float | None:
+        """Clip, step and zero the gradients, with the Trainer's optimizer callbacks. Returns the grad norm."""
+        grad_norm = None
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            # None under DeepSpeed, whose engine clips inside its own step.
+            grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
+        self.optimizer.step()
+        self.control = self.callback_handler.on_optimizer_step(self.args, self.state, self.control)
+        model.zero_grad()
+        return None if grad_norm is None else float(grad_norm)
 
-    def num_ppo_steps(self, schedule: PromptSchedule) -> int:
-        if self.args.max_steps > 0:
-            return self.args.max_steps
-        return max(1, math.ceil(self.args.num_train_epochs * schedule.steps_per_epoch))
+    # ---- the loop: Trainer.train() over PPO steps ------------------------------------------------------
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """Run PPO for `max_steps` PPO steps (or `num_train_epochs` passes over the prompts)."""
+    def prompt_schedule(self) -> PromptSchedule:
+        """Which prompts each PPO step rolls out on this process (a fixed order per epoch: resumable)."""
+        return PromptSchedule(
+            len(self.train_dataset), self.rollout_batch_size, self.args.seed,
+            self.accelerator.num_processes, self.accelerator.process_index,
+        )  # fmt: skip
+
+    def get_train_dataloader(self) -> DataLoader:
+        """One epoch of PPO steps, as the Trainer's loop consumes them.
+
+        The Trainer takes `gradient_accumulation_steps` items per optimizer step, so each PPO step is that many
+        items; the last one carries the step (`training_step`). The rows themselves come from `PromptSchedule`,
+        per process, so the loader is not sharded by accelerate. It draws nothing from the global RNG (its own
+        generator): the run's random stream is the rollouts' and the updates', as a resumed run replays it.
+        """
+        schedule = self.prompt_schedule()
+        accumulation = self.args.gradient_accumulation_steps
+        parts = [
+            {"ppo_last": i % accumulation == accumulation - 1} for i in range(schedule.steps_per_epoch * accumulation)
+        ]
+        return DataLoader(parts, batch_size=1, collate_fn=lambda rows: rows[0], generator=torch.Generator())
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        """One PPO step (`ppo_last` item): roll out this step's prompts, then optimise on them.
+
+        Every optimizer step of the step but the last is taken here; the last is the Trainer's own. Returns the
+        mean total loss of the step, which the Trainer averages into the logged `loss`.
+        """
+        if not inputs["ppo_last"]:
+            return torch.zeros((), device=self.args.device)
+        rows = prompt_rows(self.train_dataset, self._schedule.indices(self.state.global_step))
+        rollout = self.make_rollout(rows)
+        rollout_stats, self._step_samples = self.rollout_report(rollout)
+        update_stats, _ = self.optimize(model, rollout, leave_last_step=True)
+        self.store_metrics({**rollout_stats, **update_stats}, "train")
+        return torch.tensor(update_stats["loss/total"], device=self.args.device)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds `episode` (prompts rolled out so far, all processes) to the train logs, and writes the step's
+        samples to `samples.jsonl` whenever the train metrics are logged."""
+        if "loss" in logs and self.is_in_train:
+            logs["episode"] = float(self.state.global_step * self.rollout_batch_size * self.accelerator.num_processes)
+            if self._step_samples:
+                self.last_samples = self._step_samples
+                if self.is_world_process_zero():
+                    append_samples(self.samples_path, self.state.global_step, self._step_samples)
+        super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        """Run PPO for `max_steps` PPO steps (or `num_train_epochs` passes over the prompts): the Trainer's own
+        loop, one optimizer-step-with-schedule per PPO step (see `training_step`)."""
         args = self.args
         if self.train_dataset is None:
             raise ConfigError("PPO needs prompts to train on: set `dataset`.")
-        if resume_from_checkpoint is False:
-            resume_from_checkpoint = None
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(args.output_dir)
             if resume_from_checkpoint is None:
                 raise ConfigError(
                     f"`resume_from_checkpoint: true` but {args.output_dir!r} holds no checkpoint-* folder."
                 )
-        self.is_in_train = True
-        schedule = PromptSchedule(
-            len(self.train_dataset), self.rollout_batch_size, args.seed,
-            self.accelerator.num_processes, self.accelerator.process_index,
-        )  # fmt: skip
-        if schedule.steps_per_epoch == 0:
+        self._schedule = self.prompt_schedule()
+        if self._schedule.steps_per_epoch == 0:
             raise ConfigError(
                 f"The dataset has {len(self.train_dataset)} prompts, fewer than one PPO rollout needs: "
                 f"per_device_train_batch_size ({args.per_device_train_batch_size}) x gradient_accumulation_steps "
                 f"({args.gradient_accumulation_steps}) x ppo_buffer_size ({self.finetuning_args.ppo_buffer_size}) x "
-                f"{self.accelerator.num_processes} process(es) = {self.rollout_batch_size * schedule.num_processes}. "
-                "Use more prompts or smaller batches."
+                f"{self.accelerator.num_processes} process(es) = "
+                f"{self.rollout_batch_size * self._schedule.num_processes}. Use more prompts or smaller batches."
             )
-        max_steps = self.num_ppo_steps(schedule)
-        num_epochs = math.ceil(max_steps / schedule.steps_per_epoch)
-        if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
-            kwargs_gc = getattr(args, "activation_checkpointing_kwargs", None) or getattr(
-                args, "gradient_checkpointing_kwargs", None
-            )
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs_gc)
-        if resume_from_checkpoint is not None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            self._load_from_checkpoint(resume_from_checkpoint)
-        self._init_training_state(max_steps, schedule.steps_per_epoch, num_epochs, resume_from_checkpoint, trial)
-        model, _ = self._prepare_for_training(max_steps, None, resume_from_checkpoint)
-        if resume_from_checkpoint is not None:
-            self._load_rng_state(resume_from_checkpoint)
-
-        start_time = time.time()
-        first_step = self.state.global_step
-        self._globalstep_last_logged = first_step
-        losses_since_log: list[float] = []
-        total_loss, grad_norm = 0.0, None
-        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-        if args.eval_on_start and self.eval_dataset is not None and first_step == 0:
-            self.evaluate()
-        for step in range(first_step, max_steps):
-            if step % schedule.steps_per_epoch == 0:
-                self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
-            self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            rollout = self.make_rollout(prompt_rows(self.train_dataset, schedule.indices(step)))
-            rollout_stats, samples = self.rollout_report(rollout)
-            update_stats, grad_norm = self.optimize(model, rollout)
-            self.lr_scheduler.step()
-            self.state.global_step = step + 1
-            self.state.epoch = schedule.epoch_of(step + 1)
-            self.store_metrics({**rollout_stats, **update_stats}, "train")
-            losses_since_log.append(update_stats["loss/total"])
-            total_loss += update_stats["loss/total"]
-            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-            if (step + 1) % schedule.steps_per_epoch == 0:
-                self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
-            if self.state.global_step >= max_steps:
-                self.control.should_log = True  # the plots should reach the last step
-            if self.control.should_log and losses_since_log:
-                logs: dict[str, float] = {
-                    "loss": sum(losses_since_log) / len(losses_since_log),
-                    "learning_rate": self._get_learning_rate(),
-                    "episode": float(self.state.global_step * self.rollout_batch_size * schedule.num_processes),
-                }
-                if grad_norm is not None:
-                    logs["grad_norm"] = grad_norm
-                self.log(logs)
-                losses_since_log = []
-                self.last_samples = samples
-                if self.is_world_process_zero() and samples:
-                    append_samples(self.samples_path, self.state.global_step, samples)
-            if self.control.should_evaluate and self.eval_dataset is not None:
-                self.evaluate()
-            self.control.should_evaluate = False
-            if self.control.should_save:
-                self._save_checkpoint(model, trial)
-                self.control = self.callback_handler.on_save(args, self.state, self.control)
-            if self.control.should_training_stop:
-                break
-
-        steps_run = self.state.global_step - first_step
-        metrics = speed_metrics(
-            "train", start_time, num_samples=steps_run * self.rollout_batch_size * schedule.num_processes,
-            num_steps=steps_run,
-        )  # fmt: skip
-        metrics["train_loss"] = total_loss / max(steps_run, 1)
-        self.log(dict(metrics))
-        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
-        self.is_in_train = False
+        output = super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval)
         if self.is_world_process_zero() and self.last_samples:
             show_samples(f"PPO samples at step {self.state.global_step}", self.last_samples)
-        return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
+        return output
 
     # ---- evaluation ----------------------------------------------------------------------------------
 
