@@ -65,7 +65,7 @@ def measure(base: str, adapter: str, mode: str) -> dict:
     torch.set_num_threads(1)
     from discoalign.config.schema import FinetuningArguments, ModelArguments
     from discoalign.models.loader import load_model_with_heads
-    from discoalign.train.ppo.reward_model import load_reward_model, score_responses
+    from discoalign.models.reward_model import load_reward_model, score_responses
 
     model_args = ModelArguments(model_name_or_path=base)
     ft = FinetuningArguments(stage="ppo", finetuning_type="lora", reward_model=adapter,

@@ -33,7 +33,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, str]:
     """Directories holding each built-in tiny model + tokenizer, built once per test session."""
-    from discoalign.models.tiny import TINY_ARCHS, write_tiny_model
+    from discoalign.config.builtin_models import TINY_ARCHS
+    from discoalign.models.tiny import write_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: write_tiny_model(arch, str(root / arch)) for arch in TINY_ARCHS}

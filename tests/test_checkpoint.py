@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from discoalign.config.builtin_models import TINY_ARCHS
 from discoalign.config.schema import FinetuningArguments, ModelArguments
 from discoalign.errors import CheckpointError
 from discoalign.models.checkpoint import load_checkpoint_weights, load_heads, save_checkpoint
 from discoalign.models.heads import VARIANCE_FLOOR
 from discoalign.models.loader import load_model_with_heads
-from discoalign.models.tiny import TINY_ARCHS
 
 TEXTS = ["bright calm garden", "Topic: music. Describe a river. quick gentle", "kind"]
 

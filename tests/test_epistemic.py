@@ -108,7 +108,7 @@ def test_epistemic_saved_loaded_and_scored(runs, tmp_path):
 
 def test_ppo_reward_model_uses_total_sigma(runs):
     from discoalign.models.loader import load_model_with_heads
-    from discoalign.train.ppo.reward_model import load_reward_model, score_responses_detailed
+    from discoalign.models.reward_model import load_reward_model, score_responses_detailed
 
     _, out = runs
     _, tok = load_model_with_heads(ModelArguments(model_name_or_path="builtin:tiny-qwen2"),

@@ -103,3 +103,23 @@ def test_no_source_file_over_400_lines():
         str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400
     }
     assert not long, f"split these files (one idea per file): {long}"
+
+
+# Sub-packages from the top layer down: a module may import its own layer and the layers below it only.
+LAYERS = ("cli", "serve", "export", "train", "eval", "models", "data", "config", "losses", "errors")
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_layers_import_one_way():
+    graph = import_graph()
+    back = sorted(
+        f"{a} -> {b}"
+        for a, targets in graph.items()
+        for b in targets
+        if _layer(a) is not None and _layer(b) is not None and _layer(b) < _layer(a)
+    )
+    assert not back, "imports against the layering " + " > ".join(LAYERS) + ": " + "; ".join(back)

@@ -106,7 +106,7 @@ def test_offload_is_refused_before_the_model_loads(tiny_dirs, monkeypatch):
 
 def test_the_ppo_reward_model_honours_device_map(tiny_dirs, tmp_path):
     from discoalign.models.checkpoint import save_checkpoint
-    from discoalign.train.ppo.reward_model import load_reward_model, score_responses
+    from discoalign.models.reward_model import load_reward_model, score_responses
 
     model, tok = _reward_model(tiny_dirs["qwen3"])
     out = save_checkpoint(model, str(tmp_path / "rm"), tok)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from discoalign.config.builtin_models import TINY_ARCHS
 from discoalign.config.schema import FinetuningArguments, ModelArguments
 from discoalign.errors import ConfigError
 from discoalign.models.loader import load_model_with_heads
 from discoalign.models.lora import find_linear_targets
-from discoalign.models.tiny import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer
+from discoalign.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 DECODER_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 EXPECTED_TARGETS = {

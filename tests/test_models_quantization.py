@@ -93,7 +93,7 @@ def test_bad_quantisation_and_device_map_settings_exit_2(tmp_path, capsys, overr
 
 
 def test_offloading_device_map_dict_is_refused():
-    from discoalign.models.quantization import check_no_offload, parse_device_map
+    from discoalign.config.placement import check_no_offload, parse_device_map
 
     with pytest.raises(ConfigError, match="offload"):
         parse_device_map({"model.layers.0": "cuda:0", "model.layers.1": "cpu"})
@@ -105,7 +105,7 @@ def test_offloading_device_map_dict_is_refused():
 
 
 def test_missing_bitsandbytes_is_a_config_error(monkeypatch):
-    from discoalign.models import quantization
+    from discoalign.config import placement as quantization
 
     monkeypatch.setattr(quantization, "bitsandbytes_available", lambda: False)
     with pytest.raises(ConfigError, match="bitsandbytes"):
@@ -258,7 +258,7 @@ def test_qlora_ppo_policy_with_the_qlora_reward_model(tmp_path, qlora_rm):
 def test_a_t5_reward_model_quantises_and_a_builtin_multimodal_model_is_refused():
     import bitsandbytes as bnb
 
-    from discoalign.models.tiny_multimodal import TINY_MULTIMODAL_ARCHS
+    from discoalign.config.builtin_models import TINY_MULTIMODAL_ARCHS
 
     ft = FinetuningArguments(finetuning_type="lora", lora_rank=4)
     model, tok = load_model_with_heads(ModelArguments(model_name_or_path="builtin:tiny-t5", quantization_bit=4), ft,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from discoalign.config.builtin_models import TINY_ARCHS
 from discoalign.config.schema import FinetuningArguments, ModelArguments
 from discoalign.models.heads import VARIANCE_FLOOR, ValueHead, VarianceHead
 from discoalign.models.loader import load_model_with_heads
 from discoalign.models.model_with_heads import ModelWithHeads, positions_from_mask
-from discoalign.models.tiny import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer
+from discoalign.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 TEXTS = ["bright calm garden", "Topic: music. Describe a river. quick gentle brave clever kind", "x"]
 

@@ -12,12 +12,12 @@ import torch
 
 from discoalign.config import build_config
 from discoalign.config.schema import FinetuningArguments, ModelArguments
+from discoalign.data.prompts import left_pad
 from discoalign.errors import ConfigError
 from discoalign.models.checkpoint import save_checkpoint
 from discoalign.models.loader import load_model_with_heads
 from discoalign.models.reward_adapter import SharedBaseRewardModel
-from discoalign.train.ppo.prompts import left_pad
-from discoalign.train.ppo.reward_model import load_reward_model, score_responses
+from discoalign.models.reward_model import load_reward_model, score_responses
 from discoalign.train.tuner import run_exp
 
 BASE = "builtin:tiny-qwen3"

@@ -12,15 +12,15 @@ import torch
 from safetensors.torch import save_file
 
 from discoalign.config.schema import FinetuningArguments, ModelArguments
+from discoalign.data.prompts import left_pad
 from discoalign.errors import CheckpointError, ConfigError
 from discoalign.models.checkpoint import save_checkpoint
 from discoalign.models.heads import ValueHead
 from discoalign.models.loader import load_model_with_heads
 from discoalign.models.lora import apply_lora
 from discoalign.models.model_with_heads import ModelWithHeads
+from discoalign.models.reward_model import load_reward_model, score_responses
 from discoalign.models.tiny import build_tiny_model, build_tiny_tokenizer
-from discoalign.train.ppo.prompts import left_pad
-from discoalign.train.ppo.reward_model import load_reward_model, score_responses
 
 BASE = "builtin:tiny-qwen3"
 MODEL = ModelArguments(model_name_or_path=BASE)  # the policy's model_name_or_path

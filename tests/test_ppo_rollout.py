@@ -8,10 +8,11 @@ import torch
 from transformers import GenerationConfig
 
 from discoalign.config.schema import FinetuningArguments, ModelArguments
+from discoalign.data.prompts import PromptSchedule, left_pad
+from discoalign.models.generation import stop_token_ids, truncate_at_stop
 from discoalign.models.loader import load_model_with_heads
-from discoalign.train.ppo.prompts import PromptSchedule, left_pad
-from discoalign.train.ppo.reward_model import reward_token_index, score_responses
-from discoalign.train.ppo.rollout import response_hidden, stop_token_ids, token_logprobs, truncate_at_stop
+from discoalign.models.reward_model import reward_token_index, score_responses
+from discoalign.train.ppo.rollout import response_hidden, token_logprobs
 
 EOS, PAD = 2, 0
 

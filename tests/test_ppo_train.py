@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from discoalign.config import build_config
 from discoalign.config.schema import FinetuningArguments, ModelArguments
+from discoalign.data.prompts import prompt_rows
 from discoalign.errors import ConfigError
 from discoalign.models.checkpoint import save_checkpoint
 from discoalign.models.loader import load_model_with_heads
-from discoalign.train.ppo.prompts import prompt_rows
 from discoalign.train.ppo.workflow import build_ppo_trainer
 from discoalign.train.tuner import run_exp
 

@@ -14,12 +14,12 @@ from safetensors.torch import save_file
 
 from discoalign.cli.main import main
 from discoalign.config.schema import FinetuningArguments, ModelArguments
+from discoalign.data.position import append_turn_suffix, turn_end_suffix
+from discoalign.data.prompts import left_pad
 from discoalign.models.checkpoint import save_checkpoint
 from discoalign.models.heads import VARIANCE_FLOOR
 from discoalign.models.loader import load_model_with_heads
-from discoalign.train.ppo.prompts import left_pad
-from discoalign.train.ppo.reward_model import score_responses
-from discoalign.train.rm.position import append_turn_suffix, turn_end_suffix
+from discoalign.models.reward_model import score_responses
 
 # A template whose assistant turn ends on the EOS itself (nothing after it), unlike ChatML's `<|im_end|>\n`.
 EOS_END_TEMPLATE = (
@@ -173,7 +173,7 @@ def test_score_refuses_folders_without_a_trained_reward_head(tmp_path, tiny_dirs
         assert words in err and folder in err and "Traceback" not in err
     # PPO's `reward_model:` refuses the critic too
     from discoalign.errors import CheckpointError
-    from discoalign.train.ppo.reward_model import load_reward_model
+    from discoalign.models.reward_model import load_reward_model
 
     with pytest.raises(CheckpointError, match="critic"):
         load_reward_model(ModelArguments(model_name_or_path=tiny_dirs["qwen2"]),

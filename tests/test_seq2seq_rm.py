@@ -160,7 +160,7 @@ def test_what_a_seq2seq_model_cannot_do_exits_2_before_loading(tmp_path, capsys,
 
 def test_a_t5_reward_model_scores_ppo_responses(tmp_path):
     from discoalign.models.checkpoint import save_checkpoint
-    from discoalign.train.ppo.reward_model import load_reward_model, score_responses
+    from discoalign.models.reward_model import load_reward_model, score_responses
 
     torch.manual_seed(0)
     model, tok = _load()

@@ -6,6 +6,9 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from .attention import check_attention_implementation
+from .builtin_models import TINY_MULTIMODAL_ARCHS, TINY_SEQ2SEQ_ARCHS, is_builtin
+from .dataset_info import load_dataset_info
+from .placement import check_quantization, parse_device_map
 from .schema import DataArguments, FinetuningArguments, ModelArguments
 from .training_args import validate_deepspeed
 
@@ -101,8 +104,6 @@ def validate_combinations(
     if ft.lora_rank <= 0:
         fail(f"`lora_rank` is {ft.lora_rank}; it must be a positive integer.")
     if data.dataset_dir is not None:
-        from ..data.registry import load_dataset_info  # reads one small JSON file: the mistake shows before any model
-
         try:
             load_dataset_info(data.dataset_dir)
         except DataError as e:
@@ -133,9 +134,7 @@ def validate_combinations(
                 check_attention_implementation(model.attn_implementation)
             except ConfigError as e:
                 fail(str(e))
-        from ..models.tiny_multimodal import TINY_MULTIMODAL_ARCHS
-
-        if model.model_name_or_path in {f"builtin:tiny-{arch}" for arch in TINY_MULTIMODAL_ARCHS}:
+        if is_builtin(model.model_name_or_path, TINY_MULTIMODAL_ARCHS):
             fail("`pack_pairs: true` supports text-only models; the built-in multimodal models are not. "
                  "Set `pack_pairs: false`.")  # fmt: skip
     if not 0.0 <= ft.lora_dropout < 1.0:
@@ -170,10 +169,7 @@ def _validate_model_layer(model: ModelArguments, data: DataArguments, ft: Finetu
     """`quantization_bit` / `quantization_type` / `double_quantization` (QLoRA), `device_map` (docs/quantization.md)
     and the built-in seq2seq model (docs/reward_modeling.md), before any model loads. A seq2seq model from a
     directory is checked when it loads."""
-    from ..models.quantization import check_quantization, parse_device_map
-    from ..models.tiny import TINY_SEQ2SEQ_ARCHS
-
-    if model.model_name_or_path in {f"builtin:tiny-{arch}" for arch in TINY_SEQ2SEQ_ARCHS}:
+    if is_builtin(model.model_name_or_path, TINY_SEQ2SEQ_ARCHS):
         if ft.stage != "rm":
             fail(f"`model_name_or_path: {model.model_name_or_path}` is an encoder-decoder (seq2seq) model; those are "
                  "supported as reward models (`stage: rm`, `score`, a PPO `reward_model`), not for "

@@ -18,17 +18,16 @@ without a registry. Hub entries (`hf_hub_url`, `ms_hub_url`, `script_url`) need 
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from typing import TYPE_CHECKING, Any
 
+from ..config.dataset_info import DATASET_INFO, load_dataset_info
 from ..errors import DataError
 from .sources import RawRows, _columns_of, read_spec
 
 if TYPE_CHECKING:
     from ..config.schema import DataArguments
 
-DATASET_INFO = "dataset_info.json"
 FORMATTINGS = ("alpaca", "sharegpt", "openai")
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None}
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": None}
@@ -37,22 +36,6 @@ SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human"
 OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
                "system_tag": "system"}  # fmt: skip
 MEDIA_COLUMNS = ("images", "audios", "videos")
-
-
-def load_dataset_info(dataset_dir: str) -> dict[str, dict[str, Any]]:
-    """The parsed `<dataset_dir>/dataset_info.json`, with errors that name the file and the entry."""
-    path = os.path.join(dataset_dir, DATASET_INFO)
-    if not os.path.isfile(path):
-        raise DataError(f"`dataset_dir: {dataset_dir}` has no {DATASET_INFO} (LlamaFactory's dataset registry); "
-                        "add one, or unset `dataset_dir` and give `dataset` as file paths.")  # fmt: skip
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"Cannot read the dataset registry {path!r}: {e}.") from None
-    if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
-        raise DataError(f"{path!r} must map dataset names to entries (objects with `file_name`, `formatting`, ...).")
-    return info
 
 
 def _entry_problem(path: str, name: str, detail: str) -> DataError:

@@ -6,7 +6,7 @@ Two sources of candidates:
   (messages, system included) compete;
 * a **policy** and a prompt file: N responses are sampled per prompt (`--n`, `--max-new-tokens`, `--temperature`,
   seeded) and scored where the reward model was trained to read them (the template's turn end appended after
-  the stop token, `train.rm.position`), exactly as PPO scores them.
+  the stop token, `data.position`), exactly as PPO scores them.
 
 `sigma` is the square root of the reward model's total variance: Disco's aleatoric variance plus the epistemic
 term (`epistemic: token_novelty`); `--kappa 0` selects by the mean. The output holds one JSON line per prompt:
@@ -142,12 +142,12 @@ def sample_and_select(
 
     from ..config.schema import DataArguments, FinetuningArguments, ModelArguments
     from ..data import get_dataset
+    from ..data.position import turn_end_suffix
+    from ..data.prompts import left_pad
     from ..models.checkpoint import load_epistemic
+    from ..models.generation import stop_token_ids, truncate_at_stop
     from ..models.loader import load_model_with_heads
-    from ..train.ppo.prompts import left_pad
-    from ..train.ppo.reward_model import score_responses_detailed
-    from ..train.ppo.rollout import stop_token_ids, truncate_at_stop
-    from ..train.rm.position import turn_end_suffix
+    from ..models.reward_model import score_responses_detailed
 
     if n < 1:
         raise ConfigError(f"--n {n}: sample at least one response per prompt.")

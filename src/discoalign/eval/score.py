@@ -52,7 +52,7 @@ def check_reward_model_dir(model_dir: str, what: str = "`--model {}`") -> bool:
     Finds every variance layout the loader imports: ours (`heads.safetensors`), the DiscoRM fork's
     `var_head.var.*` inside `value_head.safetensors` or the model weights.
     """
-    from ..train.ppo.reward_model import check_reward_heads
+    from ..models.reward_model import check_reward_heads
 
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{what.format(repr(model_dir))} is not a directory holding a reward model.")
@@ -159,8 +159,8 @@ def score_token_pairs(
     Prompts are left-padded and responses right-padded, as in PPO (`score_responses_detailed`), so `score`,
     best-of-n and PPO compute the same numbers for the same tokens.
     """
-    from ..train.ppo.prompts import left_pad
-    from ..train.ppo.reward_model import score_responses_detailed
+    from ..data.prompts import left_pad
+    from ..models.reward_model import score_responses_detailed
 
     out: list[dict[str, float]] = []
     device = model.device

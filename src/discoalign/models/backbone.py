@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..config.builtin_models import TINY_ARCHS, TINY_MULTIMODAL_ARCHS, TINY_SEQ2SEQ_ARCHS
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import ADAPTER_CONFIG_NAME, read_heads_config
 from .interop import is_sequence_classification
@@ -22,8 +23,8 @@ from .quantization import (
     is_quantized,
 )
 from .seq2seq import is_seq2seq_config
-from .tiny import TINY_ARCHS, TINY_SEQ2SEQ_ARCHS, build_tiny_model, write_tiny_model
-from .tiny_multimodal import TINY_MULTIMODAL_ARCHS, build_tiny_multimodal_model
+from .tiny import build_tiny_model, write_tiny_model
+from .tiny_multimodal import build_tiny_multimodal_model
 from .weight_files import locate_file, read_json
 
 logger = logging.getLogger(__name__)

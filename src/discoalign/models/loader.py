@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..config.builtin_models import TINY_MULTIMODAL_ARCHS
+from ..config.placement import check_no_offload, check_quantization, parse_device_map
 from ..errors import CheckpointError, ConfigError
 from .backbone import (
     adapter_base,
@@ -31,17 +33,10 @@ from .lora import apply_lora
 from .modality import ActorModality, detect_modality
 from .model_with_heads import ModelWithHeads
 from .multimodal_loader import build_media_processor, freeze_frozen_parts, trainable_parts
-from .quantization import (
-    bnb_config,
-    check_no_offload,
-    check_quantization,
-    is_quantized,
-    parse_device_map,
-    prepare_for_kbit_training,
-)
+from .quantization import bnb_config, is_quantized, prepare_for_kbit_training
 from .seq2seq import is_seq2seq_config
 from .tiny import build_tiny_tokenizer
-from .tiny_multimodal import TINY_MULTIMODAL_ARCHS, build_tiny_multimodal_tokenizer
+from .tiny_multimodal import build_tiny_multimodal_tokenizer
 from .weight_files import locate_file
 
 logger = logging.getLogger(__name__)

@@ -122,7 +122,8 @@ def build_media_processor(
     modality = detect_modality(causal_lm.config)
     if modality == ActorModality.LANGUAGE_ONLY:
         return None
-    from .tiny_multimodal import TINY_MULTIMODAL_ARCHS, build_tiny_media_processor_parts
+    from ..config.builtin_models import TINY_MULTIMODAL_ARCHS
+    from .tiny_multimodal import build_tiny_media_processor_parts
 
     parts: tuple[Any, Any] | None = None
     errors = []

@@ -12,9 +12,7 @@ import os
 
 import torch
 
-TINY_ARCHS = ("llama", "qwen2", "qwen3", "gpt2")
-# Encoder-decoder models (AutoModelForSeq2SeqLM): reward models only (`models.seq2seq`).
-TINY_SEQ2SEQ_ARCHS = ("t5",)
+from ..config.builtin_models import TINY_ARCHS, TINY_SEQ2SEQ_ARCHS
 
 PAD_TOKEN = "<|endoftext|>"  # also bos and unk
 IM_START = "<|im_start|>"

@@ -11,6 +11,7 @@ Deterministic: the same arch and seed give the same weights bit for bit; the glo
 
 from __future__ import annotations
 
+from ..config.builtin_models import TINY_MULTIMODAL_ARCHS
 from .tiny import (
     TINY_HIDDEN,
     build_tiny_tokenizer,
@@ -18,8 +19,6 @@ from .tiny import (
     seeded_from_config,
     tiny_decoder_kwargs,
 )
-
-TINY_MULTIMODAL_ARCHS = ("qwen2-vl", "qwen2.5-vl", "qwen2-audio")
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 AUDIO_TOKENS = ("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>")

@@ -60,8 +60,8 @@ class RewardScorer:
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # What the chat template writes after the turn's stop token (ChatML: "\n"): a text that ends on the stop
         # token, as a policy's generation does, gets it appended so the reward is read where training read it
-        # (train/rm/position.py; the same rule as PPO, `score` and `bon`).
-        from ..train.rm.position import turn_end_suffix
+        # (data/position.py; the same rule as PPO, `score` and `bon`).
+        from ..data.position import turn_end_suffix
 
         self.stop_id = self.tokenizer.eos_token_id
         self.turn_suffix = turn_end_suffix(self.tokenizer) if self.stop_id is not None else []

@@ -52,7 +52,7 @@ class DiscoTrainer(Trainer):
         self.run_config = run_config
         self.finetuning_args = run_config.finetuning
         self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        self.pack_pairs = bool(getattr(run_config.data, "pack_pairs", False))
+        self.pack_pairs = run_config.data.pack_pairs
         if self.pack_pairs:
             self._enable_pair_packing(model)
         if (getattr(self.args, "hf_deepspeed_config", None) is not None
@@ -81,7 +81,7 @@ class DiscoTrainer(Trainer):
         here are the row length each pair pads its batch to, in the layout in use.
         """
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        wanted = getattr(self.run_config.data, "group_by_length", False)
+        wanted = self.run_config.data.group_by_length
         if (wanted or self.args.train_sampling_strategy == "group_by_length") and dataset is not None:
             from transformers.trainer_pt_utils import LengthGroupedSampler
 

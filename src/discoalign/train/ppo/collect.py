@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
+from ...data.prompts import left_pad
 from ...losses.ppo import disco_risk_adjusted_reward, gae_advantages, kl_per_token, masked_whiten, token_rewards
+from ...models.generation import sample_responses, truncate_at_stop
+from ...models.reward_model import score_responses
 from .metric import rollout_metrics
-from .prompts import left_pad
-from .reward_model import score_responses
-from .rollout import Rollout, pad_columns, sample_responses, truncate_at_stop
+from .rollout import Rollout, pad_columns
 
 
 class RolloutCollector:

@@ -32,6 +32,8 @@ from torch.utils.data import DataLoader
 from transformers import GenerationConfig, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from ...data.position import turn_end_suffix
+from ...data.prompts import PromptSchedule, prompt_rows
 from ...errors import ConfigError
 from ...losses.ppo import (
     beta_controller_loss,
@@ -39,13 +41,12 @@ from ...losses.ppo import (
     clipped_value_loss,
     masked_mean,
 )
+from ...models.generation import stop_token_ids
 from ..base_trainer import DiscoTrainer
 from ..frozen import disable_dropout, frozen_copy
-from ..rm.position import turn_end_suffix
 from .collect import RolloutCollector
 from .policy import PPOPolicy
-from .prompts import PromptSchedule, prompt_rows
-from .rollout import Rollout, stop_token_ids
+from .rollout import Rollout
 from .samples import SAMPLES_FILE, append_samples, show_samples
 
 
@@ -116,7 +117,7 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
         if not self.stop_ids:
             raise ConfigError("PPO needs an end-of-sequence token to end responses, but the tokenizer has no EOS.")
         # What the chat template writes after the stop token (ChatML: "\n"): appended before the reward is read,
-        # so the reward model scores the position it was trained on (`train.rm.position`).
+        # so the reward model scores the position it was trained on (`data.position`).
         self.turn_suffix = turn_end_suffix(tokenizer, self.stop_ids)
         self.generation_config = GenerationConfig(
             do_sample=True,

@@ -15,8 +15,8 @@ from ...config.loader import RunConfig
 from ...data import get_dataset
 from ...data.sources import BUILTIN_SYNTHETIC, split_specs
 from ...models.loader import load_model_with_heads
+from ...models.reward_model import load_reward_model
 from .metric import synthetic_true_reward
-from .reward_model import load_reward_model
 from .trainer import PPOTrainer
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ policy's base, LlamaFactory's convention).
 A reward model on its own base loads unquantised and honours `device_map` (docs/quantization.md).
 
 The reward is read where the reward model was trained to read it: a response that ended on its stop token
-gets the rest of the template's turn appended first (`train.rm.position`; ChatML's `\n` after `<|im_end|>`),
+gets the rest of the template's turn appended first (`data.position`; ChatML's `\n` after `<|im_end|>`),
 then the last real token of prompt + response is scored, found from the attention mask (never from pad ids).
 
 A folder whose value head is not a trained reward (a PPO policy's critic, `value_head_kind: critic` in
@@ -33,15 +33,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import CheckpointError, ConfigError
-from ...models.checkpoint import ADAPTER_CONFIG_NAME, load_heads, read_heads_config, value_head_kind
-from ...models.heads import ValueHead, VarianceHead, last_token_index
-from ...models.interop import import_heads
-from ...models.loader import load_model_with_heads
-from ...models.model_with_heads import ModelWithHeads
-from ...models.reward_adapter import SharedBaseRewardModel, attach_reward_adapter
-from ...models.weight_files import read_json
-from ..rm.position import append_turn_suffix
+from ..data.position import append_turn_suffix
+from ..errors import CheckpointError, ConfigError
+from .checkpoint import ADAPTER_CONFIG_NAME, load_heads, read_heads_config, value_head_kind
+from .heads import ValueHead, VarianceHead, last_token_index
+from .interop import import_heads
+from .loader import load_model_with_heads
+from .model_with_heads import ModelWithHeads
+from .reward_adapter import SharedBaseRewardModel, attach_reward_adapter
+from .weight_files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def score_responses_detailed(
         query_ids, query_mask: (B, P) prompts, left-padded.
         response_ids, response_mask: (B, L) responses, right-padded.
         ended: (B,) bool, rows whose response ended on a stop token; with `turn_suffix` (see
-            `train.rm.position.turn_end_suffix`) those get the template's turn end appended before scoring.
+            `data.position.turn_end_suffix`) those get the template's turn end appended before scoring.
             None: the responses are scored as given (already tokenised like training data).
         pad_token_id: written on padding added for the suffix.
     Returns:

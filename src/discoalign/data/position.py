@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ...data.encode import tokenize_pair
+from .encode import tokenize_pair
 
 _PROBE = {
     "prompt": [{"role": "user", "content": "Hello there."}],
