@@ -9,6 +9,7 @@ import torch
 from ..errors import DataError
 from ..losses.logps import IGNORE_INDEX
 from .formats import GROUND_TRUTH_COLUMNS
+from .packing import pack_pair_rows
 
 
 class PairwiseCollator:
@@ -53,8 +54,6 @@ class PairwiseCollator:
         return batch
 
     def _packed(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from .packing import pack_pair_rows
-
         triples = [(r["prompt_input_ids"], r["chosen_input_ids"], r["rejected_input_ids"]) for r in rows]
         return pack_pair_rows(triples, self.pad_token_id)
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import DataError
 from ..losses.logps import IGNORE_INDEX
 from .checks import (
     EMPTY_RESPONSE,
@@ -114,8 +115,6 @@ class SFTCollator:
 
     def __init__(self, pad_token_id: int | None, packing: bool = False) -> None:
         if pad_token_id is None:
-            from ..errors import DataError
-
             raise DataError(
                 "The tokenizer has no pad token, so SFT batches cannot be padded; set `tokenizer.pad_token`."
             )

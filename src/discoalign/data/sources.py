@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
+from .synthetic import noisy_synthetic_pair_rows, synthetic_pair_rows
+from .synthetic_media import synthetic_audio_rows, synthetic_vl_rows
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
 BUILTIN_SYNTHETIC = "builtin:synthetic"
@@ -161,15 +163,11 @@ def read_spec(spec: str, synthetic_num_pairs: int, synthetic_seed: int) -> list[
     if spec.startswith("builtin:"):
         if spec not in BUILTINS:
             raise DataError(f"Unknown builtin dataset {spec!r}; the builtins are {', '.join(map(repr, BUILTINS))}.")
-        if spec == BUILTIN_SYNTHETIC:
-            from .synthetic import synthetic_pair_rows as make_rows
-        elif spec == BUILTIN_SYNTHETIC_NOISY:
-            from .synthetic import noisy_synthetic_pair_rows as make_rows
-        elif spec == BUILTIN_SYNTHETIC_VL:
-            from .synthetic_media import synthetic_vl_rows as make_rows
-        else:
-            from .synthetic_media import synthetic_audio_rows as make_rows
-
+        make_rows = {
+            BUILTIN_SYNTHETIC: synthetic_pair_rows,
+            BUILTIN_SYNTHETIC_NOISY: noisy_synthetic_pair_rows,
+            BUILTIN_SYNTHETIC_VL: synthetic_vl_rows,
+        }.get(spec, synthetic_audio_rows)
         rows = make_rows(synthetic_num_pairs, synthetic_seed)
         return [RawRows(f"{spec} (seed {synthetic_seed})", rows, _columns_of(rows))]
     if os.path.isdir(spec):

@@ -26,8 +26,16 @@ from typing import Any
 
 import torch
 
+from ..config.schema import DataArguments, FinetuningArguments, ModelArguments
+from ..data import get_dataset
 from ..data.checks import TRUNCATED
+from ..data.position import turn_end_suffix
+from ..data.prompts import left_pad
 from ..errors import ConfigError, DataError
+from ..models.checkpoint import load_epistemic
+from ..models.generation import stop_token_ids, truncate_at_stop
+from ..models.loader import load_model_with_heads
+from ..models.reward_model import score_responses_detailed
 from .score import (
     check_reward_model_dir,
     encode_prompt_response,
@@ -96,7 +104,6 @@ def rerank_file(
     batch_size: int = 16, skip_invalid_rows: bool = False,
 ) -> BonSummary:  # fmt: skip
     """Best-of-n over a candidate file of prompt + response rows; writes one line per prompt."""
-    from ..models.checkpoint import load_epistemic
 
     has_variance = check_reward_model_dir(model_dir)
     _check_kappa(kappa, has_variance, load_epistemic(model_dir) is not None, model_dir)
@@ -139,15 +146,6 @@ def sample_and_select(
 ) -> BonSummary:  # fmt: skip
     """Sample `n` responses per prompt from `policy_dir`, score them with the reward model, keep the best."""
     from transformers import GenerationConfig
-
-    from ..config.schema import DataArguments, FinetuningArguments, ModelArguments
-    from ..data import get_dataset
-    from ..data.position import turn_end_suffix
-    from ..data.prompts import left_pad
-    from ..models.checkpoint import load_epistemic
-    from ..models.generation import stop_token_ids, truncate_at_stop
-    from ..models.loader import load_model_with_heads
-    from ..models.reward_model import score_responses_detailed
 
     if n < 1:
         raise ConfigError(f"--n {n}: sample at least one response per prompt.")

@@ -26,9 +26,15 @@ from typing import Any
 import torch
 
 from ..config.schema import DataArguments, FinetuningArguments, ModelArguments
+from ..data import get_dataset
 from ..data.checks import EMPTY_RESPONSE, MALFORMED, TRUNCATED, WRONG_TYPE, RowProblem, as_messages, require
 from ..data.encode import tokenize_pair, truncate_pair
+from ..data.formats import to_prompt_row
+from ..data.prompts import left_pad
+from ..data.sources import read_spec
 from ..errors import CheckpointError, DataError
+from ..models.loader import load_model_with_heads
+from ..models.reward_model import check_reward_heads, score_responses_detailed
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +58,6 @@ def check_reward_model_dir(model_dir: str, what: str = "`--model {}`") -> bool:
     Finds every variance layout the loader imports: ours (`heads.safetensors`), the DiscoRM fork's
     `var_head.var.*` inside `value_head.safetensors` or the model weights.
     """
-    from ..models.reward_model import check_reward_heads
 
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{what.format(repr(model_dir))} is not a directory holding a reward model.")
@@ -69,7 +74,6 @@ def is_prompt_response(columns: list[str]) -> bool:
 
 def to_prompt_response(row: Any) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(prompt messages, [assistant response]) of one prompt + response row; RowProblem when it does not fit."""
-    from ..data.formats import to_prompt_row
 
     if not isinstance(row, dict):
         raise RowProblem(WRONG_TYPE, "(row)", f"expected an object with named fields, got {type(row).__name__}")
@@ -100,7 +104,6 @@ def read_prompt_response_rows(
     Returns (rows, skipped per reason, rows read, whether the file holds prompt + response rows at all). Stops at
     the first bad row with a DataError naming file, row and field, unless `skip_invalid_rows`.
     """
-    from ..data.sources import read_spec
 
     sources = read_spec(data_path, 2000, 0)
     columns = [c for s in sources for c in s.columns]
@@ -130,7 +133,6 @@ def read_prompt_response_rows(
 
 def load_reward_model_for_scoring(model_dir: str, has_variance: bool):
     """(model, tokenizer): a reward model in eval mode, with its variance head and epistemic term when saved."""
-    from ..models.loader import load_model_with_heads
 
     model, tokenizer = load_model_with_heads(
         ModelArguments(model_name_or_path=model_dir),
@@ -159,8 +161,6 @@ def score_token_pairs(
     Prompts are left-padded and responses right-padded, as in PPO (`score_responses_detailed`), so `score`,
     best-of-n and PPO compute the same numbers for the same tokens.
     """
-    from ..data.prompts import left_pad
-    from ..models.reward_model import score_responses_detailed
 
     out: list[dict[str, float]] = []
     device = model.device
@@ -210,8 +210,6 @@ def score_file(
             lines.append({"index": row["index"], "prompt": row["prompt"][-1]["content"],
                           "text": row["response"][0]["content"], **row["extra"]})  # fmt: skip
     else:
-        from ..data import get_dataset
-
         bundle = get_dataset(
             DataArguments(dataset=data_path, cutoff_len=cutoff_len, skip_invalid_rows=skip_invalid_rows),
             tokenizer, stage="rm", seed=0,

@@ -22,7 +22,19 @@ from typing import Any
 
 import torch
 
+from ..config.schema import FinetuningArguments, ModelArguments
 from ..errors import CheckpointError, ConfigError
+from ..models.checkpoint import (
+    HEAD_NAMES,
+    HEADS_CONFIG_NAME,
+    HEADS_WEIGHTS_NAME,
+    heads_config_of,
+    heads_state_dict,
+    read_heads_config,
+    save_checkpoint,
+)
+from ..models.interop import import_heads
+from ..models.loader import load_model_with_heads
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +44,6 @@ BIAS_KEY = "discoalign_value_head_bias"
 
 def checkpoint_heads(model_dir: str) -> dict[str, Any]:
     """Which heads a checkpoint holds: {"value_head": bool, "variance_head": bool, "beta_head": bool, ...config}."""
-    from ..models.checkpoint import HEAD_NAMES, read_heads_config
-    from ..models.interop import import_heads
 
     config = read_heads_config(model_dir)
     if config is not None:
@@ -45,8 +55,6 @@ def checkpoint_heads(model_dir: str) -> dict[str, Any]:
 
 def load_merged(model_dir: str, dtype: str | None = None):
     """Load `model_dir` frozen with every head it has, LoRA merged. Returns (ModelWithHeads, tokenizer, heads)."""
-    from ..config.schema import FinetuningArguments, ModelArguments
-    from ..models.loader import load_model_with_heads
 
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"--model {model_dir!r} is not a directory holding a checkpoint.")
@@ -92,8 +100,6 @@ def _write_our_heads(model, out_dir: str) -> None:
     import json
 
     from safetensors.torch import save_file
-
-    from ..models.checkpoint import HEADS_CONFIG_NAME, HEADS_WEIGHTS_NAME, heads_config_of, heads_state_dict
 
     save_file(heads_state_dict(model), os.path.join(out_dir, HEADS_WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(out_dir, HEADS_CONFIG_NAME), "w", encoding="utf-8") as f:
@@ -151,7 +157,6 @@ def export_model(model_dir: str, out_dir: str, layout: str = "ours", dtype: str 
     Returns:
         {"layout", "out_dir", "heads": [names], "merged_lora": bool, "value_head_bias" (seq_cls only)}.
     """
-    from ..models.checkpoint import save_checkpoint
 
     if layout not in LAYOUTS:
         raise ConfigError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}.")

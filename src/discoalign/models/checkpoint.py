@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from .epistemic import EPISTEMIC_WEIGHTS_NAME, TokenNovelty
 from .interop import import_heads
 from .model_with_heads import ModelWithHeads
 from .weight_files import load_tensor_file, locate_file, read_json, read_model_tensors
@@ -246,7 +247,6 @@ def load_heads(model: ModelWithHeads, checkpoint_dir: str, cache_dir: str | None
 
 def load_epistemic(name_or_path: str, cache_dir: str | None = None):
     """The checkpoint's epistemic term (`models.epistemic.TokenNovelty`), or None when it has none."""
-    from .epistemic import EPISTEMIC_WEIGHTS_NAME, TokenNovelty
 
     config = (read_heads_config(name_or_path, cache_dir) or {}).get("epistemic")
     if not config:

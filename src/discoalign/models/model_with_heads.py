@@ -19,6 +19,7 @@ from ..losses.logps import DEFAULT_CHUNK_SIZE, pair_sequence_logps
 from .heads import BetaHead, ValueHead, VarianceHead, gather_last_token
 from .modality import MODALITY_INPUTS, ActorModality, supported_parameters
 from .pair_attention import pair_attention_mask
+from .quantization import last_hidden_device
 from .seq2seq import is_seq2seq_config, seq2seq_hidden_states
 
 
@@ -151,7 +152,6 @@ class ModelWithHeads(nn.Module):
     def place_heads_on_hidden_device(self) -> None:
         """Move the heads to the device of the last hidden state (a model split by `device_map`, or quantised), so
         their outputs are returned there, as TRL's value-head wrapper does."""
-        from .quantization import last_hidden_device
 
         body = self.causal_lm.get_decoder() if self.is_seq2seq else self.decoder
         device = last_hidden_device(body)

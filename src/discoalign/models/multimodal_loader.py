@@ -13,9 +13,12 @@ from typing import Any
 
 from torch import nn
 
+from ..config.builtin_models import TINY_MULTIMODAL_ARCHS
+from ..data.media_processor import MediaProcessor, MediaTokens
 from ..errors import CheckpointError, ConfigError
 from .modality import ActorModality, detect_modality
 from .multimodal_parts import freeze_parts, frozen_prefixes, multimodal_parts
+from .tiny_multimodal import build_tiny_media_processor_parts
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +69,6 @@ def _token_if_known(tokenizer, token: str) -> str | None:
 
 def media_tokens(config: Any, tokenizer):
     """The placeholder token strings a multimodal config names (ids from the config, strings from the tokenizer)."""
-    from ..data.media_processor import MediaTokens
 
     def config_id(*names: str) -> int | None:
         return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
@@ -117,13 +119,10 @@ def build_media_processor(
             base model of an adapter checkpoint); a `builtin:tiny-<arch>` source builds the tiny one.
         supported: the model's `supported_parameters`.
     """
-    from ..data.media_processor import MediaProcessor
 
     modality = detect_modality(causal_lm.config)
     if modality == ActorModality.LANGUAGE_ONLY:
         return None
-    from ..config.builtin_models import TINY_MULTIMODAL_ARCHS
-    from .tiny_multimodal import build_tiny_media_processor_parts
 
     parts: tuple[Any, Any] | None = None
     errors = []

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from .checkpoint import load_heads
 from .heads import ValueHead, VarianceHead
 from .model_with_heads import ModelWithHeads, last_token_hidden
 
@@ -114,7 +115,6 @@ def attach_reward_adapter(
     `reward_base` is the base the adapter names (None: unknown). Raises ConfigError when the policy is not a LoRA
     model or the adapter was trained on another base; CheckpointError when the adapter does not fit the base.
     """
-    from .checkpoint import load_heads
 
     if not policy.is_peft:
         raise ConfigError("A reward adapter can share the policy's base only when the policy is a LoRA model "

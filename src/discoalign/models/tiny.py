@@ -13,6 +13,7 @@ import os
 import torch
 
 from ..config.builtin_models import TINY_ARCHS, TINY_SEQ2SEQ_ARCHS
+from ..data import synthetic
 
 PAD_TOKEN = "<|endoftext|>"  # also bos and unk
 IM_START = "<|im_start|>"
@@ -75,15 +76,6 @@ Mathematics studies numbers, shapes, patterns, equations, probability, statistic
 Preference data contains pairs of responses where people chose the better one for each prompt.
 """
 
-# Used when `discoalign.data.synthetic` is not importable (it is written elsewhere and may be absent).
-_FALLBACK_TASK_WORDS = (
-    "excellent great good helpful useful clear accurate correct detailed polite friendly concise "
-    "bad poor wrong unclear rude vague useless incorrect confusing boring short long brief "
-    "topic easy hard noisy clean safe unsafe math code cooking travel science history weather sports "
-    "recipe bake boil fry city country river mountain planet star number add subtract multiply divide "
-    "function variable loop list string python error bug test"
-).split()
-
 
 def _words_of(obj) -> list[str]:
     """Every string inside `obj` (a str, or nested lists/tuples/sets/dicts of them)."""
@@ -98,12 +90,7 @@ def _words_of(obj) -> list[str]:
 
 def _task_words() -> list[str]:
     """Words of the synthetic task (its VOCABULARY, plus TOPICS and NOUNS when it has them), sorted."""
-    try:
-        from discoalign.data import synthetic
-    except Exception:  # absent or broken: the tokenizer must still build
-        return list(_FALLBACK_TASK_WORDS)
-    words = _words_of([getattr(synthetic, name, ()) for name in ("VOCABULARY", "TOPICS", "NOUNS")])
-    return sorted(set(words)) if words else list(_FALLBACK_TASK_WORDS)
+    return sorted(set(_words_of([synthetic.VOCABULARY, synthetic.TOPICS, synthetic.NOUNS])))
 
 
 def _corpus() -> list[str]:

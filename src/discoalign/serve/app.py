@@ -25,6 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..errors import ConfigError
+from .scorer import RewardScorer
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,8 +52,6 @@ class ServeSettings:
     max_request_bytes: int = 8 * 1024 * 1024
 
     def check(self) -> None:
-        from ..errors import ConfigError
-
         for name in ("cutoff_len", "max_batch_tokens", "max_queue", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} is {getattr(self, name)}; it must be positive.")
@@ -265,8 +266,6 @@ def build_app(scorer: Scorer, settings: ServeSettings | None = None):
 
 def serve(ns) -> None:
     """`discoalign serve`: load the model, build the app, run uvicorn until interrupted."""
-    from ..errors import ConfigError
-    from .scorer import RewardScorer
 
     try:
         import starlette  # noqa: F401

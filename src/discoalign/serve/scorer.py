@@ -9,7 +9,11 @@ from typing import Any
 
 import torch
 
+from ..config.schema import FinetuningArguments, ModelArguments
+from ..data.position import turn_end_suffix
 from ..errors import CheckpointError
+from ..export.exporter import checkpoint_heads
+from ..models.loader import load_model_with_heads
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +33,6 @@ class RewardScorer:
     def __init__(
         self, model_dir: str, disco_risk_coef: float = 0.0, dtype: str | None = None, device: str = "auto"
     ) -> None:
-        from ..config.schema import FinetuningArguments, ModelArguments
-        from ..export.exporter import checkpoint_heads
-        from ..models.loader import load_model_with_heads
 
         if not os.path.isdir(model_dir):
             raise CheckpointError(f"--model {model_dir!r} is not a directory holding a reward model.")
@@ -61,7 +62,6 @@ class RewardScorer:
         # What the chat template writes after the turn's stop token (ChatML: "\n"): a text that ends on the stop
         # token, as a policy's generation does, gets it appended so the reward is read where training read it
         # (data/position.py; the same rule as PPO, `score` and `bon`).
-        from ..data.position import turn_end_suffix
 
         self.stop_id = self.tokenizer.eos_token_id
         self.turn_suffix = turn_end_suffix(self.tokenizer) if self.stop_id is not None else []

@@ -19,7 +19,14 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..config.loader import RunConfig
+from ..data.collator import PairwiseCollator
+from ..data.packing import pair_row_lengths
 from ..errors import CheckpointError
+from ..eval.plots import plot_history
+from ..models.checkpoint import load_checkpoint_weights, save_checkpoint
+from ..models.modality import select_model_inputs
+from ..models.pair_attention import prepare_pair_packing
+from .distributed import keep_lm_head_whole
 
 
 def variance_head_lr_ratio(ft) -> float:
@@ -37,8 +44,6 @@ class _KeepLmHeadWhole(TrainerCallback):
     """ZeRO-3: once the engine exists, keep a frozen LM head gathered (`train.distributed.keep_lm_head_whole`)."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from .distributed import keep_lm_head_whole
-
         if model is not None:
             keep_lm_head_whole(model)
 
@@ -64,8 +69,6 @@ class DiscoTrainer(Trainer):
 
     def _enable_pair_packing(self, model: torch.nn.Module) -> None:
         """`pack_pairs`: check the model can take packed pairs, and make the pairwise collator pack them."""
-        from ..data.collator import PairwiseCollator
-        from ..models.pair_attention import prepare_pair_packing
 
         prepare_pair_packing(model)
         collator = self.data_collator
@@ -85,8 +88,6 @@ class DiscoTrainer(Trainer):
         if (wanted or self.args.train_sampling_strategy == "group_by_length") and dataset is not None:
             from transformers.trainer_pt_utils import LengthGroupedSampler
 
-            from ..data.packing import pair_row_lengths
-
             return LengthGroupedSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
                 dataset=dataset,
@@ -99,7 +100,6 @@ class DiscoTrainer(Trainer):
     def media_inputs(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The batch's media inputs that the model takes (`pixel_values`, `image_grid_thw`, `input_features`, ...,
         per `ModelWithHeads.supported_parameters`); {} for a text model."""
-        from ..models.modality import select_model_inputs
 
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         return select_model_inputs(inputs, getattr(model, "supported_parameters", ()))
@@ -166,7 +166,6 @@ class DiscoTrainer(Trainer):
 
     def plot_history(self, plots: list[tuple[str, str, list[str]]]) -> None:
         """Write `output_dir/plots/<file>` for each (file, title, logged keys) on the main process."""
-        from ..eval.plots import plot_history
 
         if not (self.finetuning_args.plot_loss and self.is_world_process_zero()):
             return
@@ -218,8 +217,6 @@ class DiscoTrainer(Trainer):
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        from ..models.checkpoint import save_checkpoint
-
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -230,8 +227,6 @@ class DiscoTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        from ..models.checkpoint import load_checkpoint_weights
-
         load_checkpoint_weights(model if model is not None else self._unwrapped(), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:

@@ -9,6 +9,10 @@ from transformers import TrainerCallback
 from ..config.loader import RunConfig
 from ..config.output_dir import check_resume, prepare_output_dir
 from .distributed import prepare_distributed
+from .dpo import run_dpo
+from .ppo import run_ppo
+from .rm import run_rm
+from .sft import run_sft
 
 
 def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
@@ -32,19 +36,11 @@ def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> d
         )
     stage = cfg.finetuning.stage
     if stage == "sft":
-        from .sft import run_sft
-
         return run_sft(cfg, callbacks)
     if stage == "rm":
-        from .rm import run_rm
-
         return run_rm(cfg, callbacks)
     if stage == "dpo":
-        from .dpo import run_dpo
-
         return run_dpo(cfg, callbacks)
     if stage == "ppo":
-        from .ppo import run_ppo
-
         return run_ppo(cfg, callbacks)
     raise AssertionError(f"stage {stage!r} passed validation but has no workflow")

@@ -13,6 +13,8 @@ import time
 from typing import Any
 
 from ...config.loader import build_config
+from ..tuner import run_exp
+from .workflow import run_ppo
 
 # A short BT / Disco reward model (about 95 steps on 2 CPU cores).
 DEMO_RM_CONFIG: dict[str, Any] = {
@@ -91,7 +93,6 @@ def ensure_reward_model(output_dir: str, disco: bool, **overrides: Any) -> str:
     """Train the demo's BT (or Disco) reward model into `output_dir`, unless a checkpoint is already there."""
     if os.path.isfile(os.path.join(output_dir, "heads.safetensors")):
         return output_dir
-    from ..tuner import run_exp
 
     raw = dict(DEMO_RM_CONFIG, output_dir=output_dir, **overrides)
     if disco:
@@ -104,7 +105,6 @@ def ensure_warm_policy(output_dir: str) -> str:
     """The warmed-up tiny policy: `stage: sft` with `DEMO_SFT_CONFIG`, trained into `output_dir` unless there."""
     if os.path.isfile(os.path.join(output_dir, "config.json")):
         return output_dir
-    from ..tuner import run_exp
 
     run_exp(build_config(dict(DEMO_SFT_CONFIG, output_dir=output_dir), source="the PPO demo's SFT warm-up config"))
     return output_dir
@@ -126,7 +126,6 @@ def run_ppo_demo(output_root: str, rm_root: str | None = None) -> list[dict[str,
     Reward models are looked up (or trained) as `rm_root/rm_bt` and `rm_root/rm_disco`, so the reward-model
     part of the demo can be reused; `rm_root` defaults to `output_root`.
     """
-    from .workflow import run_ppo
 
     rm_root = rm_root or output_root
     start = time.time()

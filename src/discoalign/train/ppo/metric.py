@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from ...data.synthetic import true_reward
 from .rollout import Rollout
 
 
@@ -63,6 +64,5 @@ def rollout_metrics(rollout: Rollout, true_rewards: list[float] | None = None) -
 
 def synthetic_true_reward() -> Callable[[str], float]:
     """`discoalign.data.synthetic.true_reward`: the known reward of a response text on builtin:synthetic."""
-    from ...data.synthetic import true_reward
 
     return true_reward

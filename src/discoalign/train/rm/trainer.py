@@ -10,6 +10,7 @@ from ...data.formats import GROUND_TRUTH_COLUMNS
 from ...data.packing import packed_model_inputs
 from ...losses.reward import bt_reward_loss, center_rewards_penalty, disco_reward_loss
 from ...losses.variance import log_variance_prior
+from ...models.epistemic import TokenNovelty
 from ..base_trainer import DiscoTrainer
 
 # Columns of the (B, 4) prediction and (B, 3) label arrays handed to `compute_metrics`; NaN where a value does
@@ -37,7 +38,6 @@ class RewardTrainer(DiscoTrainer):
     def fit_epistemic(self, max_pairs: int = 512) -> None:
         """Count the tokens and adjacent pairs of every training response (`models.epistemic.TokenNovelty`) and set
         its prior variance to the variance of the trained mean reward over (up to `max_pairs`) training pairs."""
-        from ...models.epistemic import TokenNovelty
 
         model = self._unwrapped()
         data = self.train_dataset

@@ -6,6 +6,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ...config.attention import check_attention_implementation
 from ...config.loader import RunConfig
 from ...data import get_dataset
 from ...data.sft import SFTCollator
@@ -18,7 +19,6 @@ PLOTS = [("loss.png", "loss", ["loss", "eval_loss"])]
 
 def check_packing(model) -> None:
     """`packing: true` needs an attention that takes a block-diagonal mask, on a text model."""
-    from ...config.attention import check_attention_implementation
 
     modality = getattr(model.modality, "value", model.modality)
     if modality != "language_only":
