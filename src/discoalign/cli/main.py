@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Every key a run's YAML may hold, grouped by concern, with its default and meaning (the same as "
         "docs/config_keys.md). Any transformers.TrainingArguments key is accepted as well.",
     )
-    p.add_argument("group", nargs="?", help="Show one group only, e.g. DPO or Heads.")
+    from ..config.keys import GROUPS  # cheap: the config package loads neither torch nor transformers
+
+    p.add_argument("group", nargs="?", help=f"Show one group only (any case): {', '.join(GROUPS)}.")
     p.set_defaults(func=cmd_keys)
 
     from .export_serve import add_export_parser, add_serve_parser

@@ -1,8 +1,8 @@
 """Every key a run's YAML may hold, grouped by concern, with its help text: `discoalign keys` and docs/config_keys.md.
 
-The dataclasses of `config.schema` hold the keys (grouped the way LlamaFactory groups them: model, data,
-finetuning); this module says which concern each key belongs to, so users read them by topic. A test fails when a
-key is in no group, or the generated page differs from docs/config_keys.md.
+The argument classes of `config.schema` are made of small dataclasses, one per concern, each naming its group
+(`GROUP_TITLE`); this module reads the groups from them, so users read the keys by topic. A test fails when a key is
+in no group or in two, or the generated page differs from docs/config_keys.md.
 
     python -m discoalign.config.keys > docs/config_keys.md      # regenerate the page
 """
@@ -14,27 +14,22 @@ from typing import Any
 
 from .schema import ARGUMENT_CLASSES
 
-GROUPS: dict[str, tuple[str, ...]] = {
-    "Model": ("model_name_or_path", "ref_model_name_or_path", "trust_remote_code", "attn_implementation", "cache_dir"),
-    "Multimodal": ("image_max_pixels", "image_min_pixels", "media_dir", "freeze_vision_tower", "freeze_audio_tower",
-                   "freeze_multi_modal_projector"),
-    "Data": ("dataset", "eval_dataset", "dataset_dir", "dataset_format", "cutoff_len", "val_size", "max_samples",
-             "skip_invalid_rows", "synthetic_num_pairs", "synthetic_seed"),
-    "Stage and fine-tuning": ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target"),
-    "Quantisation and placement": ("quantization_bit", "quantization_type", "double_quantization", "device_map"),
-    "Heads": ("add_disco_head", "add_beta_head", "disco_pref", "use_dynamic_beta", "head_dropout", "head_init_std",
-              "beta_head_epsilon", "beta_head_lr_ratio", "beta_head_pooling", "variance_head_lr_ratio",
-              "disco_variance_prior"),
-    "SFT": ("packing", "sft_responses"),
-    "Reward modelling": ("center_rewards_coefficient", "epistemic"),
-    "DPO": ("pref_beta", "pref_loss", "label_smoothing", "pref_beta_mode", "beta_dpo_alpha", "beta_dpo_filter",
-            "pref_ftx", "precompute_ref_logps"),
-    "PPO": ("reward_model", "reward_model_type", "max_new_tokens", "temperature", "top_p", "top_k", "ppo_epochs",
-            "ppo_buffer_size", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef", "whiten_rewards",
-            "reward_clip", "missing_eos_penalty", "kl_estimator", "disco_risk_coef", "target_kl"),
-    "Speed": ("pack_pairs", "group_by_length", "logps_chunk_size", "reference_inference_mode"),
-    "Outputs": ("overwrite_output_dir", "plot_loss", "num_score_samples"),
-}  # fmt: skip
+
+def group_classes() -> list[type]:
+    """The group dataclasses of the schema (those that name a `GROUP_TITLE`), in field order of each argument class."""
+    return [part for cls in ARGUMENT_CLASSES for part in reversed(cls.__mro__) if "GROUP_TITLE" in vars(part)]
+
+
+def _groups() -> dict[str, tuple[str, ...]]:
+    """Group title -> its keys; group dataclasses with one title (Multimodal, Speed) are read as one group."""
+    groups: dict[str, list[str]] = {}
+    for part in group_classes():
+        groups.setdefault(part.GROUP_TITLE, []).extend(f.name for f in dataclasses.fields(part))
+    return {title: tuple(keys) for title, keys in groups.items()}
+
+
+GROUPS: dict[str, tuple[str, ...]] = _groups()
+"""Group title -> its keys, read from the group dataclasses of `config.schema` (each key is written there, once)."""
 
 
 def all_fields() -> dict[str, dataclasses.Field]:

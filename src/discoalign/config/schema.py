@@ -1,16 +1,35 @@
 """The flat keys a run's YAML may hold, grouped the way LlamaFactory groups them.
 
+`ModelArguments`, `DataArguments` and `FinetuningArguments` are what the code reads (`ft.pref_beta`); each inherits
+its keys from small dataclasses, one per concern, whose `GROUP_TITLE` names their group on the keys page
+(`discoalign keys`, docs/config_keys.md). A group may gather keys of more than one of the three (Multimodal, Speed).
 Any `transformers.TrainingArguments` key is accepted as well; those are not listed here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
+
+from .finetuning_groups import (
+    DPOArguments,
+    HeadArguments,
+    LoraArguments,
+    OutputArguments,
+    PPOArguments,
+    RewardModelArguments,
+    SpeedArguments,
+    StageArguments,
+    TowerArguments,
+)
 
 
 @dataclass
-class ModelArguments:
+class BaseModelArguments:
+    """Which model to load, and how."""
+
+    GROUP_TITLE: ClassVar[str] = "Model"
+
     model_name_or_path: str = field(
         default="builtin:tiny-qwen3",
         metadata={"help": "Local directory, hub name, or builtin:tiny-<arch> (llama, qwen2, qwen3, gpt2)."},
@@ -23,14 +42,28 @@ class ModelArguments:
         default=None, metadata={"help": "eager | sdpa | flash_attention_2; falls back to sdpa/eager when missing."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Hub cache directory."})
-    # multimodal processing (LlamaFactory names)
+
+
+@dataclass
+class ProcessorArguments:
+    """Multimodal processing (LlamaFactory names)."""
+
+    GROUP_TITLE: ClassVar[str] = "Multimodal"
+
     image_max_pixels: int = field(
         default=768 * 768, metadata={"help": "Images with more pixels are scaled down (aspect kept) before processing."}
     )
     image_min_pixels: int = field(
         default=32 * 32, metadata={"help": "Images with fewer pixels are scaled up (aspect kept) before processing."}
     )
-    # quantisation (QLoRA) and placement of inference-only models (docs/quantization.md; LlamaFactory names)
+
+
+@dataclass
+class QuantizationArguments:
+    """Quantisation (QLoRA) and placement of inference-only models (docs/quantization.md; LlamaFactory names)."""
+
+    GROUP_TITLE: ClassVar[str] = "Quantisation and placement"
+
     quantization_bit: int | None = field(
         default=None, metadata={"help": "4 or 8: load the base model quantised by bitsandbytes (QLoRA); needs lora."}
     )
@@ -48,11 +81,22 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DatasetArguments:
+    """Which rows to read (files, builtin:synthetic or LlamaFactory's dataset registry), and how many."""
+
+    GROUP_TITLE: ClassVar[str] = "Data"
+
     dataset: str | None = field(
         default=None, metadata={"help": "File (.json/.jsonl/.parquet/.csv), save_to_disk folder, or builtin:synthetic."}
     )
     eval_dataset: str | None = field(default=None, metadata={"help": "Same kinds as `dataset`."})
+    dataset_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder with LlamaFactory's `dataset_info.json`; `dataset` / `eval_dataset` may then name "
+            "its entries (comma-separated)."
+        },
+    )
     dataset_format: Literal["auto", "pairwise", "implicit", "hh_rlhf", "sharegpt", "prompt"] = field(
         default="auto", metadata={"help": "Detected from the columns when `auto`."}
     )
@@ -66,7 +110,14 @@ class DataArguments:
     synthetic_seed: int = field(
         default=0, metadata={"help": "Seed of builtin:synthetic; eval_dataset builtin:synthetic uses seed+1."}
     )
-    # speed switches (docs/performance.md); each leaves every loss and gradient unchanged
+
+
+@dataclass
+class DataSpeedArguments:
+    """Speed switches of the data (docs/performance.md); each leaves every loss and gradient unchanged."""
+
+    GROUP_TITLE: ClassVar[str] = "Speed"
+
     pack_pairs: bool = field(
         default=False,
         metadata={
@@ -77,20 +128,28 @@ class DataArguments:
     group_by_length: bool = field(
         default=False, metadata={"help": "Batch pairs of similar length together (less padding); order changes."}
     )
+
+
+@dataclass
+class MediaArguments:
+    """Where the images and audio of multimodal rows are found."""
+
+    GROUP_TITLE: ClassVar[str] = "Multimodal"
+
     media_dir: str | None = field(
         default=None,
         metadata={
             "help": "Folder that relative `images` / `audios` paths start from; default: the data file's folder."
         },
     )
-    # ---- SFT and the LlamaFactory dataset registry (docs/sft.md, docs/data.md) ----
-    dataset_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Folder with LlamaFactory's `dataset_info.json`; `dataset` / `eval_dataset` may then name "
-            "its entries (comma-separated)."
-        },
-    )
+
+
+@dataclass
+class SFTArguments:
+    """Stage sft (docs/sft.md)."""
+
+    GROUP_TITLE: ClassVar[str] = "SFT"
+
     packing: bool = field(
         default=False,
         metadata={
@@ -107,170 +166,31 @@ class DataArguments:
     )
 
 
+# A dataclass takes its bases' fields in reverse MRO order (the last base's first), so the bases are listed last
+# group first: the fields, and the resolved YAML a run saves, then come first group first.
 @dataclass
-class FinetuningArguments:
-    stage: Literal["sft", "rm", "dpo", "ppo"] = field(default="rm", metadata={"help": "sft | rm | dpo | ppo."})
-    finetuning_type: Literal["full", "lora"] = field(default="full", metadata={"help": "full | lora."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha; default 2 * lora_rank."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    lora_target: str = field(
-        default="all", metadata={"help": "`all` (every linear layer but the LM head) or comma-separated names."}
-    )
-    # multimodal models: which parts train besides the language model (LlamaFactory names)
-    freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision tower frozen (no LoRA)."})
-    freeze_audio_tower: bool = field(default=True, metadata={"help": "Keep the audio tower frozen (no LoRA)."})
-    freeze_multi_modal_projector: bool = field(
-        default=True, metadata={"help": "Keep the projector from tower to language model frozen (no LoRA)."}
-    )
-    # heads: existence ...
-    add_disco_head: bool = field(default=False, metadata={"help": "Create the variance head."})
-    add_beta_head: bool = field(default=False, metadata={"help": "Create the beta head on the reference model."})
-    # ... and use
-    disco_pref: bool = field(default=False, metadata={"help": "Use the variance head in the loss (probit)."})
-    use_dynamic_beta: bool = field(default=False, metadata={"help": "beta_eff(x) = pref_beta * s(x)."})
-    head_dropout: float = field(default=0.0, metadata={"help": "Dropout before the value and variance heads."})
-    head_init_std: float | None = field(
-        default=None, metadata={"help": "Value head init: PyTorch default when unset, else normal(0, std)."}
-    )
-    beta_head_epsilon: float = field(
-        default=0.8,
-        metadata={
-            "help": "s(x) = 1 + eps * tanh(.), eps in (0, 1) (0.8: measured on benchmarks/dpo_noise.py, where "
-            "0.5 saturated at both ends)."
-        },
-    )
-    beta_head_lr_ratio: float = field(
-        default=10.0,
-        metadata={
-            "help": "Beta head lr = learning_rate * ratio (10: chosen on benchmarks/dpo_noise.py, where 1 "
-            "left the head too slow to help)."
-        },
-    )
-    variance_head_lr_ratio: float | None = field(
-        default=None,
-        metadata={
-            "help": "Variance head lr = learning_rate * ratio. Default: 10 for stage dpo (DiscoDPO's variance "
-            "barely moves at 1, docs/noisy_labels.md), 1 otherwise."
-        },
-    )
-    beta_head_pooling: Literal["last", "mean"] = field(
-        default="mean",
-        metadata={
-            "help": "Beta head features: the reference's hidden state at the last prompt token (`last`) or "
-            "its mean over the prompt's tokens (`mean`)."
-        },
-    )
-    disco_variance_prior: float = field(
-        default=0.03,
-        metadata={
-            "help": "Disco (rm and DiscoDPO): strength lambda of a Normal(0, 1/lambda) prior on each "
-            "log-variance, adding lambda/2 * (log sigma^2)^2 per response; anchors the variance scale "
-            "(0 turns it off)."
-        },
-    )
-    # reward modelling
-    center_rewards_coefficient: float | None = field(
-        default=None, metadata={"help": "Adds c * mean((mu_c + mu_r)^2) to the reward loss."}
-    )
-    # epistemic reward uncertainty (stage rm; docs/reward_modeling.md "Epistemic uncertainty")
-    epistemic: Literal["none", "token_novelty"] = field(
-        default="none",
-        metadata={
-            "help": "rm: add an epistemic variance term to the reward model: `token_novelty` = prior variance x "
-            "(response tokens + adjacent token pairs never seen in training); `none`: no term."
-        },
-    )
-    # preference optimisation
-    pref_beta: float = field(default=0.1, metadata={"help": "DPO beta (KL coefficient in PPO)."})
-    pref_loss: Literal["sigmoid", "robust", "ipo", "hinge"] = field(
-        default="sigmoid", metadata={"help": "sigmoid | robust | ipo | hinge."}
-    )
-    label_smoothing: float = field(
-        default=0.0,
-        metadata={
-            "help": "Label-flip rate in [0, 0.5): conservative DPO with `sigmoid`, the known flip rate of "
-            "robust DPO with `robust`."
-        },
-    )
-    pref_beta_mode: Literal["static", "batch"] = field(
-        default="static",
-        metadata={
-            "help": "static: beta = pref_beta. batch: beta-DPO (Wu et al. 2024), one beta per batch from the "
-            "implicit margins' running statistics, with beta-guided data filtering."
-        },
-    )
-    beta_dpo_alpha: float = field(
-        default=0.6, metadata={"help": "beta-DPO: beta = pref_beta * (1 + alpha * (mean margin - running mean))."}
-    )
-    beta_dpo_filter: float = field(
-        default=0.2, metadata={"help": "beta-DPO: fraction of each batch dropped by the margin-guided filter."}
-    )
-    pref_ftx: float = field(default=0.0, metadata={"help": "Weight of an SFT loss on chosen responses."})
-    precompute_ref_logps: bool = field(
-        default=False, metadata={"help": "Compute reference log-probs (and beta features) once before training."}
-    )
-    # speed switches of the DPO family (docs/performance.md); each leaves every loss and gradient unchanged
-    logps_chunk_size: int = field(
-        default=512,
-        metadata={
-            "help": "Response tokens projected through the LM head at once for log-probs (recomputed in "
-            "backward). 0: the plain path, one fp32 log-softmax over batch x length x vocab."
-        },
-    )
-    reference_inference_mode: bool = field(
-        default=True, metadata={"help": "Run the reference forward under torch.inference_mode (else torch.no_grad)."}
-    )
-    # PPO (stage ppo; names from TRL / LlamaFactory)
-    reward_model: str | None = field(
-        default=None, metadata={"help": "PPO: directory of the reward model (ours, LlamaFactory/TRL value head, ...)."}
-    )
-    reward_model_type: Literal["full", "lora"] = field(
-        default="full",
-        metadata={"help": "PPO: `lora` = a LoRA reward adapter with heads, on its own base or model_name_or_path."},
-    )
-    max_new_tokens: int = field(default=64, metadata={"help": "PPO: most tokens sampled per response."})
-    temperature: float = field(default=1.0, metadata={"help": "PPO: sampling temperature (log-probs use it too)."})
-    top_p: float = field(default=1.0, metadata={"help": "PPO: nucleus sampling; 1.0 disables it."})
-    top_k: int = field(default=0, metadata={"help": "PPO: top-k sampling; 0 disables it."})
-    ppo_epochs: int = field(default=4, metadata={"help": "PPO: optimisation epochs over each rollout batch."})
-    ppo_buffer_size: int = field(
-        default=1,
-        metadata={
-            "help": "PPO: mini-batches per rollout batch; a rollout holds per_device_train_batch_size x "
-            "gradient_accumulation_steps x ppo_buffer_size prompts per device."
-        },
-    )
-    gamma: float = field(default=1.0, metadata={"help": "PPO: discount factor of GAE."})
-    lam: float = field(default=0.95, metadata={"help": "PPO: lambda of GAE."})
-    cliprange: float = field(default=0.2, metadata={"help": "PPO: clip range of the policy ratio."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "PPO: clip range of the value function."})
-    vf_coef: float = field(default=0.1, metadata={"help": "PPO: weight of the value loss."})
-    whiten_rewards: bool = field(default=False, metadata={"help": "PPO: whiten the per-token rewards (TRL)."})
-    reward_clip: float | None = field(default=None, metadata={"help": "PPO: clip scores to [-c, c]; unset: no clip."})
-    missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "PPO: subtracted from the score of a response cut off without EOS."}
-    )
-    kl_estimator: Literal["k1", "k3"] = field(
-        default="k1", metadata={"help": "PPO: per-token KL estimate in the penalty: k1 (log ratio) or k3."}
-    )
-    disco_risk_coef: float = field(
-        default=0.0,
-        metadata={"help": "PPO: reward = mean - disco_risk_coef * sqrt(variance), variance = aleatoric + epistemic."},
-    )
-    target_kl: float = field(
-        default=6.0, metadata={"help": "PPO + use_dynamic_beta: per-response KL the beta head steers each prompt to."}
-    )
-    # outputs
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Train into an `output_dir` that already holds a run: its checkpoints, results, predictions "
-            "and plots are deleted first (other files are kept). Off: such a run is refused."
-        },
-    )
-    plot_loss: bool = field(default=True, metadata={"help": "Write PNG plots to output_dir/plots/."})
-    num_score_samples: int = field(default=5, metadata={"help": "Rows shown in the table printed after eval."})
+class ModelArguments(QuantizationArguments, ProcessorArguments, BaseModelArguments):
+    """The model's keys (`RunConfig.model`)."""
+
+
+@dataclass
+class DataArguments(SFTArguments, MediaArguments, DataSpeedArguments, DatasetArguments):
+    """The data's keys (`RunConfig.data`)."""
+
+
+@dataclass
+class FinetuningArguments(
+    OutputArguments,
+    PPOArguments,
+    SpeedArguments,
+    DPOArguments,
+    RewardModelArguments,
+    HeadArguments,
+    TowerArguments,
+    LoraArguments,
+    StageArguments,
+):
+    """The training's keys (`RunConfig.finetuning`): stage, adapters, heads and each stage's own."""
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, FinetuningArguments)

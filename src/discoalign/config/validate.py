@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..errors import ConfigError, DataError
 from .attention import check_attention_implementation
 from .builtin_models import TINY_MULTIMODAL_ARCHS, TINY_SEQ2SEQ_ARCHS, is_builtin
 from .dataset_info import load_dataset_info
+from .finetuning_groups import PPOArguments
 from .placement import check_quantization, parse_device_map
 from .schema import DataArguments, FinetuningArguments, ModelArguments
 from .training_args import validate_deepspeed
@@ -223,18 +225,14 @@ def _validate_sft(model: ModelArguments, data: DataArguments, ft: FinetuningArgu
         )
 
 
-# Keys that only `stage: ppo` reads; setting one elsewhere is a mistake worth a clear error.
-PPO_ONLY_KEYS = (
-    "reward_model", "reward_model_type", "max_new_tokens", "temperature", "top_p", "top_k", "ppo_epochs",
-    "ppo_buffer_size", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef", "whiten_rewards", "reward_clip",
-    "missing_eos_penalty", "kl_estimator", "disco_risk_coef", "target_kl",
-)  # fmt: skip
+# Keys that only `stage: ppo` reads (its group, PPOArguments); setting one elsewhere is a mistake worth a clear error.
+PPO_ONLY_KEYS = tuple(f.name for f in dataclasses.fields(PPOArguments))
 
 
 def _validate_ppo(ft: FinetuningArguments, fail) -> list[str]:
     """The PPO keys: only with `stage: ppo`, in range, and a reward model named."""
     if ft.stage != "ppo":
-        defaults = FinetuningArguments()
+        defaults = PPOArguments()
         changed = [k for k in PPO_ONLY_KEYS if getattr(ft, k) != getattr(defaults, k)]
         if changed:
             fail(

@@ -1,0 +1,235 @@
+"""The groups `FinetuningArguments` is made of, one dataclass per concern (LlamaFactory's `RLHFArguments`,
+`LoraArguments`, ... pattern). Each names its group on the keys page (`GROUP_TITLE`); `config.keys` reads them, so a
+key is written once, here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+
+@dataclass
+class StageArguments:
+    """What to train and whether the whole model or adapters train."""
+
+    GROUP_TITLE: ClassVar[str] = "Stage and fine-tuning"
+
+    stage: Literal["sft", "rm", "dpo", "ppo"] = field(default="rm", metadata={"help": "sft | rm | dpo | ppo."})
+    finetuning_type: Literal["full", "lora"] = field(default="full", metadata={"help": "full | lora."})
+
+
+@dataclass
+class LoraArguments:
+    """The LoRA adapters of `finetuning_type: lora`."""
+
+    GROUP_TITLE: ClassVar[str] = "Stage and fine-tuning"
+
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha; default 2 * lora_rank."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target: str = field(
+        default="all", metadata={"help": "`all` (every linear layer but the LM head) or comma-separated names."}
+    )
+
+
+@dataclass
+class TowerArguments:
+    """Multimodal models: which parts train besides the language model (LlamaFactory names)."""
+
+    GROUP_TITLE: ClassVar[str] = "Multimodal"
+
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision tower frozen (no LoRA)."})
+    freeze_audio_tower: bool = field(default=True, metadata={"help": "Keep the audio tower frozen (no LoRA)."})
+    freeze_multi_modal_projector: bool = field(
+        default=True, metadata={"help": "Keep the projector from tower to language model frozen (no LoRA)."}
+    )
+
+
+@dataclass
+class HeadArguments:
+    """The variance and beta heads: whether they exist, whether the loss uses them, how they train."""
+
+    GROUP_TITLE: ClassVar[str] = "Heads"
+
+    add_disco_head: bool = field(default=False, metadata={"help": "Create the variance head."})
+    add_beta_head: bool = field(default=False, metadata={"help": "Create the beta head on the reference model."})
+    disco_pref: bool = field(default=False, metadata={"help": "Use the variance head in the loss (probit)."})
+    use_dynamic_beta: bool = field(default=False, metadata={"help": "beta_eff(x) = pref_beta * s(x)."})
+    head_dropout: float = field(default=0.0, metadata={"help": "Dropout before the value and variance heads."})
+    head_init_std: float | None = field(
+        default=None, metadata={"help": "Value head init: PyTorch default when unset, else normal(0, std)."}
+    )
+    beta_head_epsilon: float = field(
+        default=0.8,
+        metadata={
+            "help": "s(x) = 1 + eps * tanh(.), eps in (0, 1) (0.8: measured on benchmarks/dpo_noise.py, where "
+            "0.5 saturated at both ends)."
+        },
+    )
+    beta_head_lr_ratio: float = field(
+        default=10.0,
+        metadata={
+            "help": "Beta head lr = learning_rate * ratio (10: chosen on benchmarks/dpo_noise.py, where 1 "
+            "left the head too slow to help)."
+        },
+    )
+    variance_head_lr_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Variance head lr = learning_rate * ratio. Default: 10 for stage dpo (DiscoDPO's variance "
+            "barely moves at 1, docs/noisy_labels.md), 1 otherwise."
+        },
+    )
+    beta_head_pooling: Literal["last", "mean"] = field(
+        default="mean",
+        metadata={
+            "help": "Beta head features: the reference's hidden state at the last prompt token (`last`) or "
+            "its mean over the prompt's tokens (`mean`)."
+        },
+    )
+    disco_variance_prior: float = field(
+        default=0.03,
+        metadata={
+            "help": "Disco (rm and DiscoDPO): strength lambda of a Normal(0, 1/lambda) prior on each "
+            "log-variance, adding lambda/2 * (log sigma^2)^2 per response; anchors the variance scale "
+            "(0 turns it off)."
+        },
+    )
+
+
+@dataclass
+class RewardModelArguments:
+    """Stage rm: the reward model's loss and its epistemic uncertainty (docs/reward_modeling.md)."""
+
+    GROUP_TITLE: ClassVar[str] = "Reward modelling"
+
+    center_rewards_coefficient: float | None = field(
+        default=None, metadata={"help": "Adds c * mean((mu_c + mu_r)^2) to the reward loss."}
+    )
+    # docs/reward_modeling.md "Epistemic uncertainty"
+    epistemic: Literal["none", "token_novelty"] = field(
+        default="none",
+        metadata={
+            "help": "rm: add an epistemic variance term to the reward model: `token_novelty` = prior variance x "
+            "(response tokens + adjacent token pairs never seen in training); `none`: no term."
+        },
+    )
+
+
+@dataclass
+class DPOArguments:
+    """Preference optimisation (stage dpo; `pref_beta` is also the KL coefficient of PPO)."""
+
+    GROUP_TITLE: ClassVar[str] = "DPO"
+
+    pref_beta: float = field(default=0.1, metadata={"help": "DPO beta (KL coefficient in PPO)."})
+    pref_loss: Literal["sigmoid", "robust", "ipo", "hinge"] = field(
+        default="sigmoid", metadata={"help": "sigmoid | robust | ipo | hinge."}
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "Label-flip rate in [0, 0.5): conservative DPO with `sigmoid`, the known flip rate of "
+            "robust DPO with `robust`."
+        },
+    )
+    pref_beta_mode: Literal["static", "batch"] = field(
+        default="static",
+        metadata={
+            "help": "static: beta = pref_beta. batch: beta-DPO (Wu et al. 2024), one beta per batch from the "
+            "implicit margins' running statistics, with beta-guided data filtering."
+        },
+    )
+    beta_dpo_alpha: float = field(
+        default=0.6, metadata={"help": "beta-DPO: beta = pref_beta * (1 + alpha * (mean margin - running mean))."}
+    )
+    beta_dpo_filter: float = field(
+        default=0.2, metadata={"help": "beta-DPO: fraction of each batch dropped by the margin-guided filter."}
+    )
+    pref_ftx: float = field(default=0.0, metadata={"help": "Weight of an SFT loss on chosen responses."})
+    precompute_ref_logps: bool = field(
+        default=False, metadata={"help": "Compute reference log-probs (and beta features) once before training."}
+    )
+
+
+@dataclass
+class SpeedArguments:
+    """Speed switches of the DPO family (docs/performance.md); each leaves every loss and gradient unchanged."""
+
+    GROUP_TITLE: ClassVar[str] = "Speed"
+
+    logps_chunk_size: int = field(
+        default=512,
+        metadata={
+            "help": "Response tokens projected through the LM head at once for log-probs (recomputed in "
+            "backward). 0: the plain path, one fp32 log-softmax over batch x length x vocab."
+        },
+    )
+    reference_inference_mode: bool = field(
+        default=True, metadata={"help": "Run the reference forward under torch.inference_mode (else torch.no_grad)."}
+    )
+
+
+@dataclass
+class PPOArguments:
+    """Stage ppo (names from TRL / LlamaFactory); `config.validate` refuses them with any other stage."""
+
+    GROUP_TITLE: ClassVar[str] = "PPO"
+
+    reward_model: str | None = field(
+        default=None, metadata={"help": "PPO: directory of the reward model (ours, LlamaFactory/TRL value head, ...)."}
+    )
+    reward_model_type: Literal["full", "lora"] = field(
+        default="full",
+        metadata={"help": "PPO: `lora` = a LoRA reward adapter with heads, on its own base or model_name_or_path."},
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "PPO: most tokens sampled per response."})
+    temperature: float = field(default=1.0, metadata={"help": "PPO: sampling temperature (log-probs use it too)."})
+    top_p: float = field(default=1.0, metadata={"help": "PPO: nucleus sampling; 1.0 disables it."})
+    top_k: int = field(default=0, metadata={"help": "PPO: top-k sampling; 0 disables it."})
+    ppo_epochs: int = field(default=4, metadata={"help": "PPO: optimisation epochs over each rollout batch."})
+    ppo_buffer_size: int = field(
+        default=1,
+        metadata={
+            "help": "PPO: mini-batches per rollout batch; a rollout holds per_device_train_batch_size x "
+            "gradient_accumulation_steps x ppo_buffer_size prompts per device."
+        },
+    )
+    gamma: float = field(default=1.0, metadata={"help": "PPO: discount factor of GAE."})
+    lam: float = field(default=0.95, metadata={"help": "PPO: lambda of GAE."})
+    cliprange: float = field(default=0.2, metadata={"help": "PPO: clip range of the policy ratio."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "PPO: clip range of the value function."})
+    vf_coef: float = field(default=0.1, metadata={"help": "PPO: weight of the value loss."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "PPO: whiten the per-token rewards (TRL)."})
+    reward_clip: float | None = field(default=None, metadata={"help": "PPO: clip scores to [-c, c]; unset: no clip."})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "PPO: subtracted from the score of a response cut off without EOS."}
+    )
+    kl_estimator: Literal["k1", "k3"] = field(
+        default="k1", metadata={"help": "PPO: per-token KL estimate in the penalty: k1 (log ratio) or k3."}
+    )
+    disco_risk_coef: float = field(
+        default=0.0,
+        metadata={"help": "PPO: reward = mean - disco_risk_coef * sqrt(variance), variance = aleatoric + epistemic."},
+    )
+    target_kl: float = field(
+        default=6.0, metadata={"help": "PPO + use_dynamic_beta: per-response KL the beta head steers each prompt to."}
+    )
+
+
+@dataclass
+class OutputArguments:
+    """What a run writes besides its checkpoints."""
+
+    GROUP_TITLE: ClassVar[str] = "Outputs"
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an `output_dir` that already holds a run: its checkpoints, results, predictions "
+            "and plots are deleted first (other files are kept). Off: such a run is refused."
+        },
+    )
+    plot_loss: bool = field(default=True, metadata={"help": "Write PNG plots to output_dir/plots/."})
+    num_score_samples: int = field(default=5, metadata={"help": "Rows shown in the table printed after eval."})
