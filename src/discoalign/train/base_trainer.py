@@ -23,7 +23,7 @@ from ..data.collator import PairwiseCollator
 from ..data.packing import pair_row_lengths
 from ..errors import CheckpointError
 from ..eval.plots import plot_history
-from ..models.checkpoint import load_checkpoint_weights, save_checkpoint
+from ..models import checkpoint  # module attribute: tests replace `save_checkpoint` to simulate a full disk
 from ..models.modality import select_model_inputs
 from ..models.pair_attention import prepare_pair_packing
 from .distributed import keep_lm_head_whole
@@ -222,12 +222,14 @@ class DiscoTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         # DeepSpeed ZeRO-3 and FSDP hand over the gathered full state dict: the module's own holds only shards.
-        save_checkpoint(self._unwrapped(), output_dir, tokenizer=self.processing_class, state_dict=state_dict or None)
+        checkpoint.save_checkpoint(
+            self._unwrapped(), output_dir, tokenizer=self.processing_class, state_dict=state_dict or None
+        )
         self.run_config.save(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        load_checkpoint_weights(model if model is not None else self._unwrapped(), resume_from_checkpoint)
+        checkpoint.load_checkpoint_weights(model if model is not None else self._unwrapped(), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         if self.is_deepspeed_enabled:  # the engine reloads its own (possibly sharded) checkpoint
