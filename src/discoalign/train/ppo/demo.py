@@ -13,25 +13,19 @@ import time
 from typing import Any
 
 from ...config.loader import build_config
+from ..rm.demo import rm_config
 from ..tuner import run_exp
 from .workflow import run_ppo
 
-# A short BT / Disco reward model (about 95 steps on 2 CPU cores).
-DEMO_RM_CONFIG: dict[str, Any] = {
-    "stage": "rm",
-    "model_name_or_path": "builtin:tiny-qwen3",
-    "dataset": "builtin:synthetic",
+# The demo's reward models, shortened (about 95 steps on 2 CPU cores) and without evaluation.
+PPO_DEMO_RM_CHANGES: dict[str, Any] = {
     "synthetic_num_pairs": 1500,
-    "cutoff_len": 64,
-    "per_device_train_batch_size": 32,
     "num_train_epochs": 2,
-    "learning_rate": 1.0e-3,
-    "lr_scheduler_type": "cosine",
     "warmup_steps": 10,
     "logging_steps": 50,
-    "save_strategy": "no",
-    "seed": 42,
-    "do_train": True,
+    "eval_dataset": None,
+    "eval_strategy": "no",
+    "do_eval": False,
     "disable_tqdm": True,
 }
 
@@ -94,9 +88,7 @@ def ensure_reward_model(output_dir: str, disco: bool, **overrides: Any) -> str:
     if os.path.isfile(os.path.join(output_dir, "heads.safetensors")):
         return output_dir
 
-    raw = dict(DEMO_RM_CONFIG, output_dir=output_dir, **overrides)
-    if disco:
-        raw.update(add_disco_head=True, disco_pref=True)
+    raw = rm_config(output_dir, disco, **{**PPO_DEMO_RM_CHANGES, **overrides})
     run_exp(build_config(raw, source="the PPO demo's reward-model config"))
     return output_dir
 
