@@ -38,3 +38,12 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: write_tiny_model(arch, str(root / arch)) for arch in TINY_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def ref_dir(tmp_path_factory) -> str:
+    """A tiny qwen3 built with seed 1: a DPO reference that differs from the policy `builtin:tiny-qwen3` (seed 0),
+    so that the margin d != 0 at step 0 and every head gets a gradient."""
+    from discoalign.models.tiny import write_tiny_model
+
+    return write_tiny_model("qwen3", str(tmp_path_factory.mktemp("ref") / "qwen3-seed1"), seed=1)

@@ -18,6 +18,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers import train_losses
 
 from discoalign.config import load_config
 from discoalign.train.tuner import run_exp
@@ -107,12 +108,6 @@ def write_yaml(path, values: dict) -> str:
     return str(path)
 
 
-def logged_losses(output_dir) -> list[float]:
-    with open(os.path.join(output_dir, "trainer_state.json")) as f:
-        history = json.load(f)["log_history"]
-    return [entry["loss"] for entry in history if "loss" in entry]
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_single_process_and_only_rank0_writes(tmp_path):
     if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:
@@ -135,7 +130,7 @@ def test_torchrun_two_processes_equal_single_process_and_only_rank0_writes(tmp_p
         # The same YAML, one process, twice the per-device batch.
         run_exp(load_config(yaml_path, [f"output_dir={single_dir}",
                                         f"per_device_train_batch_size={2 * PER_DEVICE_BATCH}"]))  # fmt: skip
-        ddp, single = logged_losses(ddp_dir), logged_losses(single_dir)
+        ddp, single = train_losses(ddp_dir), train_losses(single_dir)
         assert len(ddp) == len(single) == STEPS, (stage, ddp, single)
         for a, b in zip(ddp, single):
             assert abs(a - b) < 1e-5, (stage, ddp, single)

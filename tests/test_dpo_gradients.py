@@ -5,30 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import dpo_trainer, record_losses, snapshot
 
-from discoalign.config import build_config
-from discoalign.models.tiny import write_tiny_model
-from discoalign.train.dpo.workflow import build_dpo_trainer
-
-BASE = {
-    "stage": "dpo",
-    "model_name_or_path": "builtin:tiny-qwen3",
-    "dataset": "builtin:synthetic",
+RUN = {
     "synthetic_num_pairs": 12,
-    "cutoff_len": 64,
     "max_steps": 3,
     "per_device_train_batch_size": 2,
     "per_device_eval_batch_size": 4,
     "learning_rate": 1e-2,
-    "save_strategy": "no",
-    "do_train": True,
-    "use_cpu": True,
-    "disable_tqdm": True,
 }
 
 
 def make_trainer(tmp_path, **overrides):
-    return build_dpo_trainer(build_config({**BASE, "output_dir": str(tmp_path), **overrides}))[0]
+    return dpo_trainer(tmp_path, RUN, **overrides)
 
 
 def first_batch(trainer):
@@ -67,26 +56,22 @@ def test_variance_head_gets_gradient_only_with_disco_pref(tmp_path):
         assert (grad is not None and grad.abs().sum() > 0) if disco_pref else grad is None
 
 
-def _snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 def test_full_reference_weights_never_change(tmp_path):
     trainer = make_trainer(tmp_path, add_beta_head=True, use_dynamic_beta=True, add_disco_head=True, disco_pref=True)
     ref = trainer.ref_model
-    before, policy_before = _snapshot(ref), _snapshot(trainer.model.backbone)
+    before, policy_before = snapshot(ref), snapshot(trainer.model.backbone)
     assert not any(p.requires_grad for p in ref.parameters())
     trainer.train()
-    after, policy_after = _snapshot(ref), _snapshot(trainer.model.backbone)
+    after, policy_after = snapshot(ref), snapshot(trainer.model.backbone)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(not torch.equal(policy_before[k], policy_after[k]) for k in policy_before)
 
 
 def test_lora_base_weights_never_change(tmp_path):
     trainer = make_trainer(tmp_path, finetuning_type="lora", lora_rank=4, add_beta_head=True, use_dynamic_beta=True)
-    before = _snapshot(trainer.model.backbone)
+    before = snapshot(trainer.model.backbone)
     trainer.train()
-    after = _snapshot(trainer.model.backbone)
+    after = snapshot(trainer.model.backbone)
     base = [k for k in before if "lora_" not in k]
     lora = [k for k in before if "lora_B" in k]
     assert base and lora
@@ -100,24 +85,6 @@ class ForwardCounter:
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
-
-
-def _record_losses(trainer):
-    losses = []
-    compute_loss = trainer.compute_loss
-
-    def recording(model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        losses.append((result[0] if return_outputs else result).detach().clone())
-        return result
-
-    trainer.compute_loss = recording
-    return losses
-
-
-@pytest.fixture(scope="module")
-def ref_dir(tmp_path_factory):
-    return write_tiny_model("qwen3", str(tmp_path_factory.mktemp("ref") / "qwen3-seed1"), seed=1)
 
 
 def test_precomputed_full_reference_runs_zero_times_during_training(tmp_path, ref_dir, monkeypatch):
@@ -141,7 +108,7 @@ def test_precomputed_full_reference_runs_zero_times_during_training(tmp_path, re
     assert precompute_calls == 3 == trainer.reference_forward_calls  # 12 pairs / eval batch 4
     assert trainer.ref_model is None
     assert {"ref_chosen_logps", "ref_rejected_logps", "ref_prompt_hidden"} <= set(trainer.train_dataset.column_names)
-    pre_losses = _record_losses(trainer)
+    pre_losses = record_losses(trainer)
     trainer.train()
     assert counter.calls == precompute_calls and trainer.reference_forward_calls == precompute_calls
 
@@ -152,7 +119,7 @@ def test_precomputed_full_reference_runs_zero_times_during_training(tmp_path, re
     assert trainer.model.beta_head.feature_count.item() == 12
     live = make_trainer(tmp_path / "live", **common)
     live.model.beta_head.set_statistics(features.mean(0), features.shape[0])
-    live_losses = _record_losses(live)
+    live_losses = record_losses(live)
     live.train()
     assert live.reference_forward_calls == 3
     assert torch.allclose(torch.stack(pre_losses), torch.stack(live_losses), atol=1e-5, rtol=0)

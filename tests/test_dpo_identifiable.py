@@ -8,35 +8,27 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import dpo_trainer
 
-from discoalign.config import build_config
 from discoalign.losses.beta_dpo import beta_dpo_batch, update_margin_statistics
 from discoalign.losses.dpo import dpo_loss
 from discoalign.losses.reward import disco_reward_loss
 from discoalign.losses.variance import log_variance_prior
 from discoalign.models.heads import BetaHead
 from discoalign.train.dpo.reference import prompt_features
-from discoalign.train.dpo.workflow import build_dpo_trainer
 
-BASE = {
-    "stage": "dpo",
-    "model_name_or_path": "builtin:tiny-qwen3",
+RUN = {
     "dataset": "builtin:synthetic-noisy",
     "synthetic_num_pairs": 48,
-    "cutoff_len": 64,
     "per_device_train_batch_size": 1,
     "per_device_eval_batch_size": 16,
     "learning_rate": 1e-3,
-    "save_strategy": "no",
-    "do_train": True,
-    "use_cpu": True,
-    "disable_tqdm": True,
     "report_to": "none",
 }
 
 
 def make_trainer(tmp_path, **overrides):
-    return build_dpo_trainer(build_config({**BASE, "output_dir": str(tmp_path), **overrides}))[0]
+    return dpo_trainer(tmp_path, RUN, **overrides)
 
 
 # ---- the beta head ------------------------------------------------------------------------------------------

@@ -6,46 +6,24 @@ import math
 
 import pytest
 import torch
+from helpers import dpo_config, dpo_trainer, train_recorded
 
-from discoalign.config import build_config
-from discoalign.models.tiny import write_tiny_model
 from discoalign.train.dpo.workflow import build_dpo_trainer
 
-BASE = {
-    "stage": "dpo",
-    "model_name_or_path": "builtin:tiny-qwen3",
-    "dataset": "builtin:synthetic",
+RUN = {
     "synthetic_num_pairs": 12,
-    "cutoff_len": 64,
     "pref_beta": 0.1,
     "max_steps": 3,
     "per_device_train_batch_size": 2,
     "learning_rate": 1e-2,
     "logging_steps": 1,
-    "save_strategy": "no",
-    "do_train": True,
     "seed": 0,
-    "use_cpu": True,
-    "disable_tqdm": True,
 }
 
 
 def train_three_steps(tmp_path, **overrides):
     """Train 3 steps; return (per-step losses (3,), final backbone weights, trainer)."""
-    cfg = build_config({**BASE, "output_dir": str(tmp_path / "run"), **overrides})
-    trainer, _ = build_dpo_trainer(cfg)
-    losses = []
-    compute_loss = trainer.compute_loss
-
-    def recording(model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        losses.append((result[0] if return_outputs else result).detach().clone())
-        return result
-
-    trainer.compute_loss = recording
-    trainer.train()
-    weights = {k: v.detach().clone() for k, v in trainer.model.backbone.state_dict().items()}
-    return torch.stack(losses), weights, trainer
+    return train_recorded(dpo_trainer(tmp_path / "run", RUN, **overrides))
 
 
 def assert_same_run(a, b):
@@ -97,12 +75,6 @@ def test_c_zero_initialised_dynamic_beta_gives_plain_loss_at_step_0(tmp_path, pl
     assert trainer.model.beta_head.summary.weight.abs().sum() > 0
 
 
-@pytest.fixture(scope="module")
-def other_reference(tmp_path_factory):
-    """A reference different from the policy, so that d != 0 at step 0."""
-    return write_tiny_model("qwen3", str(tmp_path_factory.mktemp("ref") / "qwen3-seed1"), seed=1)
-
-
 def _by_hand_logps(backbone, batch) -> torch.Tensor:
     """Summed response log-probs from the full logits: the naive computation (2B,), float64."""
     with torch.no_grad():
@@ -114,11 +86,15 @@ def _by_hand_logps(backbone, batch) -> torch.Tensor:
     return (picked * mask).sum(-1)
 
 
-def test_d_disco_dpo_with_variances_half_is_minus_log_ndtr_beta_d(tmp_path, other_reference):
-    cfg = build_config(
-        {**BASE, "output_dir": str(tmp_path), "add_disco_head": True, "disco_pref": True,
-         "ref_model_name_or_path": other_reference, "per_device_train_batch_size": 4}
-    )  # fmt: skip
+def test_d_disco_dpo_with_variances_half_is_minus_log_ndtr_beta_d(tmp_path, ref_dir):
+    cfg = dpo_config(
+        tmp_path,
+        RUN,
+        add_disco_head=True,
+        disco_pref=True,
+        ref_model_name_or_path=ref_dir,
+        per_device_train_batch_size=4,
+    )
     trainer, _ = build_dpo_trainer(cfg)
     model = trainer.model
     model.variance_head.forward = lambda h: torch.full(h.shape[:-1], 0.5)  # var_w + var_l = 1

@@ -7,36 +7,27 @@ import os
 
 import pytest
 import torch
+from helpers import GRID_CELL, dpo_config, train_logs
 from safetensors.torch import load_file
 
-from discoalign.config import build_config
 from discoalign.config.schema import FinetuningArguments, ModelArguments
 from discoalign.errors import ConfigError
 from discoalign.models.loader import load_model_with_heads
 from discoalign.train.dpo import run_dpo
 from discoalign.train.dpo.workflow import build_dpo_trainer
 
-BASE = {
-    "stage": "dpo",
-    "model_name_or_path": "builtin:tiny-qwen3",
-    "dataset": "builtin:synthetic",
+RUN = {
     "synthetic_num_pairs": 12,
-    "cutoff_len": 64,
     "max_steps": 3,
     "per_device_train_batch_size": 2,
     "per_device_eval_batch_size": 4,
     "learning_rate": 1e-2,
     "logging_steps": 1,
-    "save_strategy": "no",
-    "do_train": True,
-    "use_cpu": True,
-    "disable_tqdm": True,
 }
-GRID_CELL = {"add_disco_head": True, "disco_pref": True, "add_beta_head": True, "use_dynamic_beta": True}
 
 
 def config(tmp_path, **overrides):
-    return build_config({**BASE, "output_dir": str(tmp_path), **overrides})
+    return dpo_config(tmp_path, RUN, **overrides)
 
 
 @pytest.mark.parametrize("finetuning_type", ["full", "lora"])
@@ -45,8 +36,7 @@ def test_run_writes_checkpoint_metrics_plots_and_heads_reload(tmp_path, finetuni
                  lora_rank=4, **GRID_CELL)  # fmt: skip
     results = run_dpo(cfg)
 
-    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
-    train_keys = set().union(*(entry for entry in history if "loss" in entry))
+    train_keys = set().union(*train_logs(tmp_path))
     for key in (
         "rewards/chosen",
         "rewards/rejected",

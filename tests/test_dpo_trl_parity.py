@@ -19,7 +19,6 @@ import torch
 
 from discoalign.config import build_config
 from discoalign.data.synthetic import synthetic_pair_rows
-from discoalign.models.tiny import write_tiny_model
 from discoalign.train.dpo.workflow import build_dpo_trainer
 
 trl = pytest.importorskip("trl")
@@ -57,11 +56,6 @@ def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("dpo_parity") / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in ROWS), encoding="utf-8")
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def ref_dir(tmp_path_factory):
-    return write_tiny_model("qwen3", str(tmp_path_factory.mktemp("ref") / "qwen3-seed1"), seed=1)
 
 
 def _ours(tmp_path, policy_dir, data_file, finetuning_type, pref_loss, ls, ref_dir=None):

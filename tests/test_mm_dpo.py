@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import train_recorded
 
 from discoalign.config import build_config
 from discoalign.models.tiny_multimodal import write_tiny_multimodal_model
@@ -39,19 +40,7 @@ GRID = {
 def train_three_steps(tmp_path, **overrides):
     """Train 3 steps; return (per-step losses (3,), final backbone weights, trainer)."""
     cfg = build_config({**BASE, "output_dir": str(tmp_path / "run"), **overrides})
-    trainer, _ = build_dpo_trainer(cfg)
-    losses = []
-    compute_loss = trainer.compute_loss
-
-    def recording(model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        losses.append((result[0] if return_outputs else result).detach().clone())
-        return result
-
-    trainer.compute_loss = recording
-    trainer.train()
-    weights = {k: v.detach().clone() for k, v in trainer.model.backbone.state_dict().items()}
-    return torch.stack(losses), weights, trainer
+    return train_recorded(build_dpo_trainer(cfg)[0])
 
 
 def assert_same_run(a, b):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
+from helpers import train_losses
 from transformers import TrainerCallback
 
 from discoalign.config import build_config
@@ -71,8 +71,7 @@ def test_reward_model_trains_saves_reloads_and_scores_identically(tmp_path, arch
     callback = ScoreAtEnd(arch, disco)
     run_exp(cfg, callbacks=[callback])
 
-    history = json.load(open(os.path.join(output_dir, "trainer_state.json")))["log_history"]
-    losses = [e["loss"] for e in history if "loss" in e]
+    losses = train_losses(output_dir)
     assert len(losses) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
     assert os.path.isfile(os.path.join(output_dir, "preprocessor_config.json"))
 

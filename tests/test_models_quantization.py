@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 import yaml
+from helpers import train_logs, train_losses
 
 from discoalign.cli.main import main
 from discoalign.config import build_config
@@ -228,8 +229,7 @@ def test_qlora_dpo_reference_is_the_quantised_base_with_adapters_disabled(tmp_pa
         "stage": "dpo", "max_steps": 2, "output_dir": str(tmp_path), "do_train": True, "use_cpu": True,
     })  # fmt: skip
     run_exp(cfg)
-    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
-    losses = [e["loss"] for e in history if "loss" in e]
+    losses = train_losses(tmp_path)
     # LoRA B = 0 at the first step, so policy and reference (same quantised base, adapters off) give the same
     # log-probs: margin 0 and the sigmoid loss is exactly log 2.
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
@@ -247,7 +247,7 @@ def test_qlora_ppo_policy_with_the_qlora_reward_model(tmp_path, qlora_rm):
         "disable_tqdm": True, "num_score_samples": 0,
     })  # fmt: skip
     run_exp(cfg)
-    logs = [e for e in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    logs = train_logs(tmp_path)
     assert [e["step"] for e in logs] == [1, 2]
     assert abs(logs[0]["objective/kl"]) < 1e-6  # reference = the quantised policy with its adapters disabled
     assert all(math.isfinite(e["objective/scores"]) for e in logs)

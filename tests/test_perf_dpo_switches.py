@@ -11,37 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from discoalign.config import build_config
-from discoalign.models.tiny import write_tiny_model
-from discoalign.train.dpo.workflow import build_dpo_trainer
+from helpers import GRID_CELL, dpo_trainer
 
 TOL = 1e-5
-BASE = {
-    "stage": "dpo",
-    "model_name_or_path": "builtin:tiny-qwen3",
-    "dataset": "builtin:synthetic",
-    "synthetic_num_pairs": 8,
-    "cutoff_len": 64,
-    "per_device_train_batch_size": 4,
-    "per_device_eval_batch_size": 4,
-    "pref_beta": 0.5,
-    "do_train": True,
-    "use_cpu": True,
-    "save_strategy": "no",
-    "disable_tqdm": True,
-}
-GRID_CELL = {"add_disco_head": True, "disco_pref": True, "add_beta_head": True, "use_dynamic_beta": True}
-
-
-@pytest.fixture(scope="module")
-def ref_dir(tmp_path_factory):
-    """A reference that differs from the policy, so d != 0 and every head gets a gradient."""
-    return write_tiny_model("qwen3", str(tmp_path_factory.mktemp("perf_ref") / "qwen3-seed1"), seed=1)
+RUN = {"synthetic_num_pairs": 8, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "pref_beta": 0.5}
 
 
 def make_trainer(tmp_path, **overrides):
-    return build_dpo_trainer(build_config({**BASE, "output_dir": str(tmp_path), **overrides}))[0]
+    return dpo_trainer(tmp_path, RUN, **overrides)
 
 
 def perturb(model: torch.nn.Module, seed: int = 5) -> None:

@@ -8,11 +8,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
+from helpers import log_history
 from safetensors.torch import load_file
 
 from discoalign.config import build_config
@@ -53,8 +53,7 @@ def _run(output_dir, reward_model: str, **overrides) -> tuple[list[dict], dict[s
     }  # fmt: skip
     raw.update(overrides)
     run_exp(build_config(raw))
-    with open(os.path.join(output_dir, "trainer_state.json")) as f:
-        logs = json.load(f)["log_history"]
+    logs = log_history(output_dir)
     weights = {}
     for name in ("model.safetensors", "adapter_model.safetensors", "heads.safetensors"):
         path = os.path.join(output_dir, name)

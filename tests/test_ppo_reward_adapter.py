@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from helpers import train_logs
 
 from discoalign.config import build_config
 from discoalign.config.schema import FinetuningArguments, ModelArguments
@@ -156,8 +157,7 @@ def test_ppo_with_the_reward_adapter_on_the_policy_base_trains_like_the_two_base
     run_exp(_ppo(tmp_path / "separate", reward_adapters["disco"], "full"))
     logs = {}
     for name in ("shared", "separate"):
-        history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
-        logs[name] = [e for e in history if "loss" in e]
+        logs[name] = train_logs(tmp_path / name)
     assert len(logs["shared"]) == len(logs["separate"]) == 2
     for shared, separate in zip(logs["shared"], logs["separate"]):
         for key in ("objective/scores", "reward/variance", "objective/kl", "loss/policy", "val/vf_loss"):

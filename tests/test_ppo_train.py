@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
+from helpers import train_logs
 from safetensors.torch import load_file
 
 from discoalign.config import build_config
@@ -66,15 +66,10 @@ def ppo_config(output_dir, reward_model: str, **overrides):
     return build_config(raw)
 
 
-def _train_logs(output_dir) -> list[dict]:
-    with open(os.path.join(output_dir, "trainer_state.json")) as f:
-        return [e for e in json.load(f)["log_history"] if "loss" in e]
-
-
 def test_full_run_writes_checkpoint_metrics_samples_and_plots(tmp_path, reward_models):
     out = tmp_path / "ppo"
     results = run_exp(ppo_config(out, reward_models["disco"], eval_dataset="builtin:synthetic", do_eval=True))
-    logs = _train_logs(out)
+    logs = train_logs(out)
     assert [e["step"] for e in logs] == [1, 2]
     for key in ("objective/kl", "objective/entropy", "objective/scores", "objective/true_reward", "policy/clipfrac",
                 "policy/approxkl", "val/vf_loss", "val/clipfrac", "response/length", "beta/mean", "reward/mean",
@@ -106,7 +101,7 @@ def test_lora_policy_saves_an_adapter_and_starts_at_zero_kl(tmp_path, reward_mod
     run_exp(ppo_config(out, reward_models["scalar"], finetuning_type="lora", lora_rank=4, learning_rate=5e-3))
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (out / "model.safetensors").exists()
-    logs = _train_logs(out)
+    logs = train_logs(out)
     assert abs(logs[0]["objective/kl"]) < 1e-6  # LoRA B = 0 at init: the adapters change nothing yet
     assert "reward/variance" not in logs[0]
 
@@ -140,7 +135,7 @@ def test_beta_head_lowers_kl_coefficient_below_the_target(tmp_path, reward_model
     cfg = ppo_config(out, reward_models["scalar"], add_beta_head=True, use_dynamic_beta=True, target_kl=100.0,
                      kl_estimator="k3", max_steps=3)  # fmt: skip
     run_exp(cfg)
-    logs = _train_logs(out)
+    logs = train_logs(out)
     assert logs[0]["beta/mean"] == pytest.approx(0.1)  # s(x) = 1 before the head learns
     assert logs[-1]["beta/max"] < 0.1  # KL far below the target for every prompt: every s(x) went down
     assert "beta/loss" in logs[-1]
@@ -171,7 +166,7 @@ def test_alpaca_prompts(tmp_path, reward_models, shared_data):
                      cutoff_len=128, max_steps=1, ppo_epochs=1)  # fmt: skip
     results = run_exp(cfg)
     assert results["train"]["train_loss"] == pytest.approx(results["train"]["train_loss"])  # finite
-    assert "objective/true_reward" not in _train_logs(out)[0]  # only builtin:synthetic has a known reward
+    assert "objective/true_reward" not in train_logs(out)[0]  # only builtin:synthetic has a known reward
 
 
 USER = {"role": "user", "content": "Describe a calm river."}
@@ -213,7 +208,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, reward_models):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
-    last_full, last_resumed = _train_logs(full)[-1], _train_logs(resumed)[-1]
+    last_full, last_resumed = train_logs(full)[-1], train_logs(resumed)[-1]
     assert last_full["step"] == last_resumed["step"] == 3
     for key, value in last_full.items():
         if isinstance(value, float) and not math.isnan(value):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
+from helpers import train_losses
 from transformers import TrainerCallback
 
 from discoalign.config import build_config
@@ -34,11 +34,6 @@ def rm_cfg(tmp_path, name: str, **kw):
     return build_config(raw)
 
 
-def losses(output_dir: str) -> list[float]:
-    state = json.load(open(os.path.join(output_dir, "trainer_state.json")))
-    return [e["loss"] for e in state["log_history"] if "loss" in e]
-
-
 def heads(output_dir: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -48,7 +43,7 @@ def heads(output_dir: str) -> dict[str, torch.Tensor]:
 def test_unused_disco_head_changes_nothing_bit_for_bit(tmp_path):
     run_exp(rm_cfg(tmp_path, "plain"))
     run_exp(rm_cfg(tmp_path, "with_head", add_disco_head=True, disco_pref=False))
-    plain, with_head = losses(str(tmp_path / "plain")), losses(str(tmp_path / "with_head"))
+    plain, with_head = train_losses(str(tmp_path / "plain")), train_losses(str(tmp_path / "with_head"))
     assert len(plain) == 4
     assert torch.equal(torch.tensor(plain, dtype=torch.float64), torch.tensor(with_head, dtype=torch.float64))
     h_plain, h_with = heads(str(tmp_path / "plain")), heads(str(tmp_path / "with_head"))
@@ -68,7 +63,7 @@ def test_disco_training_moves_the_variance_head_and_differs_from_bt(tmp_path):
     run_exp(rm_cfg(tmp_path, "disco", add_disco_head=True, disco_pref=True, head_dropout=0.0))
     assert torch.count_nonzero(heads(str(tmp_path / "disco"))["variance_head.summary.weight"]) > 0
     # step 0: Disco with sigma^2 = 1 is -log Phi(d / sqrt 2), BT is -log sigmoid(d); d is the same at step 0
-    bt0, disco0 = losses(str(tmp_path / "bt"))[0], losses(str(tmp_path / "disco"))[0]
+    bt0, disco0 = train_losses(str(tmp_path / "bt"))[0], train_losses(str(tmp_path / "disco"))[0]
     assert bt0 != disco0
 
 
@@ -99,12 +94,12 @@ def test_resume_after_interruption_ends_like_an_uninterrupted_run(tmp_path, fine
     interrupted = rm_cfg(tmp_path, "interrupted", **common)
     run_exp(interrupted, callbacks=[StopAfter(3)])
     assert os.path.isdir(tmp_path / "interrupted" / "checkpoint-3")
-    assert len(losses(str(tmp_path / "interrupted"))) == 3
+    assert len(train_losses(str(tmp_path / "interrupted"))) == 3
     resumed = rm_cfg(
         tmp_path, "interrupted", resume_from_checkpoint=str(tmp_path / "interrupted" / "checkpoint-3"), **common
     )
     run_exp(resumed)
-    final_full, final_resumed = losses(str(tmp_path / "full")), losses(str(tmp_path / "interrupted"))
+    final_full, final_resumed = train_losses(str(tmp_path / "full")), train_losses(str(tmp_path / "interrupted"))
     assert final_resumed[-1] == pytest.approx(final_full[-1], abs=1e-6)
     assert final_resumed == pytest.approx(final_full, abs=1e-6)
     h_full, h_res = heads(str(tmp_path / "full")), heads(str(tmp_path / "interrupted"))
@@ -128,5 +123,5 @@ def test_every_arch_trains_full_and_lora(tmp_path, arch):
             gradient_checkpointing=(ft == "lora"),
         )
         run_exp(cfg)
-        curve = losses(cfg.training.output_dir)
+        curve = train_losses(cfg.training.output_dir)
         assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, (arch, ft, curve)

@@ -6,11 +6,11 @@ the stages that need a causal LM refuse a seq2seq model before it loads."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 import yaml
+from helpers import train_losses
 
 from discoalign.cli.main import main
 from discoalign.config import build_config
@@ -87,17 +87,12 @@ def rm_cfg(tmp_path, name: str, **kw):
     return build_config(raw)
 
 
-def _losses(output_dir) -> list[float]:
-    state = json.load(open(os.path.join(output_dir, "trainer_state.json")))
-    return [e["loss"] for e in state["log_history"] if "loss" in e]
-
-
 def test_unused_variance_head_changes_nothing_bit_for_bit(tmp_path):
     from safetensors.torch import load_file
 
     run_exp(rm_cfg(tmp_path, "plain"))
     run_exp(rm_cfg(tmp_path, "with_head", add_disco_head=True, disco_pref=False))
-    plain, with_head = _losses(tmp_path / "plain"), _losses(tmp_path / "with_head")
+    plain, with_head = train_losses(tmp_path / "plain"), train_losses(tmp_path / "with_head")
     assert len(plain) == 4 and plain == with_head
     h_plain = load_file(str(tmp_path / "plain" / "heads.safetensors"))
     h_with = load_file(str(tmp_path / "with_head" / "heads.safetensors"))
@@ -114,7 +109,7 @@ def test_rm_trains_and_the_checkpoint_reloads_with_the_same_metrics(tmp_path, fi
     cfg = rm_cfg(tmp_path, "train", finetuning_type=finetuning_type, lora_rank=4, max_steps=16, learning_rate=3e-3,
                  add_disco_head=True, disco_pref=True, head_dropout=0.0, do_eval=True)  # fmt: skip
     results = run_exp(cfg)
-    curve = _losses(tmp_path / "train")
+    curve = train_losses(tmp_path / "train")
     assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4, curve
     saved = tmp_path / "train"
     assert (saved / ("adapter_model.safetensors" if finetuning_type == "lora" else "model.safetensors")).is_file()

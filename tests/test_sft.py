@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import log_history
 
 from discoalign.config import build_config
 from discoalign.config.schema import DataArguments, FinetuningArguments, ModelArguments
@@ -161,7 +162,7 @@ def test_sft_trains_and_its_output_loads_as_a_policy(tmp_path, finetuning_type):
                output_dir=out, save_strategy="no", do_train=True, do_eval=True, eval_on_start=True, packing=True,
                disable_tqdm=True, plot_loss=False, logging_steps=4)  # fmt: skip
     results = run_exp(build_config(raw))
-    history = json.load(open(f"{out}/trainer_state.json"))["log_history"]
+    history = log_history(out)
     start = next(h["eval_loss"] for h in history if "eval_loss" in h)
     # it learned the responses (LoRA of rank 16 on a random 2-layer model learns slower)
     assert results["eval"]["eval_loss"] < start - (0.5 if finetuning_type == "full" else 0.2)

@@ -4,7 +4,6 @@ share must be scaled back before DDP averages the gradients; without that the up
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import sys
 
 import pytest
 import yaml
+from helpers import train_losses
 
 from discoalign.config import load_config
 from discoalign.train.tuner import run_exp
@@ -22,11 +22,6 @@ CONFIG = {
     "per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 3.0e-3, "logging_steps": 1,
     "save_strategy": "no", "seed": 7, "use_cpu": True, "do_train": True, "disable_tqdm": True, "plot_loss": False,
 }  # fmt: skip
-
-
-def logged_losses(output_dir) -> list[float]:
-    with open(os.path.join(output_dir, "trainer_state.json")) as f:
-        return [entry["loss"] for entry in json.load(f)["log_history"] if "loss" in entry]
 
 
 @pytest.mark.slow
@@ -44,7 +39,7 @@ def test_sft_two_processes_equal_one_process(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     run_exp(load_config(str(config), [f"output_dir={tmp_path / 'single'}", "per_device_train_batch_size=8"]))
-    ddp, single = logged_losses(tmp_path / "ddp"), logged_losses(tmp_path / "single")
+    ddp, single = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single")
     assert len(ddp) == len(single) == 4 and len(set(single)) > 1
     for a, b in zip(ddp, single):
         assert abs(a - b) < 1e-5, (ddp, single)

@@ -1,0 +1,88 @@
+"""Helpers shared by several test files: the tiny `stage: dpo` config and the readers of a run's logs.
+
+Imported as `from helpers import ...` (pytest puts `tests/`, which has no `__init__.py`, on `sys.path`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from discoalign.config import RunConfig, build_config
+
+# The keys every tiny text `stage: dpo` test run shares; each file adds its own (data size, batch sizes, steps,
+# learning rate) as a layer of `dpo_config`.
+DPO_BASE: dict[str, Any] = {
+    "stage": "dpo",
+    "model_name_or_path": "builtin:tiny-qwen3",
+    "dataset": "builtin:synthetic",
+    "cutoff_len": 64,
+    "save_strategy": "no",
+    "do_train": True,
+    "use_cpu": True,
+    "disable_tqdm": True,
+}
+# The grid cell that reads every head: DiscoDPO variances and a dynamic beta.
+GRID_CELL = {"add_disco_head": True, "disco_pref": True, "add_beta_head": True, "use_dynamic_beta": True}
+
+
+def dpo_config(output_dir, *layers: Mapping[str, Any], **overrides: Any) -> RunConfig:
+    """The built config of `DPO_BASE`, then each of `layers` (a file's own keys), then `overrides`, writing to
+    `output_dir`; a later source wins on a shared key."""
+    raw: dict[str, Any] = dict(DPO_BASE)
+    for layer in layers:
+        raw.update(layer)
+    return build_config({**raw, "output_dir": str(output_dir), **overrides})
+
+
+def dpo_trainer(output_dir, *layers: Mapping[str, Any], **overrides: Any):
+    """The `DPOTrainer` of `dpo_config(output_dir, *layers, **overrides)`, built but not trained."""
+    from discoalign.train.dpo.workflow import build_dpo_trainer
+
+    return build_dpo_trainer(dpo_config(output_dir, *layers, **overrides))[0]
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of `module.state_dict()`, to compare weights before and after training."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def record_losses(trainer) -> list[torch.Tensor]:
+    """Wrap `trainer.compute_loss` so that every call appends its loss (a detached scalar) to the returned list."""
+    losses: list[torch.Tensor] = []
+    compute_loss = trainer.compute_loss
+
+    def recording(model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        losses.append((result[0] if return_outputs else result).detach().clone())
+        return result
+
+    trainer.compute_loss = recording
+    return losses
+
+
+def train_recorded(trainer) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+    """Train; return (the loss of each step (steps,), the final backbone weights, the trainer)."""
+    losses = record_losses(trainer)
+    trainer.train()
+    return torch.stack(losses), snapshot(trainer.model.backbone), trainer
+
+
+def log_history(output_dir) -> list[dict]:
+    """The `log_history` of the `trainer_state.json` a run wrote into `output_dir`."""
+    with open(os.path.join(output_dir, "trainer_state.json")) as f:
+        return json.load(f)["log_history"]
+
+
+def train_logs(output_dir) -> list[dict]:
+    """The training-step entries (those with a `loss`) of the run's log history, in step order."""
+    return [entry for entry in log_history(output_dir) if "loss" in entry]
+
+
+def train_losses(output_dir) -> list[float]:
+    """The logged training loss of each logging step of the run in `output_dir`."""
+    return [entry["loss"] for entry in train_logs(output_dir)]
