@@ -15,6 +15,20 @@ from .variance import probit_log_likelihood, probit_z
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 
 
+def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
+    """DPO's implicit rewards ``beta (log pi(y) - log pi_ref(y))``, detached.
+
+    Args:
+        policy_logps, ref_logps: (B,) log-probs of the responses under the policy and the reference.
+        beta: float, or a 0-dim or (B,) tensor.
+    Returns:
+        (B,) fp32.
+    """
+    if isinstance(beta, torch.Tensor):
+        beta = beta.detach().float()
+    return beta * (policy_logps.float() - ref_logps.float()).detach()
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -89,7 +103,6 @@ def dpo_loss(
     else:  # hinge
         losses = torch.relu(1.0 - beta * d)
 
-    beta_detached = beta.detach() if isinstance(beta, torch.Tensor) else beta
-    chosen_rewards = beta_detached * chosen_logratios.detach()
-    rejected_rewards = beta_detached * rejected_logratios.detach()
+    chosen_rewards = implicit_rewards(policy_chosen_logps, ref_chosen_logps, beta)
+    rejected_rewards = implicit_rewards(policy_rejected_logps, ref_rejected_logps, beta)
     return losses, chosen_rewards, rejected_rewards

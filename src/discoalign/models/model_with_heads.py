@@ -123,6 +123,14 @@ class ModelWithHeads(nn.Module):
         return self.causal_lm.get_output_embeddings()
 
     @property
+    def final_logit_softcap(self) -> float | None:
+        """The config's final-logit soft-cap (Gemma 2's `final_logit_softcapping`), or None.
+
+        Read here only: the log-probs of `forward`, which the DPO policy and its reference both take, cap alike.
+        """
+        return getattr(self.config, "final_logit_softcapping", None)
+
+    @property
     def accepted_model_inputs(self) -> tuple[str, ...]:
         """Extra forward arguments (beyond input_ids, attention_mask) this model's modality takes."""
         return MODALITY_INPUTS[self.modality]
@@ -253,10 +261,11 @@ class ModelWithHeads(nn.Module):
         elif with_heads and with_variance and self.variance_head is not None:
             out.variance = self.variance_head(last_token_hidden(hidden, attention_mask, score_index).float())
         if labels is not None:
-            softcap = getattr(self.config, "final_logit_softcapping", None)
             # A model split by `device_map` ends on another device than its inputs: read there, return with them.
-            out.logps = pair_sequence_logps(hidden, self.lm_head, labels.to(hidden.device), logps_chunk_size,
-                                            softcap).to(input_ids.device)  # fmt: skip
+            logps = pair_sequence_logps(
+                hidden, self.lm_head, labels.to(hidden.device), logps_chunk_size, self.final_logit_softcap
+            )
+            out.logps = logps.to(input_ids.device)
         if beta_features is not None:
             if self.beta_head is None:
                 raise RuntimeError("beta_features were given but this model has no beta head")

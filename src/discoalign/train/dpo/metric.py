@@ -11,6 +11,7 @@ import torch
 
 from ...data.formats import GROUND_TRUTH_COLUMNS
 from ...eval.calibration import spearman
+from ...losses.dpo import implicit_rewards
 
 # Columns of the (B, 5) prediction array of `DPOTrainer.prediction_step`; NaN where a value does not exist.
 PREDICTION_COLUMNS = ("implicit_margin", "policy_logp_margin", "beta", "var_chosen", "var_rejected")
@@ -27,6 +28,8 @@ def step_metrics(
     log_beta: bool,
     chosen_var: torch.Tensor | None = None,
     rejected_var: torch.Tensor | None = None,
+    chosen_rewards: torch.Tensor | None = None,
+    rejected_rewards: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Metrics of one batch; each value is a 0-dim fp32 tensor, detached.
 
@@ -36,6 +39,8 @@ def step_metrics(
         beta: the beta the loss used: float ``pref_beta`` or (B,) ``beta_eff``.
         log_beta: add ``beta/*`` (the run has a beta head, or uses beta-DPO).
         chosen_var, rejected_var: (B,) variance-head outputs, or None (no variance head).
+        chosen_rewards, rejected_rewards: (B,) the implicit rewards `dpo_loss` returned, or None: then computed here
+            from the log-probs and beta (`losses.dpo.implicit_rewards`, the same values).
 
     Implicit rewards are ``beta * (log pi - log pi_ref)`` on the log-probs the loss used (summed; length-averaged
     for ``ipo``), as TRL logs them. ``rewards/accuracies`` is TRL's: a tie (d = 0) counts as wrong.
@@ -46,8 +51,9 @@ def step_metrics(
             chosen_logps.device
         )
         beta_t = beta_t.expand(batch)  # beta-DPO's beta is one 0-dim value per batch
-        chosen_rewards = beta_t * (chosen_logps.detach().float() - ref_chosen_logps.float())
-        rejected_rewards = beta_t * (rejected_logps.detach().float() - ref_rejected_logps.float())
+        if chosen_rewards is None or rejected_rewards is None:
+            chosen_rewards = implicit_rewards(chosen_logps, ref_chosen_logps, beta_t)
+            rejected_rewards = implicit_rewards(rejected_logps, ref_rejected_logps, beta_t)
         metrics = {
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),

@@ -22,9 +22,9 @@ from ...data.packing import packed_model_inputs
 from ...errors import ConfigError
 from ...losses.beta_dpo import beta_dpo_batch, update_margin_statistics
 from ...losses.dpo import dpo_loss
-from ...losses.logps import pair_sequence_logps, response_lengths
+from ...losses.logps import response_lengths
 from ...losses.variance import log_variance_prior
-from ...models.model_with_heads import last_token_hidden
+from ...models.model_with_heads import ModelWithHeads, last_token_hidden
 from ...models.pair_attention import prepare_pair_packing
 from ..base_trainer import DiscoTrainer
 from ..distributed import prepare_reference, zero_stage
@@ -92,7 +92,6 @@ class DPOTrainer(DiscoTrainer):
         self.use_dynamic_beta = ft.use_dynamic_beta
         self.is_lora = ft.finetuning_type == "lora"
         self.reference_forward_calls = 0
-        self.softcap = getattr(self._policy().config, "final_logit_softcapping", None)
         self.beta_pooling = ft.beta_head_pooling
         self.variance_prior = ft.disco_variance_prior
         # beta-DPO's running margin statistics (`losses.beta_dpo`); None until the first training batch.
@@ -136,9 +135,17 @@ class DPOTrainer(DiscoTrainer):
             token_columns = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "margin", "images", "audios"]
             self._signature_columns = [*token_columns, *LABEL_COLUMNS, *REFERENCE_COLUMNS]
 
-    def sequence_logps(self, hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
-        """(2B,) summed response log-probs of either batch layout (plain or packed pairs), chosen first."""
-        return pair_sequence_logps(hidden, lm_head, labels, self.logps_chunk_size, self.softcap)
+    def forward_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The `ModelWithHeads.forward` arguments that the policy and the reference pass alike, so that one code path
+        computes both log-probs: the labels (the forward returns their (2B,) summed log-probs, chosen first), the
+        chunk size, a multimodal model's media inputs, and with `pack_pairs` the position/segment ids and
+        `score_index` (the model builds its mask from them)."""
+        return {
+            "labels": inputs["labels"],
+            "logps_chunk_size": self.logps_chunk_size,
+            **self.media_inputs(inputs),
+            **packed_model_inputs(inputs),
+        }
 
     @property
     def needs_beta_features(self) -> bool:
@@ -161,20 +168,21 @@ class DPOTrainer(DiscoTrainer):
             # the first optimizer step, when the policy still equals the reference.
             ref, adapters_off = policy, policy.disable_adapter()
         batch = inputs["labels"].shape[0] // 2
-        # A packed batch (`pack_pairs`) carries position/segment ids; the model builds its mask from them.
-        model_inputs = {**self.media_inputs(inputs), **packed_model_inputs(inputs)}
-        model_inputs.pop("score_index", None)
         with self.reference_grad_off(), adapters_off:
-            hidden = ref.hidden_states(inputs["input_ids"], inputs["attention_mask"], **model_inputs)
-            logps = self.sequence_logps(hidden, ref.lm_head, inputs["labels"])
-            prompt_hidden = None
+            # The policy's forward and arguments, without the heads. Called as a function, not as the module: the
+            # wrappers on the module call (accelerate's autocast under mixed precision, DeepSpeed / FSDP root
+            # hooks) have never run the reference pass, and its numbers stay what they were.
+            out = ModelWithHeads.forward(
+                ref, inputs["input_ids"], inputs["attention_mask"], with_heads=False, **self.forward_inputs(inputs)
+            )
+            hidden, prompt_hidden = out.last_hidden_state, None
             if self.needs_beta_features:
                 prompt_hidden = prompt_features(
                     hidden, inputs["attention_mask"], inputs["prompt_last_index"][:batch], self.beta_pooling
                 )
         if prompt_hidden is not None:
             prompt_hidden = prompt_hidden.clone()  # an inference tensor cannot be saved for the beta head's backward
-        logps = logps.clone()
+        logps = out.logps.clone()
         return logps[:batch], logps[batch:], prompt_hidden
 
     def precompute_reference(self, dataset, name: str):
@@ -249,19 +257,14 @@ class DPOTrainer(DiscoTrainer):
         # (log-probs) and the beta head run inside it too, since DDP/FSDP only handle parameters used there. With
         # `disco_pref` the forward also reads the variance head at the end of each response.
         disco = self.use_disco
-        media = self.media_inputs(inputs)  # images / audio of a multimodal model; {} for text
-        packed = packed_model_inputs(inputs)  # `pack_pairs`: position/segment ids, where each sequence ends
         beta_features = ref_prompt_hidden.to(labels.device) if self.use_dynamic_beta else None
         out = model(
             inputs["input_ids"],
             inputs["attention_mask"],
             with_heads=disco,
             with_variance=disco,
-            labels=labels,
-            logps_chunk_size=self.logps_chunk_size,
             beta_features=beta_features,
-            **media,
-            **packed,
+            **self.forward_inputs(inputs),
         )
         hidden = out.last_hidden_state
         logps = out.logps
@@ -287,7 +290,7 @@ class DPOTrainer(DiscoTrainer):
             pc, pr, rc, rr = chosen_logps / lc, rejected_logps / lr, ref_chosen / lc, ref_rejected / lr
         else:
             pc, pr, rc, rr = chosen_logps, rejected_logps, ref_chosen, ref_rejected
-        losses, _, _ = dpo_loss(
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
             pc,
             pr,
             rc,
@@ -308,7 +311,8 @@ class DPOTrainer(DiscoTrainer):
             losses = losses + self.pref_ftx * (-chosen_logps / lengths[:batch])
         # beta-DPO's filter drops pairs from the mean; everything else averages over the batch.
         loss = losses.mean() if keep is None else losses[keep].mean()
-        # Implicit rewards are logged on the scale the loss used (length-averaged for ipo, as TRL logs them).
+        # Implicit rewards are logged as the loss computed them: on its scale (length-averaged for ipo, as TRL logs
+        # them) and with its beta (beta_eff per pair, beta-DPO's batch beta).
         return {
             "loss": loss,
             "loss_chosen_logps": pc,
@@ -320,6 +324,8 @@ class DPOTrainer(DiscoTrainer):
             "ref_chosen_logps": ref_chosen,
             "ref_rejected_logps": ref_rejected,
             "beta": beta,
+            "chosen_rewards": chosen_rewards,
+            "rejected_rewards": rejected_rewards,
             "chosen_var": var_c,
             "rejected_var": var_r,
         }
@@ -360,6 +366,8 @@ class DPOTrainer(DiscoTrainer):
             log_beta=self._policy().beta_head is not None or self.beta_dpo,
             chosen_var=out["chosen_var"],
             rejected_var=out["rejected_var"],
+            chosen_rewards=out["chosen_rewards"],
+            rejected_rewards=out["rejected_rewards"],
         )
         self.store_metrics(metrics, "train" if model.training else "eval")
         return (out["loss"], out) if return_outputs else out["loss"]
