@@ -126,7 +126,7 @@ class ModelWithHeads(nn.Module):
     def final_logit_softcap(self) -> float | None:
         """The config's final-logit soft-cap (Gemma 2's `final_logit_softcapping`), or None.
 
-        Read here only: the log-probs of `forward`, which the DPO policy and its reference both take, cap alike.
+        Read here only: the log-probs of `forward` (the DPO policy and its reference) and of PPO's policy cap alike.
         """
         return getattr(self.config, "final_logit_softcapping", None)
 

@@ -75,7 +75,7 @@ class PPOPolicy(ModelWithHeads):
             return super().forward(input_ids, attention_mask, beta_features=beta_features, **kwargs)
         out = super().forward(input_ids, attention_mask, with_heads=False, beta_features=beta_features, **kwargs)
         hidden = response_hidden(out.last_hidden_state, prompt_length)
-        softcap = getattr(self.config, "final_logit_softcapping", None)
+        softcap = self.final_logit_softcap
         logprobs, entropy = token_logprobs(hidden, self.lm_head, response_ids, temperature, softcap, with_entropy)
         values = self.value_head(hidden) if (with_values and self.value_head is not None) else None
         return PolicyOutput(logprobs, values, entropy, out.last_hidden_state[:, prompt_length - 1], out.beta_scale)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from ...losses.logps import softcap
+
 
 @dataclass
 class Rollout:
@@ -91,7 +93,7 @@ def token_logprobs(
     lm_head: nn.Module,
     tokens: torch.Tensor,
     temperature: float = 1.0,
-    softcap: float | None = None,
+    final_logit_softcapping: float | None = None,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(token | state) from hidden states, in fp32, with logits divided by the sampling temperature.
@@ -101,17 +103,14 @@ def token_logprobs(
         lm_head: the output embedding.
         tokens: (B, L) long.
         temperature: the sampling temperature (the policy that sampled is softmax(logits / temperature)).
-        softcap: the model's final logit soft-cap (Gemma 2), or None.
+        final_logit_softcapping: the model's final logit soft-cap (Gemma 2), or None.
         with_entropy: also return the entropy of each token's full distribution.
     Returns:
         logprobs (B, L) fp32 and entropy (B, L) fp32 or None.
     """
     # Contiguous input: a strided slice can take another matmul kernel whose rounding then depends on whether the
     # weight requires grad, and the policy and its frozen copy would disagree (a KL of 1e-7 at step 0).
-    logits = lm_head(hidden.contiguous()).float()
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = logits / temperature
+    logits = softcap(lm_head(hidden.contiguous()).float(), final_logit_softcapping) / temperature
     log_norm = torch.logsumexp(logits, dim=-1)
     logprobs = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - log_norm
     entropy = None
