@@ -5,32 +5,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import dpo_config, dpo_trainer, train_logs
 
-from discoalign.config import build_config
 from discoalign.losses.logps import pair_sequence_logps
 from discoalign.train.dpo.metric import step_metrics
-from discoalign.train.dpo.workflow import build_dpo_trainer
+from discoalign.train.tuner import run_exp
 
-BASE = {
-    "stage": "dpo",
-    "model_name_or_path": "builtin:tiny-qwen3",
-    "dataset": "builtin:synthetic",
+RUN = {
     "synthetic_num_pairs": 8,
-    "cutoff_len": 64,
     "max_steps": 1,
     "per_device_train_batch_size": 4,
     "learning_rate": 1e-2,
-    "save_strategy": "no",
-    "do_train": True,
-    "use_cpu": True,
-    "disable_tqdm": True,
     "plot_loss": False,
 }
 SOFTCAP = 2.0  # small against the tiny model's logits, so capping changes every log-prob
 
 
 def make_trainer(tmp_path, **overrides):
-    return build_dpo_trainer(build_config({**BASE, "output_dir": str(tmp_path), **overrides}))[0]
+    return dpo_trainer(tmp_path, RUN, **overrides)
 
 
 def first_batch(trainer) -> dict[str, torch.Tensor]:
@@ -98,3 +90,19 @@ def test_logged_rewards_are_the_loss_implicit_rewards(tmp_path, overrides):
     )
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert logged[key] == recomputed[key].item(), key
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
+def test_mixed_precision_reference_rounds_like_the_policy(tmp_path, finetuning_type):
+    """bf16 autocast (on CPU here): the reference runs under the policy's autocast, so a policy that has not moved
+    (learning rate 1e-30) has implicit rewards of exactly 0, as TRL's has. Before, fp32 reference against bf16
+    policy gave margins of about 1e-4 on this tiny model."""
+    run_exp(
+        dpo_config(
+            tmp_path, RUN, max_steps=2, logging_steps=1, learning_rate=1e-30, bf16=True, finetuning_type=finetuning_type
+        )
+    )
+    logs = train_logs(tmp_path)
+    assert len(logs) == 2
+    for log in logs:
+        assert log["rewards/chosen"] == log["rewards/rejected"] == log["rewards/margins"] == 0.0

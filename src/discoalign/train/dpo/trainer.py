@@ -168,10 +168,10 @@ class DPOTrainer(DiscoTrainer):
             # the first optimizer step, when the policy still equals the reference.
             ref, adapters_off = policy, policy.disable_adapter()
         batch = inputs["labels"].shape[0] // 2
-        with self.reference_grad_off(), adapters_off:
-            # The policy's forward and arguments, without the heads. Called as a function, not as the module: the
-            # wrappers on the module call (accelerate's autocast under mixed precision, DeepSpeed / FSDP root
-            # hooks) have never run the reference pass, and its numbers stay what they were.
+        # The policy's forward and arguments, without the heads, under the policy's autocast (bf16 / fp16): with
+        # fp32 weights the two sides then round alike, and the log-ratio of an untrained policy is exactly 0.
+        # Called as a function, not as the module (DeepSpeed / FSDP root hooks belong to the trained model).
+        with self.reference_grad_off(), adapters_off, self.accelerator.autocast():
             out = ModelWithHeads.forward(
                 ref, inputs["input_ids"], inputs["attention_mask"], with_heads=False, **self.forward_inputs(inputs)
             )
