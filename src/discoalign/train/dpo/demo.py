@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from ...config.loader import build_config
+from .workflow import run_dpo
 
 # The demo's short run per cell on 2 CPU cores (the measured comparison is benchmarks/dpo_noise.py).
 DPO_DEMO_CONFIG: dict[str, Any] = {
@@ -73,7 +74,6 @@ def run_dpo_grid_demo(output_root: str, **overrides: Any) -> list[dict[str, Any]
     true-pref acc. (eval pairs where the policy's implicit reward margin agrees with the true reward), mean beta,
     mean variance ("-" where the cell has no such head), time (s).
     """
-    from .workflow import run_dpo
 
     rows = []
     for name, disco, dynamic in GRID:

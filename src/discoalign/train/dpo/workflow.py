@@ -8,11 +8,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ...config.loader import RunConfig
+from ...config.loader import CONFIG_FILE_NAME, RunConfig
 from ...data import get_dataset
 from ...data.media_collator import make_pairwise_collator
 from ...errors import ConfigError
 from ...models.loader import load_model_with_heads
+from ..distributed import is_zero3_partitioned
 from ..frozen import frozen_copy
 from .trainer import DPOTrainer
 
@@ -53,7 +54,6 @@ def load_reference(cfg: RunConfig, policy) -> Any | None:
         return ref
     if ft.precompute_ref_logps:
         return None
-    from ..distributed import is_zero3_partitioned
 
     if is_zero3_partitioned(policy):
         # ZeRO-3 sharded the policy while it loaded: a copy would copy shards. Load the same weights again (they
@@ -76,8 +76,6 @@ def resolve_eval_reference(cfg: RunConfig) -> None:
     import os
 
     import yaml
-
-    from ...config.loader import CONFIG_FILE_NAME
 
     ft, args = cfg.finetuning, cfg.training
     if ft.finetuning_type != "full" or args.do_train or cfg.model.ref_model_name_or_path:
