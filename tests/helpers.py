@@ -86,3 +86,26 @@ def train_logs(output_dir) -> list[dict]:
 def train_losses(output_dir) -> list[float]:
     """The logged training loss of each logging step of the run in `output_dir`."""
     return [entry["loss"] for entry in train_logs(output_dir)]
+
+
+def write_yaml(path, values: dict) -> str:
+    """Write `values` as a run's flat YAML at `path`; returns the path as a string."""
+    import yaml
+
+    with open(path, "w") as f:
+        yaml.safe_dump(values, f)
+    return str(path)
+
+
+def scoring_batch(tok) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompts and right-padded responses of different lengths, one without EOS:
+    (query_ids (2, P), query_mask (2, P), response_ids (2, L), response_mask (2, L) float)."""
+    from discoalign.data.prompts import left_pad
+
+    prompts = [tok("Topic: art. Describe a garden.")["input_ids"], tok("Hi")["input_ids"]]
+    responses = [tok(" bright calm quick")["input_ids"] + [tok.eos_token_id], tok(" rude")["input_ids"]]
+    query_ids, query_mask = left_pad(prompts, tok.pad_token_id)
+    width = max(map(len, responses))
+    response_ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in responses])
+    response_mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in responses])
+    return query_ids, query_mask, response_ids, response_mask

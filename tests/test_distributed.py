@@ -18,7 +18,7 @@ import sys
 import textwrap
 
 import pytest
-from helpers import train_losses
+from helpers import train_losses, write_yaml
 
 from discoalign.config import load_config
 from discoalign.train.tuner import run_exp
@@ -98,14 +98,6 @@ LAUNCHER = textwrap.dedent(
         json.dump(writes, f)
     """
 )
-
-
-def write_yaml(path, values: dict) -> str:
-    import yaml
-
-    with open(path, "w") as f:
-        yaml.safe_dump(values, f)
-    return str(path)
 
 
 @pytest.mark.slow

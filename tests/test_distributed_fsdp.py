@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import write_yaml
 from test_distributed_zero import (
     COMMON,
     JOBS,
@@ -25,7 +26,6 @@ from test_distributed_zero import (
     assert_close,
     logged_losses,  # fmt: skip
     saved_fingerprint,
-    write_yaml,
 )
 
 from discoalign.config import load_config

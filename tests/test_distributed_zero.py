@@ -30,6 +30,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import write_yaml
 
 from discoalign.config import load_config
 from discoalign.train.tuner import run_exp
@@ -153,14 +154,6 @@ LAUNCHER = textwrap.dedent(
     shutdown_process_group()  # a clean exit: gloo threads torn down at interpreter exit can abort a rank
     """
 )
-
-
-def write_yaml(path, values: dict) -> str:
-    import yaml
-
-    with open(path, "w") as f:
-        yaml.safe_dump(values, f)
-    return str(path)
 
 
 def logged_losses(output_dir) -> dict[int, float]:

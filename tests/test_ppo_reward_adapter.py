@@ -9,11 +9,10 @@ import os
 
 import pytest
 import torch
-from helpers import train_logs
+from helpers import scoring_batch, train_logs
 
 from discoalign.config import build_config
 from discoalign.config.schema import FinetuningArguments, ModelArguments
-from discoalign.data.prompts import left_pad
 from discoalign.errors import ConfigError
 from discoalign.models.checkpoint import save_checkpoint
 from discoalign.models.loader import load_model_with_heads
@@ -55,16 +54,6 @@ def reward_adapters(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def _batch(tok):
-    prompts = [tok("Topic: art. Describe a garden.")["input_ids"], tok("Hi")["input_ids"]]
-    responses = [tok(" bright calm quick")["input_ids"] + [tok.eos_token_id], tok(" rude")["input_ids"]]
-    query_ids, query_mask = left_pad(prompts, tok.pad_token_id)
-    width = max(map(len, responses))
-    response_ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in responses])
-    response_mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in responses])
-    return query_ids, query_mask, response_ids, response_mask
-
-
 def _args(reward_model: str, **ft):
     return FinetuningArguments(stage="ppo", finetuning_type="lora", reward_model=reward_model, **ft)
 
@@ -76,7 +65,7 @@ def test_shared_base_scores_equal_the_separate_base_and_leave_the_policy_alone(r
     model_args = ModelArguments(model_name_or_path=BASE)
     ft = _args(reward_adapters[kind], reward_model_type="lora")
     separate = load_reward_model(model_args, ft, tok)  # no policy given: the adapter on its own copy of the base
-    batch = _batch(tok)
+    batch = scoring_batch(tok)
     input_ids = torch.cat([batch[0], batch[2]], 1)
     mask = torch.cat([batch[1], batch[3]], 1).long()
     with torch.no_grad():

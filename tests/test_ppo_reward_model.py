@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 import torch
+from helpers import scoring_batch
 from safetensors.torch import save_file
 
 from discoalign.config.schema import FinetuningArguments, ModelArguments
-from discoalign.data.prompts import left_pad
 from discoalign.errors import CheckpointError, ConfigError
 from discoalign.models.checkpoint import save_checkpoint
 from discoalign.models.heads import ValueHead
@@ -29,17 +29,6 @@ MODEL = ModelArguments(model_name_or_path=BASE)  # the policy's model_name_or_pa
 @pytest.fixture(scope="module")
 def tok():
     return build_tiny_tokenizer()
-
-
-def _batch(tok):
-    """Left-padded prompts and right-padded responses of different lengths, one without EOS."""
-    prompts = [tok("Topic: art. Describe a garden.")["input_ids"], tok("Hi")["input_ids"]]
-    responses = [tok(" bright calm quick")["input_ids"] + [tok.eos_token_id], tok(" rude")["input_ids"]]
-    query_ids, query_mask = left_pad(prompts, tok.pad_token_id)
-    width = max(map(len, responses))
-    response_ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in responses])
-    response_mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in responses])
-    return query_ids, query_mask, response_ids, response_mask
 
 
 def _ppo_args(reward_model: str, **ft):
@@ -61,7 +50,7 @@ def test_our_lora_reward_adapter_scores_like_the_model_that_saved_it(tmp_path, t
     _perturb(model, "lora_B", 1)
     _perturb(model, "variance_head", 2)
     save_checkpoint(model, str(tmp_path / "rm"), tok)
-    batch = _batch(tok)
+    batch = scoring_batch(tok)
     expected = score_responses(model.eval(), *batch)
 
     rm = load_reward_model(MODEL, _ppo_args(str(tmp_path / "rm"), reward_model_type="lora"), tok)
@@ -100,7 +89,7 @@ def _direct(causal_lm, heads: dict[str, torch.Tensor]) -> ModelWithHeads:
 def test_llamafactory_value_head_checkpoint(tmp_path, tiny_dirs, tok):
     path = shutil.copytree(tiny_dirs["qwen2"], str(tmp_path / "lf-rm"))
     heads = _value_head_file(path, 64, seed=3)
-    batch = _batch(tok)
+    batch = scoring_batch(tok)
     rm = load_reward_model(MODEL, _ppo_args(path), tok)
     mean, variance = score_responses(rm, *batch)
     assert variance is None
@@ -124,7 +113,7 @@ def test_llamafactory_lora_reward_adapter_with_value_head_file(tmp_path, tok):
     path = str(tmp_path / "lf-lora-rm")
     peft_model.save_pretrained(path, save_embedding_layers=False)
     heads = _value_head_file(path, 64, seed=5)
-    batch = _batch(tok)
+    batch = scoring_batch(tok)
     rm = load_reward_model(MODEL, _ppo_args(path, reward_model_type="lora"), tok)
     mean, _ = score_responses(rm, *batch)
     expected, _ = score_responses(_direct(peft_model, heads), *batch)
