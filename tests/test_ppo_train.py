@@ -213,3 +213,9 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, reward_models):
     for key, value in last_full.items():
         if isinstance(value, float) and not math.isnan(value):
             assert last_resumed[key] == value, key
+
+
+def test_train_samples_per_second_counts_rolled_out_prompts(tmp_path, reward_models):
+    """A PPO step rolls out 4 x 2 x 2 = 16 prompts (batch x accumulation x ppo_buffer_size), not one mini-batch."""
+    metrics = run_exp(ppo_config(tmp_path, reward_models["scalar"], max_steps=2, ppo_epochs=1))["train"]
+    assert metrics["train_samples_per_second"] == pytest.approx(2 * 16 / metrics["train_runtime"], rel=0.01)

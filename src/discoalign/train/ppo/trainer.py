@@ -293,7 +293,12 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds `episode` (prompts rolled out so far, all processes) to the train logs, and writes the step's
-        samples to `samples.jsonl` whenever the train metrics are logged."""
+        samples to `samples.jsonl` whenever the train metrics are logged. The Trainer's `train_samples_per_second`
+        counts one mini-batch per optimizer step; a PPO step rolls out `ppo_buffer_size` of them."""
+        if "train_samples_per_second" in logs:
+            logs["train_samples_per_second"] = round(
+                logs["train_samples_per_second"] * self.finetuning_args.ppo_buffer_size, 3
+            )
         if "loss" in logs and self.is_in_train:
             logs["episode"] = float(self.state.global_step * self.rollout_batch_size * self.accelerator.num_processes)
             if self._step_samples:
