@@ -30,6 +30,14 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The built-in tiny tokenizer, built once per test module (a module's tests may set attributes on it)."""
+    from discoalign.models.tiny import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, str]:
     """Directories holding each built-in tiny model + tokenizer, built once per test session."""

@@ -10,7 +10,6 @@ import pytest
 from discoalign.config.schema import DataArguments
 from discoalign.data import checks, get_dataset
 from discoalign.errors import DataError
-from discoalign.models.tiny import build_tiny_tokenizer
 
 GOOD = {"prompt": "What is the sky?", "chosen": "Blue.", "rejected": "Green."}
 GOOD_HH = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}
@@ -48,11 +47,6 @@ CASES = [
     ("sharegpt response from human", GOOD_SHAREGPT, {**GOOD_SHAREGPT, "chosen": {"from": "human", "value": "x"}}, "chosen", checks.MALFORMED),
     ("sharegpt empty response", GOOD_SHAREGPT, {**GOOD_SHAREGPT, "rejected": {"from": "gpt", "value": ""}}, "rejected", checks.EMPTY_RESPONSE),
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 def write_rows(tmp_path, good, bad):

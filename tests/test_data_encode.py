@@ -18,11 +18,6 @@ ROW = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def plain_tokenizer():
     tok = build_tiny_tokenizer()
     tok.chat_template = None

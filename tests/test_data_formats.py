@@ -10,7 +10,6 @@ from discoalign.config.schema import DataArguments
 from discoalign.data import get_dataset
 from discoalign.data.formats import detect_format, to_pairwise_row, to_prompt_row
 from discoalign.errors import DataError
-from discoalign.models.tiny import build_tiny_tokenizer
 
 
 def user(text):
@@ -23,11 +22,6 @@ def assistant(text):
 
 def system(text):
     return {"role": "system", "content": text}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 def detect(rows):

@@ -105,13 +105,6 @@ def _write(path, rows: list[Any], rng: random.Random) -> int:
     return count
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer():
-    from discoalign.models.tiny import build_tiny_tokenizer
-
-    return build_tiny_tokenizer()
-
-
 FORMATS = ["pairwise", "pairwise_messages", "implicit", "hh_rlhf", "sharegpt"]
 
 
@@ -127,7 +120,7 @@ def _case(rng: random.Random, tmp_path, i: int):
     return stage, path, rows
 
 
-def test_mutated_rows_give_a_clean_error_or_a_counted_skip(tmp_path, tiny_tokenizer):
+def test_mutated_rows_give_a_clean_error_or_a_counted_skip(tmp_path, tokenizer):
     rng = random.Random(1234)
     outcomes = {"error": 0, "kept all": 0, "skipped some": 0}
     runs = 0
@@ -139,7 +132,7 @@ def test_mutated_rows_give_a_clean_error_or_a_counted_skip(tmp_path, tiny_tokeni
             runs += 1
             args = DataArguments(dataset=str(path), skip_invalid_rows=skip, cutoff_len=cutoff_len)
             try:
-                bundle = get_dataset(args, tiny_tokenizer, stage, seed=0)
+                bundle = get_dataset(args, tokenizer, stage, seed=0)
             except DiscoAlignError as e:
                 assert e.exit_code == 2
                 assert str(path) in str(e), f"case {i}: the error does not name the file: {e}"

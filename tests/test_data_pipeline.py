@@ -10,12 +10,6 @@ import pytest
 from discoalign.config.schema import DataArguments
 from discoalign.data import DatasetBundle, get_dataset
 from discoalign.errors import DataError
-from discoalign.models.tiny import build_tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 def synthetic(**kw):

@@ -9,7 +9,6 @@ import pytest
 from discoalign.config.schema import DataArguments
 from discoalign.data import get_dataset
 from discoalign.errors import DataError
-from discoalign.models.tiny import build_tiny_tokenizer
 
 # The entries LlamaFactory ships in data/dataset_info.json for these two files.
 LLAMAFACTORY_INFO = {
@@ -21,11 +20,6 @@ LLAMAFACTORY_INFO = {
         "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
     },
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 @pytest.fixture()

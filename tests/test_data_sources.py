@@ -11,17 +11,11 @@ from discoalign.config.schema import DataArguments
 from discoalign.data import get_dataset
 from discoalign.data.sources import read_spec, split_specs
 from discoalign.errors import DataError
-from discoalign.models.tiny import build_tiny_tokenizer
 
 ROWS = [
     {"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad answer {i}.", "margin": float(i)}
     for i in range(4)
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 def write_json(path, rows):

@@ -52,11 +52,6 @@ THINKING_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
-
-
 def trl_ids(rows, tokenizer):
     """(prompt_ids, chosen_ids, rejected_ids) per row, from TRL's own DPO dataset preparation."""
     args = DPOConfig(output_dir="unused", report_to="none", max_length=None, bf16=False, use_cpu=True)

@@ -96,6 +96,9 @@ LAUNCHER = textwrap.dedent(
         run_exp(load_config(path))
     with open(f"{record_path}.rank{rank}", "w") as f:
         json.dump(writes, f)
+    from discoalign.train.distributed import shutdown_process_group
+
+    shutdown_process_group()  # a clean exit: gloo threads torn down at interpreter exit can abort a rank
     """
 )
 

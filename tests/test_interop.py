@@ -18,15 +18,10 @@ from discoalign.config.schema import FinetuningArguments, ModelArguments
 from discoalign.errors import CheckpointError
 from discoalign.models.heads import VARIANCE_FLOOR
 from discoalign.models.loader import load_model_with_heads
-from discoalign.models.tiny import build_tiny_model, build_tiny_tokenizer
+from discoalign.models.tiny import build_tiny_model
 
 ROWS = ["bright calm garden", "Topic: music. Describe a river. quick gentle brave", "rude"]
 H = 64
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
 
 
 def _heads(seed: int) -> dict[str, torch.Tensor]:
@@ -50,15 +45,15 @@ def _load(path: str, disco: bool = False, **ft):
 
 
 @torch.no_grad()
-def _last_hidden(causal_lm, tok, text: str) -> torch.Tensor:
+def _last_hidden(causal_lm, tokenizer, text: str) -> torch.Tensor:
     """(H,) last-layer hidden state at the last token, computed the plain transformers way."""
-    ids = torch.tensor([tok(text)["input_ids"]])
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
     return causal_lm(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
 
 
 @torch.no_grad()
-def _our_scores(model, tok, text: str):
-    ids = torch.tensor([tok(text)["input_ids"]])
+def _our_scores(model, tokenizer, text: str):
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
     mean, var = model.score(ids, torch.ones_like(ids))
     return mean[0], None if var is None else var[0]
 
@@ -68,7 +63,7 @@ def _base_dir(tmp_path, tiny_dirs, arch: str) -> str:
 
 
 @pytest.mark.parametrize("filename", ["value_head.safetensors", "value_head.bin"])
-def test_llamafactory_value_head_file(tmp_path, tiny_dirs, tok, filename):
+def test_llamafactory_value_head_file(tmp_path, tiny_dirs, tokenizer, filename):
     path = _base_dir(tmp_path, tiny_dirs, "llama")
     heads = {k: v for k, v in _heads(0).items() if k.startswith("v_head")}
     if filename.endswith(".safetensors"):
@@ -76,24 +71,24 @@ def test_llamafactory_value_head_file(tmp_path, tiny_dirs, tok, filename):
     else:
         torch.save(heads, os.path.join(path, filename))
     model, _ = _load(path)
-    base = build_tiny_model("llama", tok)
+    base = build_tiny_model("llama", tokenizer)
     w, b = heads["v_head.summary.weight"][0], heads["v_head.summary.bias"][0]
     for text in ROWS:
-        expected = _last_hidden(base, tok, text) @ w + b
-        torch.testing.assert_close(_our_scores(model, tok, text)[0], expected, atol=1e-6, rtol=0)
+        expected = _last_hidden(base, tokenizer, text) @ w + b
+        torch.testing.assert_close(_our_scores(model, tokenizer, text)[0], expected, atol=1e-6, rtol=0)
 
 
-def test_discorm_value_and_variance_heads(tmp_path, tiny_dirs, tok, caplog):
+def test_discorm_value_and_variance_heads(tmp_path, tiny_dirs, tokenizer, caplog):
     path = _base_dir(tmp_path, tiny_dirs, "qwen2")
     heads = _heads(1)
     save_file(heads, os.path.join(path, "value_head.safetensors"))
     with caplog.at_level(logging.INFO):
         model, _ = _load(path, disco=True)
     assert "value_head and variance_head" in caplog.text
-    base = build_tiny_model("qwen2", tok)
+    base = build_tiny_model("qwen2", tokenizer)
     for text in ROWS:
-        h = _last_hidden(base, tok, text)
-        mean, var = _our_scores(model, tok, text)
+        h = _last_hidden(base, tokenizer, text)
+        mean, var = _our_scores(model, tokenizer, text)
         torch.testing.assert_close(
             mean, h @ heads["v_head.summary.weight"][0] + heads["v_head.summary.bias"][0], atol=1e-6, rtol=0
         )
@@ -102,12 +97,12 @@ def test_discorm_value_and_variance_heads(tmp_path, tiny_dirs, tok, caplog):
         torch.testing.assert_close(var, F.softplus(raw) + VARIANCE_FLOOR, atol=1e-6, rtol=0)
 
 
-def test_trl_legacy_v_head_inside_model_weights(tmp_path, tok):
+def test_trl_legacy_v_head_inside_model_weights(tmp_path, tokenizer):
     """TRL's legacy wrapper saved `v_head.*` next to the backbone keys in model.safetensors (here sharded)."""
-    base = build_tiny_model("qwen3", tok)
+    base = build_tiny_model("qwen3", tokenizer)
     path = str(tmp_path / "trl")
     base.save_pretrained(path)
-    tok.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     heads = {k: v for k, v in _heads(2).items() if k.startswith("v_head")}
     # Re-shard: backbone in one file, v_head in another, with the index TRL reads.
     os.rename(os.path.join(path, "model.safetensors"), os.path.join(path, "model-00001-of-00002.safetensors"))
@@ -117,19 +112,23 @@ def test_trl_legacy_v_head_inside_model_weights(tmp_path, tok):
     json.dump({"metadata": {}, "weight_map": weight_map}, open(os.path.join(path, "model.safetensors.index.json"), "w"))
     model, _ = _load(path)
     for text in ROWS:
-        expected = _last_hidden(base, tok, text) @ heads["v_head.summary.weight"][0] + heads["v_head.summary.bias"][0]
-        torch.testing.assert_close(_our_scores(model, tok, text)[0], expected, atol=1e-6, rtol=0)
+        expected = (
+            _last_hidden(base, tokenizer, text) @ heads["v_head.summary.weight"][0] + heads["v_head.summary.bias"][0]
+        )
+        torch.testing.assert_close(_our_scores(model, tokenizer, text)[0], expected, atol=1e-6, rtol=0)
 
 
-def test_trl_legacy_lora_adapter_with_v_head_bin(tmp_path, tok):
+def test_trl_legacy_lora_adapter_with_v_head_bin(tmp_path, tokenizer):
     """Under LoRA TRL's legacy wrapper wrote the adapter plus `pytorch_model.bin` holding only `v_head.*`."""
     from peft import LoraConfig, get_peft_model
 
-    base = build_tiny_model("llama", tok)
+    base = build_tiny_model("llama", tokenizer)
     base_dir = str(tmp_path / "base")
     base.save_pretrained(base_dir)
-    tok.save_pretrained(base_dir)
-    peft_model = get_peft_model(build_tiny_model("llama", tok), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    tokenizer.save_pretrained(base_dir)
+    peft_model = get_peft_model(
+        build_tiny_model("llama", tokenizer), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -143,40 +142,41 @@ def test_trl_legacy_lora_adapter_with_v_head_bin(tmp_path, tok):
     assert model.is_peft
     for text in ROWS:
         expected = (
-            _last_hidden(peft_model, tok, text) @ heads["v_head.summary.weight"][0] + heads["v_head.summary.bias"][0]
+            _last_hidden(peft_model, tokenizer, text) @ heads["v_head.summary.weight"][0]
+            + heads["v_head.summary.bias"][0]
         )
-        torch.testing.assert_close(_our_scores(model, tok, text)[0], expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(_our_scores(model, tokenizer, text)[0], expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_sequence_classification_reward_model(tmp_path, tok, arch, caplog):
+def test_sequence_classification_reward_model(tmp_path, tokenizer, arch, caplog):
     from transformers import AutoModelForSequenceClassification
 
-    config = build_tiny_model(arch, tok).config
+    config = build_tiny_model(arch, tokenizer).config
     config.num_labels = 1
     torch.manual_seed(5)
     rm = AutoModelForSequenceClassification.from_config(config).eval()
     path = str(tmp_path / f"{arch}-seqcls")
     rm.save_pretrained(path)
-    tok.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     with caplog.at_level(logging.WARNING):
         model, _ = _load(path)
     assert "sequence-classification" in caplog.text
     assert model.value_head.summary.bias.item() == 0.0
     for text in ROWS:
         with torch.no_grad():
-            expected = rm(torch.tensor([tok(text)["input_ids"]])).logits[0, 0]
-        torch.testing.assert_close(_our_scores(model, tok, text)[0], expected, atol=1e-6, rtol=0)
+            expected = rm(torch.tensor([tokenizer(text)["input_ids"]])).logits[0, 0]
+        torch.testing.assert_close(_our_scores(model, tokenizer, text)[0], expected, atol=1e-6, rtol=0)
 
 
-def test_sequence_classifier_with_two_labels_is_refused(tmp_path, tok):
+def test_sequence_classifier_with_two_labels_is_refused(tmp_path, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
-    config = build_tiny_model("llama", tok).config
+    config = build_tiny_model("llama", tokenizer).config
     config.num_labels = 2
     path = str(tmp_path / "cls2")
     AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
-    tok.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     with pytest.raises(CheckpointError, match=r"\(2, 64\).*not a reward model"):
         _load(path)
 

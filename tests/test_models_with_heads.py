@@ -10,17 +10,12 @@ from discoalign.config.schema import FinetuningArguments, ModelArguments
 from discoalign.models.heads import VARIANCE_FLOOR, ValueHead, VarianceHead
 from discoalign.models.loader import load_model_with_heads
 from discoalign.models.model_with_heads import ModelWithHeads, positions_from_mask
-from discoalign.models.tiny import build_tiny_model, build_tiny_tokenizer
+from discoalign.models.tiny import build_tiny_model
 
 TEXTS = ["bright calm garden", "Topic: music. Describe a river. quick gentle brave clever kind", "x"]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
-
-
-def _model(arch: str, tok, lora: bool = False, disco: bool = True) -> ModelWithHeads:
+def _model(arch: str, tokenizer, lora: bool = False, disco: bool = True) -> ModelWithHeads:
     torch.manual_seed(0)
     model, _ = load_model_with_heads(
         ModelArguments(model_name_or_path=f"builtin:tiny-{arch}"),
@@ -57,29 +52,29 @@ def _alone(model, rows):
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @torch.no_grad()
-def test_scores_read_last_real_token_for_any_padding(tok, arch):
-    model = _model(arch, tok)
-    rows = [tok(t)["input_ids"] for t in TEXTS]
+def test_scores_read_last_real_token_for_any_padding(tokenizer, arch):
+    model = _model(arch, tokenizer)
+    rows = [tokenizer(t)["input_ids"] for t in TEXTS]
     mean_alone, var_alone = _alone(model, rows)
     for side in ("right", "left"):
-        ids, mask = _pad(rows, tok.pad_token_id, side)
+        ids, mask = _pad(rows, tokenizer.pad_token_id, side)
         mean, var = model.score(ids, mask)
         torch.testing.assert_close(mean, mean_alone, atol=1e-5, rtol=0)
         torch.testing.assert_close(var, var_alone, atol=1e-5, rtol=0)
     # pad == EOS, and every response ends in EOS: only the mask can tell the real last token from padding.
-    rows_eos = [r + [tok.eos_token_id] for r in rows]
+    rows_eos = [r + [tokenizer.eos_token_id] for r in rows]
     mean_alone, _ = _alone(model, rows_eos)
     for side in ("right", "left"):
-        ids, mask = _pad(rows_eos, tok.eos_token_id, side)
+        ids, mask = _pad(rows_eos, tokenizer.eos_token_id, side)
         torch.testing.assert_close(model.score(ids, mask)[0], mean_alone, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("lora", [False, True])
 @torch.no_grad()
-def test_hidden_states_equal_last_layer_without_lm_logits(tok, arch, lora):
-    model = _model(arch, tok, lora=lora)
-    ids = torch.tensor([tok(TEXTS[1])["input_ids"]])
+def test_hidden_states_equal_last_layer_without_lm_logits(tokenizer, arch, lora):
+    model = _model(arch, tokenizer, lora=lora)
+    ids = torch.tensor([tokenizer(TEXTS[1])["input_ids"]])
     mask = torch.ones_like(ids)
     head_calls = []
     handle = model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
@@ -95,13 +90,13 @@ def test_hidden_states_equal_last_layer_without_lm_logits(tok, arch, lora):
     torch.testing.assert_close(mean, reference[:, -1] @ w[0] + b, atol=1e-5, rtol=0)
 
 
-def test_variance_starts_at_one_and_can_be_skipped(tok):
+def test_variance_starts_at_one_and_can_be_skipped(tokenizer):
     model, _ = load_model_with_heads(
         ModelArguments(model_name_or_path="builtin:tiny-qwen3"),
         FinetuningArguments(add_disco_head=True),
         add_value_head=True,
     )
-    ids, mask = _pad([tok(t)["input_ids"] for t in TEXTS], tok.pad_token_id, "right")
+    ids, mask = _pad([tokenizer(t)["input_ids"] for t in TEXTS], tokenizer.pad_token_id, "right")
     with torch.no_grad():
         mean, var = model.score(ids, mask)
         assert torch.allclose(var, torch.full((3,), 1.0 + VARIANCE_FLOOR), atol=1e-7)
@@ -114,20 +109,20 @@ def test_variance_starts_at_one_and_can_be_skipped(tok):
     assert scalar.score(ids, mask)[1] is None
 
 
-def test_variance_only_model_for_disco_dpo(tok):
+def test_variance_only_model_for_disco_dpo(tokenizer):
     model, _ = load_model_with_heads(
         ModelArguments(model_name_or_path="builtin:tiny-llama"),
         FinetuningArguments(stage="dpo", add_disco_head=True),
         add_value_head=False,
     )
-    ids, mask = _pad([tok(t)["input_ids"] for t in TEXTS], tok.pad_token_id, "left")
+    ids, mask = _pad([tokenizer(t)["input_ids"] for t in TEXTS], tokenizer.pad_token_id, "left")
     out = model(ids, mask)
     assert out.mean is None and out.variance.shape == (3,)
     with pytest.raises(RuntimeError, match="no value head"):
         model.score(ids, mask)
 
 
-def test_heads_compute_in_fp32_on_a_bf16_backbone(tok):
+def test_heads_compute_in_fp32_on_a_bf16_backbone(tokenizer):
     model, _ = load_model_with_heads(
         ModelArguments(model_name_or_path="builtin:tiny-llama"),
         FinetuningArguments(add_disco_head=True),
@@ -136,7 +131,7 @@ def test_heads_compute_in_fp32_on_a_bf16_backbone(tok):
     )
     assert next(model.backbone.parameters()).dtype == torch.bfloat16
     assert model.value_head.summary.weight.dtype == torch.float32
-    ids, mask = _pad([tok(t)["input_ids"] for t in TEXTS], tok.pad_token_id, "right")
+    ids, mask = _pad([tokenizer(t)["input_ids"] for t in TEXTS], tokenizer.pad_token_id, "right")
     with torch.no_grad():
         mean, var = model.score(ids, mask)
     assert mean.dtype == torch.float32 and var.dtype == torch.float32
@@ -147,8 +142,8 @@ def test_positions_follow_the_mask():
     assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
 
 
-def test_plumbing_for_trainer_and_reference(tok):
-    backbone = build_tiny_model("gpt2", tok)
+def test_plumbing_for_trainer_and_reference(tokenizer):
+    backbone = build_tiny_model("gpt2", tokenizer)
     model = ModelWithHeads(backbone, ValueHead(64), VarianceHead(64))
     assert model.config is backbone.config
     assert model.lm_head is backbone.get_output_embeddings()

@@ -43,6 +43,9 @@ LAUNCHER = textwrap.dedent(
         fingerprints[path] = digest.hexdigest()
     with open(f"{sys.argv[1]}.rank{rank}", "w") as f:
         json.dump(fingerprints, f)
+    from discoalign.train.distributed import shutdown_process_group
+
+    shutdown_process_group()  # a clean exit: gloo threads torn down at interpreter exit can abort a rank
     """
 )
 

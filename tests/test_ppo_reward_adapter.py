@@ -171,6 +171,9 @@ for name, tensor in sorted(trainer._policy().state_dict().items()):
     digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 with open(f"{sys.argv[1]}.rank{os.environ['RANK']}", "w") as f:
     json.dump({"digest": digest.hexdigest(), "adapter": trainer._policy().backbone.active_adapter}, f)
+from discoalign.train.distributed import shutdown_process_group
+
+shutdown_process_group()  # a clean exit: gloo threads torn down at interpreter exit can abort a rank
 """
 
 

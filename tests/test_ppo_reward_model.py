@@ -26,11 +26,6 @@ BASE = "builtin:tiny-qwen3"
 MODEL = ModelArguments(model_name_or_path=BASE)  # the policy's model_name_or_path
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
-
-
 def _ppo_args(reward_model: str, **ft):
     return FinetuningArguments(stage="ppo", reward_model=reward_model, **ft)
 
@@ -43,17 +38,17 @@ def _perturb(module: torch.nn.Module, pattern: str, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
 
 
-def test_our_lora_reward_adapter_scores_like_the_model_that_saved_it(tmp_path, tok):
+def test_our_lora_reward_adapter_scores_like_the_model_that_saved_it(tmp_path, tokenizer):
     torch.manual_seed(0)
     ft = FinetuningArguments(finetuning_type="lora", add_disco_head=True)
     model, _ = load_model_with_heads(ModelArguments(model_name_or_path=BASE), ft, add_value_head=True)
     _perturb(model, "lora_B", 1)
     _perturb(model, "variance_head", 2)
-    save_checkpoint(model, str(tmp_path / "rm"), tok)
-    batch = scoring_batch(tok)
+    save_checkpoint(model, str(tmp_path / "rm"), tokenizer)
+    batch = scoring_batch(tokenizer)
     expected = score_responses(model.eval(), *batch)
 
-    rm = load_reward_model(MODEL, _ppo_args(str(tmp_path / "rm"), reward_model_type="lora"), tok)
+    rm = load_reward_model(MODEL, _ppo_args(str(tmp_path / "rm"), reward_model_type="lora"), tokenizer)
     assert rm.is_peft and rm.variance_head is not None
     assert not any(p.requires_grad for p in rm.parameters())
     mean, variance = score_responses(rm, *batch)
@@ -64,7 +59,7 @@ def test_our_lora_reward_adapter_scores_like_the_model_that_saved_it(tmp_path, t
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = str(tmp_path / "moved-away")
     config_path.write_text(json.dumps(config))
-    rm = load_reward_model(MODEL, _ppo_args(str(tmp_path / "rm"), reward_model_type="lora"), tok)
+    rm = load_reward_model(MODEL, _ppo_args(str(tmp_path / "rm"), reward_model_type="lora"), tokenizer)
     mean, variance = score_responses(rm, *batch)
     assert torch.equal(mean, expected[0]) and torch.equal(variance, expected[1])
 
@@ -86,17 +81,17 @@ def _direct(causal_lm, heads: dict[str, torch.Tensor]) -> ModelWithHeads:
     return ModelWithHeads(causal_lm, value_head).eval()
 
 
-def test_llamafactory_value_head_checkpoint(tmp_path, tiny_dirs, tok):
+def test_llamafactory_value_head_checkpoint(tmp_path, tiny_dirs, tokenizer):
     path = shutil.copytree(tiny_dirs["qwen2"], str(tmp_path / "lf-rm"))
     heads = _value_head_file(path, 64, seed=3)
-    batch = scoring_batch(tok)
-    rm = load_reward_model(MODEL, _ppo_args(path), tok)
+    batch = scoring_batch(tokenizer)
+    rm = load_reward_model(MODEL, _ppo_args(path), tokenizer)
     mean, variance = score_responses(rm, *batch)
     assert variance is None
-    expected, _ = score_responses(_direct(build_tiny_model("qwen2", tok), heads), *batch)
+    expected, _ = score_responses(_direct(build_tiny_model("qwen2", tokenizer), heads), *batch)
     assert torch.equal(mean, expected)
     # and the number is the plain transformers one: w . h(last token) + b, row by row without padding
-    lm = build_tiny_model("qwen2", tok)
+    lm = build_tiny_model("qwen2", tokenizer)
     for i in range(2):
         ids = torch.cat([batch[0][i][batch[1][i].bool()], batch[2][i][batch[3][i].bool()]]).unsqueeze(0)
         with torch.no_grad():
@@ -105,16 +100,16 @@ def test_llamafactory_value_head_checkpoint(tmp_path, tiny_dirs, tok):
         torch.testing.assert_close(mean[i], direct, atol=1e-5, rtol=1e-5)
 
 
-def test_llamafactory_lora_reward_adapter_with_value_head_file(tmp_path, tok):
-    causal_lm = build_tiny_model("qwen3", tok)
+def test_llamafactory_lora_reward_adapter_with_value_head_file(tmp_path, tokenizer):
+    causal_lm = build_tiny_model("qwen3", tokenizer)
     causal_lm.name_or_path = BASE
     peft_model = apply_lora(causal_lm, lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all")
     _perturb(peft_model, "lora_B", 4)
     path = str(tmp_path / "lf-lora-rm")
     peft_model.save_pretrained(path, save_embedding_layers=False)
     heads = _value_head_file(path, 64, seed=5)
-    batch = scoring_batch(tok)
-    rm = load_reward_model(MODEL, _ppo_args(path, reward_model_type="lora"), tok)
+    batch = scoring_batch(tokenizer)
+    rm = load_reward_model(MODEL, _ppo_args(path, reward_model_type="lora"), tokenizer)
     mean, _ = score_responses(rm, *batch)
     expected, _ = score_responses(_direct(peft_model, heads), *batch)
     assert torch.equal(mean, expected)
@@ -126,8 +121,8 @@ def test_llamafactory_lora_reward_adapter_with_value_head_file(tmp_path, tok):
 @pytest.fixture(scope="module")
 def scalar_rm(tmp_path_factory):
     torch.manual_seed(0)
-    model, tok = load_model_with_heads(MODEL, FinetuningArguments(), add_value_head=True)
-    return save_checkpoint(model, str(tmp_path_factory.mktemp("scalar-rm")), tok)
+    model, tokenizer = load_model_with_heads(MODEL, FinetuningArguments(), add_value_head=True)
+    return save_checkpoint(model, str(tmp_path_factory.mktemp("scalar-rm")), tokenizer)
 
 
 @pytest.mark.parametrize(
@@ -138,48 +133,48 @@ def scalar_rm(tmp_path_factory):
         ("/nonexistent/rm-dir", CheckpointError, ["reward_model: /nonexistent/rm-dir", "does not exist"]),
     ],
 )
-def test_bad_reward_model_names(name, error, words, tok):
+def test_bad_reward_model_names(name, error, words, tokenizer):
     with pytest.raises(error) as info:
-        load_reward_model(MODEL, _ppo_args(name), tok)
+        load_reward_model(MODEL, _ppo_args(name), tokenizer)
     for word in words:
         assert word in str(info.value)
 
 
-def test_reward_model_is_a_file(tmp_path, tok):
+def test_reward_model_is_a_file(tmp_path, tokenizer):
     path = tmp_path / "rm.safetensors"
     path.write_bytes(b"x")
     with pytest.raises(CheckpointError, match="is a file"):
-        load_reward_model(MODEL, _ppo_args(str(path)), tok)
+        load_reward_model(MODEL, _ppo_args(str(path)), tokenizer)
 
 
-def test_plain_model_without_reward_head(tiny_dirs, tok):
+def test_plain_model_without_reward_head(tiny_dirs, tokenizer):
     with pytest.raises(CheckpointError, match="holds no reward head") as info:
-        load_reward_model(MODEL, _ppo_args(tiny_dirs["qwen3"]), tok)
+        load_reward_model(MODEL, _ppo_args(tiny_dirs["qwen3"]), tokenizer)
     assert f"reward_model: {tiny_dirs['qwen3']}" in str(info.value)
 
 
-def test_lora_type_on_a_full_checkpoint(scalar_rm, tok):
+def test_lora_type_on_a_full_checkpoint(scalar_rm, tokenizer):
     with pytest.raises(CheckpointError, match="reward_model_type: lora") as info:
-        load_reward_model(MODEL, _ppo_args(scalar_rm, reward_model_type="lora"), tok)
+        load_reward_model(MODEL, _ppo_args(scalar_rm, reward_model_type="lora"), tokenizer)
     assert "adapter_config.json" in str(info.value)
 
 
-def test_risk_coefficient_needs_a_disco_reward_model(scalar_rm, tok):
+def test_risk_coefficient_needs_a_disco_reward_model(scalar_rm, tokenizer):
     with pytest.raises(ConfigError, match="disco_risk_coef: 0.5") as info:
-        load_reward_model(MODEL, _ppo_args(scalar_rm, disco_risk_coef=0.5), tok)
+        load_reward_model(MODEL, _ppo_args(scalar_rm, disco_risk_coef=0.5), tokenizer)
     assert "variance head" in str(info.value)
 
 
-def test_reward_model_with_another_tokenizer(scalar_rm, tok):
+def test_reward_model_with_another_tokenizer(scalar_rm, tokenizer):
     other = build_tiny_tokenizer()
     other.add_tokens(["<extra-token>"])
     with pytest.raises(ConfigError, match="tokenizer different"):
         load_reward_model(MODEL, _ppo_args(scalar_rm), other)
 
 
-def test_loading_the_reward_model_leaves_the_random_stream_alone(scalar_rm, tok):
+def test_loading_the_reward_model_leaves_the_random_stream_alone(scalar_rm, tokenizer):
     torch.manual_seed(11)
-    load_reward_model(MODEL, _ppo_args(scalar_rm), tok)
+    load_reward_model(MODEL, _ppo_args(scalar_rm), tokenizer)
     after = torch.rand(3)
     torch.manual_seed(11)
     assert torch.equal(after, torch.rand(3))

@@ -33,7 +33,8 @@ def test_sft_two_processes_equal_one_process(tmp_path):
     config.write_text(yaml.safe_dump({**CONFIG, "output_dir": str(tmp_path / "ddp")}))
     launcher = tmp_path / "launch.py"
     launcher.write_text("import sys\nfrom discoalign.config import load_config\nfrom discoalign.train.tuner import "
-                        "run_exp\nrun_exp(load_config(sys.argv[1]))\n")  # fmt: skip
+                        "run_exp\nfrom discoalign.train.distributed import shutdown_process_group\n"
+                        "run_exp(load_config(sys.argv[1]))\nshutdown_process_group()\n")  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(launcher), str(config)], env=env,
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
