@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-# Dataset columns written by `precompute_reference`, read back by `ReferenceColumnsCollator`.
+from ..distributed import gather_rows
+
+# Dataset columns written by `add_reference_columns`, read back by `ReferenceColumnsCollator`.
 REF_CHOSEN = "ref_chosen_logps"
 REF_REJECTED = "ref_rejected_logps"
 REF_PROMPT_HIDDEN = "ref_prompt_hidden"
@@ -52,3 +54,25 @@ def prompt_features(
     mask = (positions[None, :] <= prompt_last_index[:, None]) & attention_mask[:batch].bool()
     weights = mask.float()
     return (hidden[:batch].float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+
+
+def add_reference_columns(
+    dataset, outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], hidden_size: int | None
+):
+    """`dataset` with the reference columns, from this rank's outputs over its contiguous shard of the rows.
+
+    Args:
+        dataset: the whole (N rows) `datasets.Dataset`; reference columns it already has are replaced.
+        outputs: per batch of this rank's shard, in order, `DPOTrainer.reference_forward`'s (ref_chosen_logps (b,),
+            ref_rejected_logps (b,), ref_prompt_hidden (b, H) or None).
+        hidden_size: H when the beta features are wanted, else None.
+    Every rank gets every row back, in dataset order (`gather_rows`).
+    """
+    n = len(dataset)
+    columns = {REF_CHOSEN: 0, REF_REJECTED: 1, **({REF_PROMPT_HIDDEN: 2} if hidden_size is not None else {})}
+    dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
+    for column, i in columns.items():
+        empty = torch.zeros(0) if i < 2 else torch.zeros(0, hidden_size)
+        local = torch.cat([out[i] for out in outputs]) if outputs else empty
+        dataset = dataset.add_column(column, gather_rows(local, n).tolist())
+    return dataset

@@ -27,7 +27,7 @@ from ...losses.variance import log_variance_prior
 from ...models.model_with_heads import ModelWithHeads, last_token_hidden
 from ...models.pair_attention import prepare_pair_packing
 from ..base_trainer import DiscoTrainer
-from ..distributed import prepare_reference, zero_stage
+from ..distributed import gathered_parameters, prepare_reference, rank, shard_bounds, world_size, zero_stage
 from ..frozen import disable_dropout
 from .metric import LABEL_COLUMNS, compute_metrics, step_metrics
 from .reference import (
@@ -36,6 +36,7 @@ from .reference import (
     REF_REJECTED,
     REFERENCE_COLUMNS,
     ReferenceColumnsCollator,
+    add_reference_columns,
     prompt_features,
 )
 
@@ -192,8 +193,6 @@ class DPOTrainer(DiscoTrainer):
         dataset order). Under ZeRO-3 the weights are gathered whole for this pass, which runs before the training
         engine (and its per-layer gathering) exists.
         """
-        from ..distributed import gather_rows, gathered_parameters, rank, shard_bounds, world_size
-
         start, end = shard_bounds(len(dataset), world_size(), rank())
         loader = DataLoader(
             dataset.select(range(start, end)),
@@ -202,34 +201,20 @@ class DPOTrainer(DiscoTrainer):
             shuffle=False,
             num_workers=self.args.dataloader_num_workers,
         )
-        chosen, rejected, hidden = [], [], []
+        outputs = []
         model = self._policy()
         was_training = model.training
         model.eval()
         try:
             with gathered_parameters(model):
                 for batch in loader:
-                    batch = self._prepare_inputs(batch)
-                    c, r, h = self.reference_forward(batch)
-                    chosen.append(c.cpu())
-                    rejected.append(r.cpu())
-                    if h is not None:
-                        hidden.append(h.cpu())
+                    chosen, rejected, hidden = self.reference_forward(self._prepare_inputs(batch))
+                    outputs.append((chosen.cpu(), rejected.cpu(), hidden.cpu() if hidden is not None else None))
         finally:
             model.train(was_training)
-        empty = torch.zeros(0)
-        chosen_all = gather_rows(torch.cat(chosen) if chosen else empty, len(dataset))
-        rejected_all = gather_rows(torch.cat(rejected) if rejected else empty, len(dataset))
-        if self.needs_beta_features:
-            width = self._policy().config.get_text_config().hidden_size
-            hidden_all = gather_rows(torch.cat(hidden) if hidden else torch.zeros(0, width), len(dataset))
+        hidden_size = model.config.get_text_config().hidden_size if self.needs_beta_features else None
         logger.info("Precomputed reference log-probs for %d %s pairs.", len(dataset), name)
-        dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
-        dataset = dataset.add_column(REF_CHOSEN, chosen_all.tolist())
-        dataset = dataset.add_column(REF_REJECTED, rejected_all.tolist())
-        if self.needs_beta_features:
-            dataset = dataset.add_column(REF_PROMPT_HIDDEN, hidden_all.tolist())
-        return dataset
+        return add_reference_columns(dataset, outputs, hidden_size)
 
     def reference_outputs(self, inputs: dict[str, torch.Tensor]):
         """Reference log-probs and beta features: from the batch when precomputed, else from a reference forward."""
