@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from discoalign.cli.demo.rm import RM_DEMO_CONFIG
 from discoalign.config.loader import build_config
 from discoalign.data.encode import tokenize_pair
 from discoalign.data.synthetic import NOUNS, TOPICS, VOCABULARY, WORD_VALUES, synthetic_pair_rows
 from discoalign.eval.calibration import expected_calibration_error
 from discoalign.eval.score import encode_prompt_response, load_reward_model_for_scoring, score_token_pairs
-from discoalign.train.rm.demo import RM_DEMO_CONFIG
 from discoalign.train.tuner import run_exp
 
 TRAP_VALUE = -1.0

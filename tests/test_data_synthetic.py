@@ -15,7 +15,6 @@ from discoalign.data.synthetic import (
     VOCABULARY,
     WORD_VALUES,
     make_synthetic_pairs,
-    make_synthetic_prompts,
     synthetic_pair_rows,
     true_reward,
 )
@@ -74,12 +73,6 @@ def test_label_flip_rate_tracks_topic_noise():
         assert counts[topic] == 1000
         # binomial standard error <= 0.016 at n=1000: 0.05 is over 3 sigma
         assert abs(flips[topic] / counts[topic] - noise) < 0.05, topic
-
-
-def test_prompt_view():
-    prompts = make_synthetic_prompts(12, 5).to_list()
-    pairs = synthetic_pair_rows(12, 5)
-    assert prompts == [{"prompt": p["prompt"], "topic": p["topic"], "noise": p["noise"]} for p in pairs]
 
 
 def test_builtin_in_config_uses_num_pairs_and_held_out_seed_for_eval():

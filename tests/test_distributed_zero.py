@@ -101,7 +101,7 @@ def fingerprint(model) -> dict[str, list[float]]:
     model.eval()
     with torch.no_grad():
         out = model(input_ids, attention_mask, with_heads=True, with_variance=True, labels=labels,
-                    beta_features=features if model.beta_head is not None else None)  # fmt: skip
+                    prompt_features=features if model.beta_head is not None else None)  # fmt: skip
     model.train(was_training)
     result = {"logps": out.logps.tolist()}
     for key in ("mean", "variance", "beta_scale"):

@@ -65,7 +65,7 @@ def test_uncentred_head_for_ppo_keeps_its_bias():
 def _data_mean_scale(trainer) -> tuple[float, float]:
     """Mean and spread of s(x) = beta / pref_beta over the training pairs, read with the trained head."""
     out = trainer.predict(trainer.train_dataset)
-    s = torch.tensor(out.predictions[:, 2]) / trainer.pref_beta
+    s = torch.tensor(out.predictions[:, 2]) / trainer.finetuning_args.pref_beta
     return s.mean().item(), s.std().item()
 
 
@@ -286,21 +286,21 @@ def test_beta_dpo_trainer_loss_is_the_kept_pairs_mean(tmp_path):
     trainer = make_trainer(tmp_path, pref_beta_mode="batch", per_device_train_batch_size=4, max_steps=2,
                            beta_dpo_filter=0.5, learning_rate=1e-2)  # fmt: skip
     trainer.train()  # the running statistics exist after training batches
-    assert trainer.margin_mean is not None
+    assert trainer.objective.margin_mean is not None
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
     trainer.model.train()
-    mean_before, std_before = trainer.margin_mean.clone(), trainer.margin_std.clone()
+    mean_before, std_before = trainer.objective.margin_mean.clone(), trainer.objective.margin_std.clone()
     torch.manual_seed(5)
-    out = trainer.pair_forward(trainer.model, batch)
-    c, r = out["chosen_logps"].detach(), out["rejected_logps"].detach()
-    d = (c - out["ref_chosen_logps"]) - (r - out["ref_rejected_logps"])
+    pairs, result = trainer.pair_forward(trainer.model, batch)
+    c, r = pairs.chosen_logps.detach(), pairs.rejected_logps.detach()
+    d = (c - pairs.ref_chosen_logps) - (r - pairs.ref_rejected_logps)
     m0, sd = update_margin_statistics(d, mean_before, std_before)
     torch.manual_seed(5)
     beta, keep = beta_dpo_batch(d, m0, sd, 0.1, 0.6, 0.5)
     assert keep.sum().item() == 2
     losses = -F.logsigmoid(beta * d)
-    assert out["loss"].item() == pytest.approx(losses[keep].mean().item(), abs=1e-6)
-    assert float(out["beta"]) == pytest.approx(beta.item(), abs=1e-7)
+    assert result.loss.item() == pytest.approx(losses[keep].mean().item(), abs=1e-6)
+    assert float(result.beta) == pytest.approx(beta.item(), abs=1e-7)
 
 
 def test_ipo_rewards_are_logged_on_the_loss_scale(tmp_path):
@@ -313,11 +313,11 @@ def test_ipo_rewards_are_logged_on_the_loss_scale(tmp_path):
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
     trainer._stored_metrics["train"].clear()
     with torch.no_grad():
-        out = trainer.pair_forward(trainer.model, batch)
+        pairs, _ = trainer.pair_forward(trainer.model, batch)
         trainer.compute_loss(trainer.model, batch)
     lengths = response_lengths(batch["labels"]).clamp(min=1)
-    per_token = (out["chosen_logps"] - out["ref_chosen_logps"]) / lengths[:2]
+    per_token = (pairs.chosen_logps - pairs.ref_chosen_logps) / lengths[:2]
     logged = trainer._stored_metrics["train"]["rewards/chosen"][-1]
     assert logged == pytest.approx(0.1 * per_token.mean().item(), rel=1e-5)
-    summed = 0.1 * (out["chosen_logps"] - out["ref_chosen_logps"]).mean().item()
+    summed = 0.1 * (pairs.chosen_logps - pairs.ref_chosen_logps).mean().item()
     assert abs(logged - summed) > 1e-6  # the two scales differ, so the test can tell them apart

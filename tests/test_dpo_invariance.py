@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -111,6 +112,7 @@ def test_d_disco_dpo_with_variances_half_is_minus_log_ndtr_beta_d(tmp_path, ref_
     prior = cfg.finetuning.disco_variance_prior
     assert prior > 0
     assert loss == pytest.approx(sum(by_hand) / 4 + prior * math.log(0.5) ** 2, abs=1e-5)
-    trainer.variance_prior = 0.0  # `disco_variance_prior: 0`: exactly -log_ndtr(beta d)
+    # `disco_variance_prior: 0`: exactly -log_ndtr(beta d)
+    trainer.objective.settings = dataclasses.replace(trainer.objective.settings, variance_prior=0.0)
     with torch.no_grad():
         assert trainer.compute_loss(model, batch).item() == pytest.approx(sum(by_hand) / 4, abs=1e-5)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from discoalign.train.dpo.metric import eval_metrics, step_metrics
+from discoalign.losses.dpo_metrics import step_metrics
+from discoalign.train.dpo.metric import eval_metrics
 
 # chosen log-ratios (0.5, -1.0), rejected log-ratios (-0.5, 1.0): pair 0 correct, pair 1 wrong
 PC, PR = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0])

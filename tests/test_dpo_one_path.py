@@ -7,8 +7,8 @@ import pytest
 import torch
 from helpers import dpo_config, dpo_trainer, train_logs
 
+from discoalign.losses.dpo_metrics import step_metrics
 from discoalign.losses.logps import pair_sequence_logps
-from discoalign.train.dpo.metric import step_metrics
 from discoalign.train.tuner import run_exp
 
 RUN = {
@@ -68,23 +68,24 @@ def test_logged_rewards_are_the_loss_implicit_rewards(tmp_path, overrides):
     batch = first_batch(trainer)
     trainer._stored_metrics["train"].clear()
     with torch.no_grad():
-        _, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+        _, (_, out) = trainer.compute_loss(trainer.model, batch, return_outputs=True)
     logged = {k: v[0] for k, v in trainer._stored_metrics["train"].items()}
-    chosen, rejected = out["chosen_rewards"], out["rejected_rewards"]
+    chosen, rejected = out.chosen_rewards, out.rejected_rewards
+    scaled = out.scaled  # the log-probs on the loss's scale
     # The loss's rewards: beta (per pair for dynamic beta) times the log-ratio on the loss's scale (ipo: per token).
-    beta = out["beta"]
-    assert torch.equal(chosen, beta * (out["loss_chosen_logps"] - out["loss_ref_chosen_logps"]))
-    assert torch.equal(rejected, beta * (out["loss_rejected_logps"] - out["loss_ref_rejected_logps"]))
+    beta = out.beta
+    assert torch.equal(chosen, beta * (scaled.chosen_logps - scaled.ref_chosen_logps))
+    assert torch.equal(rejected, beta * (scaled.rejected_logps - scaled.ref_rejected_logps))
     assert logged["rewards/chosen"] == chosen.mean().item()
     assert logged["rewards/rejected"] == rejected.mean().item()
     assert logged["rewards/margins"] == (chosen - rejected).mean().item()
     assert logged["rewards/accuracies"] == (chosen > rejected).float().mean().item()
     # The same numbers as the metrics computing the rewards themselves (their behaviour without the loss's).
     recomputed = step_metrics(
-        out["loss_chosen_logps"],
-        out["loss_rejected_logps"],
-        out["loss_ref_chosen_logps"],
-        out["loss_ref_rejected_logps"],
+        scaled.chosen_logps,
+        scaled.rejected_logps,
+        scaled.ref_chosen_logps,
+        scaled.ref_rejected_logps,
         beta,
         log_beta=True,
     )

@@ -96,9 +96,9 @@ def test_pref_ftx_adds_the_chosen_token_nll_by_hand(tmp_path):
         trainer, _ = build_dpo_trainer(config(tmp_path, **overrides))
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
         with torch.no_grad():
-            loss, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+            loss, (pairs, _) = trainer.compute_loss(trainer.model, batch, return_outputs=True)
         lengths = (batch["labels"][:2, 1:] != -100).sum(-1)
-        return loss, out["chosen_logps"], lengths
+        return loss, pairs.chosen_logps, lengths
 
     plain, chosen_logps, lengths = step0()
     with_ftx, _, _ = step0(pref_ftx=0.5)
@@ -182,7 +182,7 @@ def test_examples_load_and_train_one_step(tmp_path, shared_data):
 
 
 def test_grid_demo_returns_one_row_per_cell(tmp_path):
-    from discoalign.train.dpo.demo import run_dpo_grid_demo
+    from discoalign.cli.demo.dpo import run_dpo_grid_demo
 
     rows = run_dpo_grid_demo(str(tmp_path), max_steps=2, synthetic_num_pairs=8, per_device_train_batch_size=2,
                              per_device_eval_batch_size=4, logging_steps=1, plot_loss=False, use_cpu=True)  # fmt: skip

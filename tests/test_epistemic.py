@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from discoalign.cli.main import main
 from discoalign.config.schema import FinetuningArguments, ModelArguments
 from discoalign.models.checkpoint import load_epistemic
-from discoalign.models.epistemic import TokenNovelty
+from discoalign.models.epistemic import EpistemicInputs, TokenNovelty
 from discoalign.train.rm.metric import pair_accuracy, reward_metrics
 
 TINY_BT = {
@@ -41,7 +41,7 @@ def test_token_novelty_counts_by_hand():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 0]])
     # row 1: token 9 unseen; pairs (1,3) and (3,9) unseen. row 2: pair (4,4) unseen. Padding never counts.
     assert term.novelty(ids, mask).tolist() == [0.0, 3.0, 1.0]
-    assert term.variance(ids, mask).tolist() == [0.0, 1.5, 0.5]
+    assert term.variance(EpistemicInputs(ids, mask)).tolist() == [0.0, 1.5, 0.5]
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +158,6 @@ def test_token_novelty_save_load_roundtrip_and_bad_file(tmp_path):
     assert torch.equal(loaded.unigram, term.unigram) and torch.equal(loaded.bigram, term.bigram)
     ids = torch.tensor([[1, 2, 9, 4, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 0]])
-    assert torch.equal(loaded.variance(ids, mask), term.variance(ids, mask))
+    assert torch.equal(loaded.variance(EpistemicInputs(ids, mask)), term.variance(EpistemicInputs(ids, mask)))
     with pytest.raises(CheckpointError, match="wrong shape"):
         TokenNovelty.load(str(tmp_path / "epistemic.safetensors"), {**term.config(), "buckets": 64})

@@ -144,13 +144,13 @@ def test_positions_follow_the_mask():
 
 def test_plumbing_for_trainer_and_reference(tokenizer):
     backbone = build_tiny_model("gpt2", tokenizer)
-    model = ModelWithHeads(backbone, ValueHead(64), VarianceHead(64))
+    model = ModelWithHeads(backbone, {"value_head": ValueHead(64), "variance_head": VarianceHead(64)})
     assert model.config is backbone.config
     assert model.lm_head is backbone.get_output_embeddings()
-    assert model.accepted_model_inputs == ()
+    assert model.supported_parameters == ()
     with model.disable_adapter():  # a full model is its own reference: the context is a no-op
         pass
-    assert [n for n, _ in model.head_parameters()] == [
+    assert [n for n, _ in model.named_parameters() if n.split(".")[0] in model.heads] == [
         "value_head.summary.weight",
         "value_head.summary.bias",
         "variance_head.summary.weight",

@@ -227,7 +227,8 @@ def _epoch_loss_and_grads(trainer: RewardTrainer) -> tuple[dict[int, float], dic
         idx = order[start : start + batch_size]
         batch = trainer.data_collator([dataset[i] for i in idx])
         padding += (batch["attention_mask"] == 0).sum().item()
-        mu_c, mu_r, _, _ = trainer.pair_scores(trainer.model, batch, with_variance=False)
+        pairs, _ = trainer.pair_scores(trainer.model, batch, with_variance=False)
+        mu_c, mu_r = pairs.chosen_mean, pairs.rejected_mean
         losses = torch.nn.functional.softplus(-(mu_c - mu_r))  # -log sigmoid, per pair
         (losses.sum() / len(order)).backward()
         per_pair.update({i: l.item() for i, l in zip(idx, losses)})

@@ -13,8 +13,8 @@ import math
 
 import pytest
 
+from discoalign.cli.demo.ppo import ensure_reward_model, ensure_warm_policy, ppo_demo_config
 from discoalign.config import build_config
-from discoalign.train.ppo.demo import ensure_reward_model, ensure_warm_policy, ppo_demo_config
 from discoalign.train.tuner import run_exp
 
 

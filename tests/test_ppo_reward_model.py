@@ -78,7 +78,7 @@ def _direct(causal_lm, heads: dict[str, torch.Tensor]) -> ModelWithHeads:
     with torch.no_grad():
         value_head.summary.weight.copy_(heads["v_head.summary.weight"])
         value_head.summary.bias.copy_(heads["v_head.summary.bias"])
-    return ModelWithHeads(causal_lm, value_head).eval()
+    return ModelWithHeads(causal_lm, {"value_head": value_head}).eval()
 
 
 def test_llamafactory_value_head_checkpoint(tmp_path, tiny_dirs, tokenizer):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from discoalign.cli.demo.rm import rm_config
 from discoalign.config import build_config
-from discoalign.train.rm.demo import rm_config
 from discoalign.train.tuner import run_exp
 
 

@@ -57,22 +57,13 @@ def _set_cpu_threads() -> None:
 
 
 def cmd_train_or_eval(ns: argparse.Namespace) -> int:
-    from ..config.loader import build_config, parse_overrides, read_yaml
+    from ..config.loader import parse_overrides, read_yaml
     from ..train.tuner import run_exp
+    from .run_config import command_config
 
     raw = read_yaml(ns.config)
     raw.update(parse_overrides(ns.overrides))
-    has_eval = bool(raw.get("eval_dataset")) or bool(raw.get("val_size"))
-    if ns.command == "train":
-        # What a user of `train` expects without writing it: train, and evaluate when eval data is given.
-        defaults = {"do_train": True, "do_eval": has_eval}
-    else:
-        defaults = {}
-        raw.update(do_train=False, do_eval=True)
-        if not has_eval and raw.get("dataset"):
-            # Evaluating without training: the dataset itself is what gets evaluated.
-            raw["eval_dataset"] = raw["dataset"]
-    cfg = build_config(raw, source=repr(ns.config), defaults=defaults, require_stage=True)
+    cfg = command_config(ns.command, raw, source=repr(ns.config))
     run_exp(cfg)
     if cfg.training.process_index == 0:  # once per run, not once per process
         print(f"\nOutputs in {os.path.abspath(cfg.training.output_dir)}")
@@ -148,7 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"discoalign {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_eval_parsers(sub)
+    _add_score_parser(sub)
+    _add_bon_parser(sub)
+    _add_small_parsers(sub)
 
+    from .export_serve import add_export_parser, add_serve_parser
+
+    add_export_parser(sub)
+    add_serve_parser(sub)
+    return parser
+
+
+def _add_train_eval_parsers(sub) -> None:
     for name, helptext in (
         ("train", "Train a stage (sft, rm, dpo, ppo) from a flat YAML config."),
         ("eval", "Evaluate a trained model on a dataset, without training."),
@@ -164,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="Overrides, e.g. learning_rate=1e-4.")
         p.set_defaults(func=cmd_train_or_eval)
 
+
+def _add_score_parser(sub) -> None:
     p = sub.add_parser(
         "score",
         help="Score responses with a trained reward model.",
@@ -178,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid-rows", action="store_true", help="Drop bad rows, counted per reason (else stop).")
     p.set_defaults(func=cmd_score)
 
+
+def _add_bon_parser(sub) -> None:
     p = sub.add_parser(
         "bon",
         help="Best-of-n: keep the response with the highest mean - kappa * sigma per prompt.",
@@ -201,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid-rows", action="store_true", help="Drop bad rows (counted) instead of stopping.")
     p.set_defaults(func=cmd_bon)
 
+
+def _add_small_parsers(sub) -> None:
+    """tiny-model, demo and keys."""
     p = sub.add_parser(
         "tiny-model",
         help="Write a tiny random model and a locally trained tokenizer.",
@@ -237,12 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("group", nargs="?", help=f"Show one group only (any case): {', '.join(GROUPS)}.")
     p.set_defaults(func=cmd_keys)
-
-    from .export_serve import add_export_parser, add_serve_parser
-
-    add_export_parser(sub)
-    add_serve_parser(sub)
-    return parser
 
 
 def cmd_keys(ns: argparse.Namespace) -> int:

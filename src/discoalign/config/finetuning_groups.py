@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from ..losses.dpo import DPO_LOSS_TYPES
+
 
 @dataclass
 class StageArguments:
@@ -46,56 +48,8 @@ class TowerArguments:
     )
 
 
-@dataclass
-class HeadArguments:
-    """The variance and beta heads: whether they exist, whether the loss uses them, how they train."""
-
-    GROUP_TITLE: ClassVar[str] = "Heads"
-
-    add_disco_head: bool = field(default=False, metadata={"help": "Create the variance head."})
-    add_beta_head: bool = field(default=False, metadata={"help": "Create the beta head on the reference model."})
-    disco_pref: bool = field(default=False, metadata={"help": "Use the variance head in the loss (probit)."})
-    use_dynamic_beta: bool = field(default=False, metadata={"help": "beta_eff(x) = pref_beta * s(x)."})
-    head_dropout: float = field(default=0.0, metadata={"help": "Dropout before the value and variance heads."})
-    head_init_std: float | None = field(
-        default=None, metadata={"help": "Value head init: PyTorch default when unset, else normal(0, std)."}
-    )
-    beta_head_epsilon: float = field(
-        default=0.8,
-        metadata={
-            "help": "s(x) = 1 + eps * tanh(.), eps in (0, 1) (0.8: measured on benchmarks/dpo_noise.py, where "
-            "0.5 saturated at both ends)."
-        },
-    )
-    beta_head_lr_ratio: float = field(
-        default=10.0,
-        metadata={
-            "help": "Beta head lr = learning_rate * ratio (10: chosen on benchmarks/dpo_noise.py, where 1 "
-            "left the head too slow to help)."
-        },
-    )
-    variance_head_lr_ratio: float | None = field(
-        default=None,
-        metadata={
-            "help": "Variance head lr = learning_rate * ratio. Default: 10 for stage dpo (DiscoDPO's variance "
-            "barely moves at 1, docs/noisy_labels.md), 1 otherwise."
-        },
-    )
-    beta_head_pooling: Literal["last", "mean"] = field(
-        default="mean",
-        metadata={
-            "help": "Beta head features: the reference's hidden state at the last prompt token (`last`) or "
-            "its mean over the prompt's tokens (`mean`)."
-        },
-    )
-    disco_variance_prior: float = field(
-        default=0.03,
-        metadata={
-            "help": "Disco (rm and DiscoDPO): strength lambda of a Normal(0, 1/lambda) prior on each "
-            "log-variance, adding lambda/2 * (log sigma^2)^2 per response; anchors the variance scale "
-            "(0 turns it off)."
-        },
-    )
+# `none` and the names of the epistemic estimator registry (`models/epistemic/registry.py`; a test keeps them equal).
+EPISTEMIC_KINDS = ("none", "token_novelty")
 
 
 @dataclass
@@ -108,7 +62,7 @@ class RewardModelArguments:
         default=None, metadata={"help": "Adds c * mean((mu_c + mu_r)^2) to the reward loss."}
     )
     # docs/reward_modeling.md "Epistemic uncertainty"
-    epistemic: Literal["none", "token_novelty"] = field(
+    epistemic: Literal[EPISTEMIC_KINDS] = field(
         default="none",
         metadata={
             "help": "rm: add an epistemic variance term to the reward model: `token_novelty` = prior variance x "
@@ -124,8 +78,8 @@ class DPOArguments:
     GROUP_TITLE: ClassVar[str] = "DPO"
 
     pref_beta: float = field(default=0.1, metadata={"help": "DPO beta (KL coefficient in PPO)."})
-    pref_loss: Literal["sigmoid", "robust", "ipo", "hinge"] = field(
-        default="sigmoid", metadata={"help": "sigmoid | robust | ipo | hinge."}
+    pref_loss: Literal[DPO_LOSS_TYPES] = field(
+        default="sigmoid", metadata={"help": " | ".join(DPO_LOSS_TYPES) + " (docs/dpo.md)."}
     )
     label_smoothing: float = field(
         default=0.0,

@@ -45,12 +45,6 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
-def ungrouped() -> list[str]:
-    """Schema keys in no group (a test keeps this empty)."""
-    grouped = {key for keys in GROUPS.values() for key in keys}
-    return [name for name in all_fields() if name not in grouped]
-
-
 def render(group: str | None = None, markdown: bool = False) -> str:
     """The keys of one group (or all), with default and help, as plain text or a markdown page."""
     fields = all_fields()

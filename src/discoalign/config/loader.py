@@ -18,6 +18,7 @@ import yaml
 
 from ..errors import ConfigError
 from .aliases import apply_aliases
+from .plan import RunPlan, build_plan
 from .schema import ARGUMENT_CLASSES, DataArguments, FinetuningArguments, ModelArguments
 from .training_args import build_training_arguments
 from .validate import validate_combinations
@@ -37,6 +38,11 @@ class RunConfig:
     training: Any  # transformers.TrainingArguments
     resolved: dict[str, Any]  # the flat dict written next to the checkpoint
     source: str = "<dict>"
+
+    @property
+    def plan(self) -> RunPlan:
+        """The run's decisions (`config.plan`), derived from the validated keys."""
+        return build_plan(self.finetuning)
 
     def save(self, output_dir: str | None = None) -> str:
         """Write the resolved flat config to `output_dir/discoalign_config.yaml` and return its path."""

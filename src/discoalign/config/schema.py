@@ -13,7 +13,6 @@ from typing import ClassVar, Literal
 
 from .finetuning_groups import (
     DPOArguments,
-    HeadArguments,
     LoraArguments,
     OutputArguments,
     PPOArguments,
@@ -22,6 +21,7 @@ from .finetuning_groups import (
     StageArguments,
     TowerArguments,
 )
+from .heads import HeadArguments
 
 
 @dataclass

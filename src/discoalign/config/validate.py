@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from ..errors import ConfigError, DataError
@@ -10,6 +11,7 @@ from .attention import check_attention_implementation
 from .builtin_models import TINY_MULTIMODAL_ARCHS, TINY_SEQ2SEQ_ARCHS, is_builtin
 from .dataset_info import load_dataset_info
 from .finetuning_groups import PPOArguments
+from .heads import HEAD_SPECS, beta_epsilon_error
 from .placement import check_quantization, parse_device_map
 from .schema import DataArguments, FinetuningArguments, ModelArguments
 from .training_args import validate_deepspeed
@@ -22,59 +24,83 @@ def validate_combinations(
     training: dict[str, Any],
     source: str,
 ) -> list[str]:
-    """Raise ConfigError for a forbidden combination; return notes to log once for allowed-but-notable ones."""
-    notes: list[str] = []
+    """Raise ConfigError for a forbidden combination; return notes to log once for allowed-but-notable ones.
+
+    One function per group of keys, each rule written once; the order decides which of several mistakes is named.
+    """
 
     def fail(msg: str) -> None:
         raise ConfigError(f"In {source}: {msg}")
 
     # First, so that a PPO run with `disco_pref` hears about PPO, not about the missing variance head.
-    notes += _validate_ppo(ft, fail)
+    notes = _validate_ppo(ft, fail)
     _validate_sft(model, data, ft, fail)
     validate_deepspeed(ft, training, fail)
+    notes += _validate_heads(ft, fail)
+    _validate_reward_model(ft, fail)
+    _validate_dpo(ft, fail)
+    _validate_lora(ft, fail)
+    _validate_data(model, data, ft, fail)
+    notes += _validate_model_layer(model, data, ft, fail)
+    _validate_outputs(model, data, ft, training, fail)
+    return notes
 
-    if ft.disco_pref and not ft.add_disco_head:
-        fail(
-            "`disco_pref: true` uses the variance head, but `add_disco_head` is false, so the head does not "
-            "exist. Set `add_disco_head: true` (or drop `disco_pref`)."
-        )
-    if ft.use_dynamic_beta and not ft.add_beta_head:
-        fail(
-            "`use_dynamic_beta: true` uses the beta head, but `add_beta_head` is false, so the head does not "
-            "exist. Set `add_beta_head: true` (or drop `use_dynamic_beta`)."
-        )
-    if ft.stage == "rm" and (ft.add_beta_head or ft.use_dynamic_beta):
-        keys = [k for k in ("add_beta_head", "use_dynamic_beta") if getattr(ft, k)]
-        fail(
-            f"{' and '.join(f'`{k}`' for k in keys)} cannot be used with `stage: rm`: reward modelling has no "
-            "beta. The beta head belongs to `stage: dpo` (and `ppo`)."
-        )
+
+def _validate_heads(ft: FinetuningArguments, fail) -> list[str]:
+    """The head registry's rules (`config.heads.HEAD_SPECS`): stages, creation before use, ranges."""
+    notes: list[str] = []
+    refused = [(spec, k) for spec in HEAD_SPECS if ft.stage not in spec.stages for k in spec.keys if getattr(ft, k)]
+    if refused:
+        keys = [k for _, k in refused]
+        reasons = dict.fromkeys(
+            spec.refused.get(ft.stage, f"the {spec.name.replace('_', ' ')} belongs to "
+                             f"{' and '.join(f'`stage: {s}`' for s in spec.stages)}.")
+            for spec, _ in refused
+        )  # fmt: skip
+        joined = " and ".join(f"`{k}`" for k in keys) if len(keys) == 2 else ", ".join(f"`{k}`" for k in keys)
+        fail(f"{joined} cannot be used with `stage: {ft.stage}`: {' '.join(reasons)}")
+    for spec in HEAD_SPECS:
+        if not (spec.add_key and spec.use_key):
+            continue
+        what = spec.name.replace("_", " ")
+        if getattr(ft, spec.use_key) and not getattr(ft, spec.add_key):
+            fail(f"`{spec.use_key}: true` uses the {what}, but `{spec.add_key}` is false, so the head does not "
+                 f"exist. Set `{spec.add_key}: true` (or drop `{spec.use_key}`).")  # fmt: skip
+        if getattr(ft, spec.add_key) and not getattr(ft, spec.use_key):
+            notes.append(f"`{spec.add_key}: true` with `{spec.use_key}: false`: the {what} exists and is saved, but "
+                         f"the loss does not use it; the numbers equal a run without the head.")  # fmt: skip
+    epsilon_error = beta_epsilon_error(ft.beta_head_epsilon)
+    if epsilon_error:
+        fail(epsilon_error)
+    for spec in HEAD_SPECS:
+        ratio = getattr(ft, spec.lr_ratio_key) if spec.lr_ratio_key else None
+        if ratio is not None and ratio <= 0:
+            fail(f"`{spec.lr_ratio_key}` is {ratio}; it must be positive.")
+    if ft.disco_variance_prior < 0:
+        fail(f"`disco_variance_prior` is {ft.disco_variance_prior}; it must be 0 (off) or positive.")
+    if ft.head_dropout < 0 or ft.head_dropout >= 1:
+        fail(f"`head_dropout` is {ft.head_dropout}; it must lie in [0, 1).")
+    if ft.head_init_std is not None and ft.head_init_std <= 0:
+        fail(f"`head_init_std` is {ft.head_init_std}; it must be positive (or unset for PyTorch's default init).")
+    return notes
+
+
+def _validate_reward_model(ft: FinetuningArguments, fail) -> None:
+    """`epistemic` is a property of a reward model."""
     if ft.epistemic != "none" and ft.stage != "rm":
         fail(
             f"`epistemic: {ft.epistemic}` is a property of a reward model and applies to `stage: rm` only; PPO uses "
             "the term saved with its `reward_model`. Remove it or set `stage: rm`."
         )
+
+
+def _validate_dpo(ft: FinetuningArguments, fail) -> None:
+    """The DPO family: beta, the loss, label smoothing, beta-DPO, the precomputed reference."""
     if ft.disco_pref and ft.stage == "dpo" and ft.pref_loss != "sigmoid":
         fail(
             f"`pref_loss: {ft.pref_loss}` cannot be combined with `disco_pref: true`: DiscoDPO is the probit member "
             "of the sigmoid family. Use `pref_loss: sigmoid` or set `disco_pref: false`."
         )
-    if ft.add_disco_head and not ft.disco_pref:
-        notes.append(
-            "`add_disco_head: true` with `disco_pref: false`: the variance head exists and is saved, but the loss "
-            "does not use it; the numbers equal a run without the head."
-        )
-    if ft.add_beta_head and not ft.use_dynamic_beta:
-        notes.append(
-            "`add_beta_head: true` with `use_dynamic_beta: false`: the beta head exists and is saved, but beta is "
-            "exactly `pref_beta`; the numbers equal a run without the head."
-        )
-    if not 0.0 < ft.beta_head_epsilon < 1.0:
-        fail(f"`beta_head_epsilon` is {ft.beta_head_epsilon}; it must lie strictly between 0 and 1 so s(x) > 0.")
-    if ft.beta_head_lr_ratio <= 0:
-        fail(f"`beta_head_lr_ratio` is {ft.beta_head_lr_ratio}; it must be positive.")
-    if ft.variance_head_lr_ratio is not None and ft.variance_head_lr_ratio <= 0:
-        fail(f"`variance_head_lr_ratio` is {ft.variance_head_lr_ratio}; it must be positive.")
     if ft.pref_beta <= 0:
         fail(f"`pref_beta` is {ft.pref_beta}; it must be positive.")
     if not 0.0 <= ft.label_smoothing < 0.5:
@@ -97,14 +123,25 @@ def validate_combinations(
             fail(f"`beta_dpo_alpha` is {ft.beta_dpo_alpha}; it must be 0 or more.")
         if not 0.0 <= ft.beta_dpo_filter < 1.0:
             fail(f"`beta_dpo_filter` is {ft.beta_dpo_filter}; it must lie in [0, 1) (the fraction of a batch dropped).")
-    if ft.disco_variance_prior < 0:
-        fail(f"`disco_variance_prior` is {ft.disco_variance_prior}; it must be 0 (off) or positive.")
-    if ft.head_dropout < 0 or ft.head_dropout >= 1:
-        fail(f"`head_dropout` is {ft.head_dropout}; it must lie in [0, 1).")
-    if ft.head_init_std is not None and ft.head_init_std <= 0:
-        fail(f"`head_init_std` is {ft.head_init_std}; it must be positive (or unset for PyTorch's default init).")
+    if ft.precompute_ref_logps and ft.stage != "dpo":
+        fail("`precompute_ref_logps` applies to `stage: dpo` only.")
+    if ft.logps_chunk_size < 0:
+        fail(f"`logps_chunk_size` is {ft.logps_chunk_size}; it must be a positive number of tokens, or 0 for the "
+             "plain full log-softmax.")  # fmt: skip
+
+
+def _validate_lora(ft: FinetuningArguments, fail) -> None:
     if ft.lora_rank <= 0:
         fail(f"`lora_rank` is {ft.lora_rank}; it must be a positive integer.")
+    if not 0.0 <= ft.lora_dropout < 1.0:
+        fail(f"`lora_dropout` is {ft.lora_dropout}; it must lie in [0, 1).")
+    if ft.lora_alpha is not None and ft.lora_alpha <= 0:
+        fail(f"`lora_alpha` is {ft.lora_alpha}; it must be positive (or unset for 2 * lora_rank).")
+
+
+def _validate_data(model: ModelArguments, data: DataArguments, ft: FinetuningArguments, fail) -> None:
+    """The data keys, and `pack_pairs` (caught here where the config alone says so; the trainer re-checks what only
+    the loaded model can tell: its attention implementation and modality)."""
     if data.dataset_dir is not None:
         try:
             load_dataset_info(data.dataset_dir)
@@ -116,19 +153,12 @@ def validate_combinations(
         fail(f"`val_size` is {data.val_size}; it must be 0 (no split), a fraction below 1, or a row count.")
     if data.max_samples is not None and data.max_samples <= 0:
         fail(f"`max_samples` is {data.max_samples}; it must be a positive integer.")
-    if ft.precompute_ref_logps and ft.stage != "dpo":
-        fail("`precompute_ref_logps` applies to `stage: dpo` only.")
     if model.image_min_pixels < 1 or model.image_max_pixels < model.image_min_pixels:
         fail(
             f"`image_min_pixels` ({model.image_min_pixels}) must be at least 1 and at most `image_max_pixels` "
             f"({model.image_max_pixels})."
         )
-    if ft.logps_chunk_size < 0:
-        fail(f"`logps_chunk_size` is {ft.logps_chunk_size}; it must be a positive number of tokens, or 0 for the "
-             "plain full log-softmax.")  # fmt: skip
     if data.pack_pairs:
-        # Caught here, before a model loads, where the config alone says so; the trainer re-checks what only
-        # the loaded model can tell (its actual attention implementation and modality).
         if ft.stage not in ("rm", "dpo"):
             fail(f"`pack_pairs` packs preference pairs and applies to `stage: rm` and `dpo`, not `{ft.stage}`.")
         if model.attn_implementation is not None:  # None: sdpa (or eager), decided when the model loads
@@ -139,11 +169,12 @@ def validate_combinations(
         if is_builtin(model.model_name_or_path, TINY_MULTIMODAL_ARCHS):
             fail("`pack_pairs: true` supports text-only models; the built-in multimodal models are not. "
                  "Set `pack_pairs: false`.")  # fmt: skip
-    if not 0.0 <= ft.lora_dropout < 1.0:
-        fail(f"`lora_dropout` is {ft.lora_dropout}; it must lie in [0, 1).")
-    if ft.lora_alpha is not None and ft.lora_alpha <= 0:
-        fail(f"`lora_alpha` is {ft.lora_alpha}; it must be positive (or unset for 2 * lora_rank).")
-    notes += _validate_model_layer(model, data, ft, fail)
+
+
+def _validate_outputs(
+    model: ModelArguments, data: DataArguments, ft: FinetuningArguments, training: dict[str, Any], fail
+) -> None:
+    """Something to load, something to train or evaluate on, and an output folder that deletes nothing it reads."""
     if not model.model_name_or_path:
         fail("`model_name_or_path` is empty; give a local directory, a hub name or builtin:tiny-<arch>.")
     if training.get("do_train") and not data.dataset:
@@ -153,8 +184,6 @@ def validate_combinations(
     if training.get("do_eval") and not training.get("do_train") and not (data.dataset or data.eval_dataset):
         fail("evaluation needs data: set `eval_dataset` (or `dataset`).")
     if ft.overwrite_output_dir and training.get("do_train"):
-        import os
-
         out = os.path.abspath(os.path.expanduser(str(training.get("output_dir", ""))))
         for key in ("model_name_or_path", "ref_model_name_or_path", "reward_model"):
             value = getattr(model, key, None) or getattr(ft, key, None)
@@ -164,7 +193,6 @@ def validate_combinations(
     if ft.overwrite_output_dir and training.get("resume_from_checkpoint"):
         fail("`overwrite_output_dir: true` would delete the checkpoints that `resume_from_checkpoint` resumes from; "
              "set only one of them.")  # fmt: skip
-    return notes
 
 
 def _validate_model_layer(model: ModelArguments, data: DataArguments, ft: FinetuningArguments, fail) -> list[str]:
@@ -201,14 +229,8 @@ def _validate_model_layer(model: ModelArguments, data: DataArguments, ft: Finetu
 
 
 def _validate_sft(model: ModelArguments, data: DataArguments, ft: FinetuningArguments, fail) -> None:
-    """Stage `sft` trains the language model only: no heads; `packing` and `sft_responses` belong to it."""
+    """Stage `sft`: `packing` and `sft_responses` belong to it (its heads are refused by `_validate_heads`)."""
     if ft.stage == "sft":
-        heads = [k for k in ("add_disco_head", "add_beta_head", "disco_pref", "use_dynamic_beta") if getattr(ft, k)]
-        if heads:
-            fail(
-                f"{', '.join(f'`{k}`' for k in heads)} cannot be used with `stage: sft`: supervised fine-tuning "
-                "trains the language model only and has no heads. Remove them, or use `stage: rm` / `dpo`."
-            )
         if data.pack_pairs:
             fail("`pack_pairs` packs preference pairs (stage rm / dpo); for `stage: sft` use `packing: true`.")
     else:
@@ -244,13 +266,6 @@ def _validate_ppo(ft: FinetuningArguments, fail) -> list[str]:
         fail(
             "`stage: ppo` needs `reward_model`: the directory of a trained reward model (for example the output "
             "of `discoalign train examples/rm_bt.yaml`)."
-        )
-    if ft.disco_pref or ft.add_disco_head:
-        keys = [k for k in ("add_disco_head", "disco_pref") if getattr(ft, k)]
-        fail(
-            f"{' and '.join(f'`{k}`' for k in keys)} cannot be used with `stage: ppo`: the policy has no variance "
-            "head in PPO. The Disco variance comes from the reward model; `disco_risk_coef` decides how much it "
-            "counts (reward = mean - disco_risk_coef * sqrt(variance))."
         )
     positive_ints = {"max_new_tokens": ft.max_new_tokens, "ppo_epochs": ft.ppo_epochs,
                      "ppo_buffer_size": ft.ppo_buffer_size}  # fmt: skip

@@ -23,7 +23,6 @@ OTHER_FORMAT = "row of another format"
 NOT_ASSISTANT = "response not from the assistant"
 BAD_TEXT = "invalid text"
 
-ROLES = ("system", "user", "assistant")
 # sharegpt (LlamaFactory) speaker names -> our roles.
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

@@ -37,7 +37,6 @@ from .checks import (
     with_system,
 )
 
-FORMATS = ("pairwise", "implicit", "hh_rlhf", "sharegpt", "prompt")
 PAIRWISE_FORMATS = ("pairwise", "implicit", "hh_rlhf", "sharegpt")
 FORMAT_COLUMNS = {
     "pairwise": "`prompt`, `chosen`, `rejected` (strings or message lists; optional `system`, `margin`)",

@@ -58,10 +58,6 @@ class PromptSchedule:
         start = position * global_size + self.process_index * self.batch_size
         return self._order(epoch)[start : start + self.batch_size].tolist()
 
-    def epoch_of(self, step: int) -> float:
-        """Fractional epoch reached after `step` steps, for the Trainer's logs."""
-        return step / max(self.steps_per_epoch, 1)
-
 
 def prompt_rows(dataset, indices: list[int]) -> list[dict[str, Any]]:
     """The rows of a `datasets.Dataset` at `indices`, as dicts (prompt_input_ids, prompt, topic, ...)."""

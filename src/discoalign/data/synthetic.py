@@ -128,11 +128,3 @@ def make_synthetic_pairs(num_pairs: int, seed: int):
     import datasets
 
     return datasets.Dataset.from_list(synthetic_pair_rows(num_pairs, seed))
-
-
-def make_synthetic_prompts(num: int, seed: int):
-    """The prompt-only view of `make_synthetic_pairs(num, seed)` (stage ppo): `prompt`, `topic`, `noise`."""
-    import datasets
-
-    rows = synthetic_pair_rows(num, seed)
-    return datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "topic", "noise")} for r in rows])

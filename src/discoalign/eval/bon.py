@@ -26,19 +26,19 @@ from typing import Any
 
 import torch
 
+from ..config.plan import HeadPlan
 from ..config.schema import DataArguments, FinetuningArguments, ModelArguments
 from ..data import get_dataset
-from ..data.checks import TRUNCATED
 from ..data.position import turn_end_suffix
 from ..data.prompts import left_pad
 from ..errors import ConfigError, DataError
-from ..models.checkpoint import load_epistemic
+from ..models.checkpoint import has_epistemic
 from ..models.generation import stop_token_ids, truncate_at_stop
 from ..models.loader import load_model_with_heads
 from ..models.reward_model import score_responses_detailed
 from .score import (
     check_reward_model_dir,
-    encode_prompt_response,
+    encode_rows,
     load_reward_model_for_scoring,
     read_prompt_response_rows,
     score_token_pairs,
@@ -88,10 +88,10 @@ def _write(rows: list[dict[str, Any]], out_path: str) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _check_kappa(kappa: float, has_variance: bool, has_epistemic: bool, model_dir: str) -> None:
+def _check_kappa(kappa: float, has_variance: bool, epistemic: bool, model_dir: str) -> None:
     if kappa < 0 or not math.isfinite(kappa):
         raise ConfigError(f"--kappa {kappa}: it must be a finite number >= 0.")
-    if kappa > 0 and not (has_variance or has_epistemic):
+    if kappa > 0 and not (has_variance or epistemic):
         raise ConfigError(
             f"--kappa {kappa} subtracts the reward model's sigma, but `--model {model_dir}` has no variance head and "
             "no epistemic term (a scalar reward model). Use --kappa 0, or a Disco reward model / one trained with "
@@ -106,7 +106,7 @@ def rerank_file(
     """Best-of-n over a candidate file of prompt + response rows; writes one line per prompt."""
 
     has_variance = check_reward_model_dir(model_dir)
-    _check_kappa(kappa, has_variance, load_epistemic(model_dir) is not None, model_dir)
+    _check_kappa(kappa, has_variance, has_epistemic(model_dir), model_dir)
     rows, skipped, total, prompt_response = read_prompt_response_rows(candidates_path, skip_invalid_rows)
     if not prompt_response:
         raise DataError(
@@ -118,11 +118,7 @@ def rerank_file(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     groups: dict[str, list[dict[str, Any]]] = {}
     items, metas = [], []
-    for row in rows:
-        encoded = encode_prompt_response(tokenizer, row["prompt"], row["response"], cutoff_len)
-        if encoded is None:
-            skipped[TRUNCATED] += 1
-            continue
+    for row, encoded in encode_rows(tokenizer, rows, cutoff_len, skipped):
         items.append(encoded)
         metas.append({"index": row["index"], "text": row["response"][0]["content"], "prompt_messages": row["prompt"],
                       **row["extra"]})  # fmt: skip
@@ -152,10 +148,10 @@ def sample_and_select(
     if temperature <= 0 or max_new_tokens < 1:
         raise ConfigError("--temperature must be positive and --max-new-tokens at least 1.")
     has_variance = check_reward_model_dir(model_dir)
-    _check_kappa(kappa, has_variance, load_epistemic(model_dir) is not None, model_dir)
+    _check_kappa(kappa, has_variance, has_epistemic(model_dir), model_dir)
     policy, tokenizer = load_model_with_heads(
         ModelArguments(model_name_or_path=policy_dir), FinetuningArguments(stage="ppo", reward_model=model_dir),
-        add_value_head=False, is_trainable=False,
+        heads=HeadPlan.of(), is_trainable=False,
     )  # fmt: skip
     reward_model, reward_tokenizer = load_reward_model_for_scoring(model_dir, has_variance)
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():

@@ -55,21 +55,3 @@ def plot_reliability(conf: np.ndarray, acc: np.ndarray, count: np.ndarray, path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def plot_histograms(values: dict[str, np.ndarray], path: str, title: str, xlabel: str) -> str | None:
-    """Overlaid histograms of several named 1-D arrays (e.g. beta per step, variance per topic)."""
-    values = {k: np.asarray(v) for k, v in values.items() if len(v)}
-    if not values:
-        return None
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, v in values.items():
-        ax.hist(v, bins=30, alpha=0.5, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

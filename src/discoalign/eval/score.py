@@ -20,6 +20,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ from ..data.formats import to_prompt_row
 from ..data.prompts import left_pad
 from ..data.sources import read_spec
 from ..errors import CheckpointError, DataError
+from ..models.heads import reward_heads
 from ..models.loader import load_model_with_heads
 from ..models.reward_model import check_reward_heads, score_responses_detailed
 
@@ -136,8 +138,8 @@ def load_reward_model_for_scoring(model_dir: str, has_variance: bool):
 
     model, tokenizer = load_model_with_heads(
         ModelArguments(model_name_or_path=model_dir),
-        FinetuningArguments(stage="rm", add_disco_head=has_variance),
-        add_value_head=True,
+        FinetuningArguments(stage="rm"),
+        heads=reward_heads(has_variance),
         is_trainable=False,
     )
     return model.eval(), tokenizer
@@ -149,6 +151,19 @@ def encode_prompt_response(tokenizer, prompt, response, cutoff_len: int) -> tupl
         *tokenize_pair(tokenizer, {"prompt": prompt, "chosen": response, "rejected": response}), cutoff_len
     )
     return (prompt_ids, response_ids) if response_ids else None
+
+
+def encode_rows(
+    tokenizer, rows: list[dict[str, Any]], cutoff_len: int, skipped: Counter
+) -> Iterator[tuple[dict[str, Any], tuple[list[int], list[int]]]]:
+    """(row, (prompt ids, response ids)) of each prompt + response row; rows that truncation empties are counted in
+    `skipped` and left out."""
+    for row in rows:
+        encoded = encode_prompt_response(tokenizer, row["prompt"], row["response"], cutoff_len)
+        if encoded is None:
+            skipped[TRUNCATED] += 1
+        else:
+            yield row, encoded
 
 
 @torch.no_grad()
@@ -201,11 +216,7 @@ def score_file(
     lines: list[dict[str, Any]] = []
     items: list[tuple[list[int], list[int]]] = []
     if prompt_response:
-        for row in rows:
-            encoded = encode_prompt_response(tokenizer, row["prompt"], row["response"], cutoff_len)
-            if encoded is None:
-                skipped[TRUNCATED] += 1
-                continue
+        for row, encoded in encode_rows(tokenizer, rows, cutoff_len, skipped):
             items.append(encoded)
             lines.append({"index": row["index"], "prompt": row["prompt"][-1]["content"],
                           "text": row["response"][0]["content"], **row["extra"]})  # fmt: skip

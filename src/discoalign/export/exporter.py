@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from ..config.heads import HEAD_NAMES
+from ..config.plan import HeadPlan
 from ..config.schema import FinetuningArguments, ModelArguments
 from ..errors import CheckpointError, ConfigError
 from ..models.checkpoint import (
-    HEAD_NAMES,
     HEADS_CONFIG_NAME,
     HEADS_WEIGHTS_NAME,
     heads_config_of,
@@ -59,13 +60,11 @@ def load_merged(model_dir: str, dtype: str | None = None):
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"--model {model_dir!r} is not a directory holding a checkpoint.")
     heads = checkpoint_heads(model_dir)
-    ft = FinetuningArguments(
-        add_disco_head=heads["variance_head"],
-        add_beta_head=heads["beta_head"],
-        beta_head_epsilon=float(heads.get("beta_head_epsilon") or 0.5),
-    )
+    # Every head the checkpoint has, built with the settings it was trained with (a PPO policy's uncentred beta head
+    # stays uncentred).
+    plan = HeadPlan.from_heads_config(heads, tuple(name for name in HEAD_NAMES if heads[name]))
     model, tokenizer = load_model_with_heads(
-        ModelArguments(model_name_or_path=model_dir), ft, add_value_head=heads["value_head"], is_trainable=False,
+        ModelArguments(model_name_or_path=model_dir), FinetuningArguments(), heads=plan, is_trainable=False,
         torch_dtype=dtype,
     )  # fmt: skip
     if model.is_peft:

@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
+from ..config.heads import HEAD_NAMES
 from ..errors import CheckpointError
-from .epistemic import EPISTEMIC_WEIGHTS_NAME, TokenNovelty
+from .epistemic import EPISTEMIC_WEIGHTS_NAME, estimator_class
 from .interop import import_heads
 from .model_with_heads import ModelWithHeads
 from .weight_files import load_tensor_file, locate_file, read_json, read_model_tensors
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 HEADS_WEIGHTS_NAME = "heads.safetensors"
 HEADS_CONFIG_NAME = "heads_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
-HEAD_NAMES = ("value_head", "variance_head", "beta_head")
 
 
 def heads_state_dict(model: ModelWithHeads) -> dict[str, torch.Tensor]:
@@ -55,22 +55,19 @@ def heads_state_dict(model: ModelWithHeads) -> dict[str, torch.Tensor]:
 
 
 def heads_config_of(model: ModelWithHeads) -> dict[str, Any]:
-    """The JSON-able description written to `heads_config.json`."""
+    """The JSON-able description written to `heads_config.json`: the loader's settings (`HeadPlan.settings`), which
+    heads exist, the beta head's kind, and the epistemic estimator's settings."""
     config = dict(model.heads_config)
     for name in HEAD_NAMES:
         config[name] = getattr(model, name) is not None
     config.setdefault("hidden_size", model.config.get_text_config().hidden_size)
-    config.setdefault("head_dropout", 0.0)
-    config.setdefault("head_init_std", None)
     if model.beta_head is not None:
         config["beta_head_epsilon"] = model.beta_head.epsilon
         config["beta_head_centered"] = model.beta_head.centered
-    config.setdefault("beta_head_epsilon", 0.5)
     config.setdefault("base_model_name_or_path", getattr(model.causal_lm, "name_or_path", None))
     config["finetuning_type"] = "lora" if model.is_peft else "full"
-    epistemic = getattr(model, "epistemic", None)
-    if epistemic is not None:
-        config["epistemic"] = epistemic.config()
+    if model.epistemic is not None:
+        config["epistemic"] = model.epistemic.config()
     else:
         config.pop("epistemic", None)
     return config
@@ -116,7 +113,7 @@ def save_checkpoint(
     save_file(heads_state, os.path.join(output_dir, HEADS_WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(output_dir, HEADS_CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(heads_config_of(model), f, indent=2)
-    if getattr(model, "epistemic", None) is not None:
+    if model.epistemic is not None:
         model.epistemic.save(output_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
@@ -166,11 +163,6 @@ def _checkpoint_head_tensors(name_or_path: str, cache_dir: str | None) -> tuple[
     return tensors, weights_path
 
 
-# Beta-head entries a checkpoint may lack: heads saved before the head was centred have a bias and no centring
-# statistics; a centred head has no bias. A missing one keeps its fresh value (bias 0, no statistics yet).
-OPTIONAL_BETA_KEYS = ("summary.bias", "feature_mean", "feature_count", "logit_offset")
-
-
 def _copy_head(head: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
     if name == "beta_head" and getattr(head, "centered", False):
         bias = tensors.get(f"{name}.summary.bias")
@@ -181,10 +173,11 @@ def _copy_head(head: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor
                 source,
                 bias.tolist(),
             )
+    optional = getattr(head, "OPTIONAL_STATE_KEYS", ())  # entries older checkpoints may lack (models/heads.py)
     for key, param in head.state_dict().items():
         full_key = f"{name}.{key}"
         if full_key not in tensors:
-            if name == "beta_head" and key in OPTIONAL_BETA_KEYS:
+            if key in optional:
                 continue
             raise CheckpointError(f"{source!r} has `{name}.summary.weight` but no `{full_key}`.")
         value = tensors[full_key]
@@ -246,7 +239,7 @@ def load_heads(model: ModelWithHeads, checkpoint_dir: str, cache_dir: str | None
 
 
 def load_epistemic(name_or_path: str, cache_dir: str | None = None):
-    """The checkpoint's epistemic term (`models.epistemic.TokenNovelty`), or None when it has none."""
+    """The checkpoint's epistemic estimator (`models.epistemic`), or None when it has none."""
 
     config = (read_heads_config(name_or_path, cache_dir) or {}).get("epistemic")
     if not config:
@@ -257,9 +250,16 @@ def load_epistemic(name_or_path: str, cache_dir: str | None = None):
             f"Checkpoint {name_or_path!r} is incomplete: {HEADS_CONFIG_NAME} lists an epistemic term "
             f"({config.get('kind')}) but {EPISTEMIC_WEIGHTS_NAME} is missing."
         )
-    if config.get("kind") != TokenNovelty.kind:
-        raise CheckpointError(f"Checkpoint {name_or_path!r}: unknown epistemic kind {config.get('kind')!r}.")
-    return TokenNovelty.load(path, config)
+    return estimator_class(config.get("kind"), f"Checkpoint {name_or_path!r}: ").load(path, config)
+
+
+def has_epistemic(model_or_path: Any, cache_dir: str | None = None) -> bool:
+    """Whether a reward model has an epistemic term: a loaded model (its `epistemic` attribute) or a checkpoint
+    folder (its `heads_config.json`, read without loading anything). The one answer PPO, `score`, `bon` and `serve`
+    use."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return bool((read_heads_config(str(model_or_path), cache_dir) or {}).get("epistemic"))
+    return getattr(model_or_path, "epistemic", None) is not None
 
 
 RUN_CONFIG_NAME = "discoalign_config.yaml"

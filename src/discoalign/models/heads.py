@@ -1,17 +1,23 @@
-"""The three heads of docs/design.md §2: value (mean), variance, and beta.
+"""The heads of docs/design.md §2 (value, variance, beta) and `HEAD_MODULES`, the model side of the head registry.
 
 All heads compute in fp32 whatever the backbone's dtype. The variance and beta heads are created
 without touching the global RNG (their init is a constant), so that adding a head that the algorithm
 does not use leaves every random draw of the run, and therefore every number, unchanged.
+
+Adding a head (docs/extending.md): its spec and keys in `config/heads.py`, its class and builder here, and its term
+in an objective of `losses/`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..config.plan import HeadPlan
 
 # softplus(log(e - 1)) == 1: every variance is 1 at step 0.
 VARIANCE_BIAS_INIT = math.log(math.e - 1.0)
@@ -84,10 +90,13 @@ class BetaHead(nn.Module):
     overall level, so the bias is identifiable and needed.
     """
 
-    def __init__(self, hidden_size: int, epsilon: float = 0.8, centered: bool = True) -> None:
+    # Entries a checkpoint may lack: heads saved before the head was centred have a bias and no centring statistics;
+    # a centred head has no bias. A missing one keeps its fresh value (bias 0, no statistics yet).
+    OPTIONAL_STATE_KEYS = ("summary.bias", "feature_mean", "feature_count", "logit_offset")
+
+    def __init__(self, hidden_size: int, epsilon: float, centered: bool = True) -> None:
+        # epsilon in (0, 1) is checked where heads are planned (`config.plan.HeadPlan`, `config.heads`)
         super().__init__()
-        if not 0.0 < epsilon < 1.0:
-            raise ValueError(f"beta_head_epsilon must lie in (0, 1), got {epsilon}")
         self.epsilon = epsilon
         self.centered = centered
         if centered:
@@ -154,6 +163,25 @@ class BetaHead(nn.Module):
     def forward(self, ref_hidden: torch.Tensor) -> torch.Tensor:
         """ref_hidden: (B, H) -> s(x): (B,) fp32 in (1 - eps, 1 + eps). In training mode, also updates statistics."""
         return 1.0 + self.epsilon * torch.tanh(self.logit(ref_hidden))
+
+
+HEAD_MODULES: dict[str, Callable[[int, HeadPlan], nn.Module]] = {
+    "value_head": lambda hidden, plan: ValueHead(hidden, plan.dropout, plan.init_std),
+    "variance_head": lambda hidden, plan: VarianceHead(hidden, plan.dropout),
+    "beta_head": lambda hidden, plan: BetaHead(hidden, plan.beta_epsilon, centered=plan.beta_centered),
+}
+"""Head name -> its builder `(hidden_size, HeadPlan) -> module`; the names are `config.heads.HEAD_NAMES`."""
+
+
+def build_heads(hidden_size: int, plan: HeadPlan) -> dict[str, nn.Module]:
+    """The heads `plan` names, built in registry order (only the value head draws random numbers)."""
+    return {name: HEAD_MODULES[name](hidden_size, plan) for name in plan.names}
+
+
+def reward_heads(has_variance: bool) -> HeadPlan:
+    """A frozen reward model's heads: the value head, and the variance head when its checkpoint has one (built with
+    the schema's settings; nothing of them trains)."""
+    return HeadPlan.of("value_head", *(("variance_head",) if has_variance else ()))
 
 
 def _global_sum(value: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 
 from ..config.builtin_models import TINY_MULTIMODAL_ARCHS
 from ..config.placement import check_no_offload, check_quantization, parse_device_map
+from ..config.plan import HeadPlan
 from ..errors import CheckpointError, ConfigError
 from .backbone import (
     adapter_base,
@@ -28,7 +29,7 @@ from .backbone import (
     resolve_dtype,
 )
 from .checkpoint import load_heads, read_heads_config
-from .heads import BetaHead, ValueHead, VarianceHead
+from .heads import build_heads
 from .lora import apply_lora
 from .modality import ActorModality, detect_modality
 from .model_with_heads import ModelWithHeads
@@ -110,7 +111,8 @@ def load_model_with_heads(
     model_args,
     finetuning_args,
     *,
-    add_value_head: bool,
+    heads: HeadPlan | None = None,
+    add_value_head: bool = False,
     is_trainable: bool = True,
     torch_dtype: Any = None,
 ):
@@ -118,24 +120,69 @@ def load_model_with_heads(
 
     Args:
         model_args: `ModelArguments` (model_name_or_path, trust_remote_code, attn_implementation, cache_dir).
-        finetuning_args: `FinetuningArguments` (finetuning_type, lora_*, add_disco_head, add_beta_head,
-            head_dropout, head_init_std, beta_head_epsilon).
-        add_value_head: create the value (mean) head (stage rm, ppo critic).
+        finetuning_args: `FinetuningArguments` (finetuning_type, lora_*, the multimodal towers).
+        heads: which heads to create, with their settings (a run's `cfg.plan.heads`, or `HeadPlan.of(...)` for an
+            inference-only model). None: the heads `finetuning_args`' `add_*` keys create, plus the value head
+            when `add_value_head` (for scripts and tests).
         is_trainable: False freezes everything (reference or reward model) and adds no LoRA adapter.
         torch_dtype: backbone dtype; None means fp32. Heads are always fp32.
     Returns:
         (ModelWithHeads in eval mode, tokenizer).
     """
+    if heads is None:
+        heads = HeadPlan.from_keys(finetuning_args, value=add_value_head)
     name = os.path.expanduser(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_args)
     dtype = resolve_dtype(torch_dtype)
     load_kwargs = _placement_kwargs(model_args, finetuning_args, dtype, is_trainable)
     backbone = load_backbone(name, tokenizer, model_args, finetuning_args, dtype, is_trainable, 0, load_kwargs)
 
+    backbone = _trainable_backbone(backbone, name, finetuning_args, is_trainable)
+
+    from peft import PeftModel
+
+    causal_lm = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
+    hidden_size = causal_lm.config.get_text_config().hidden_size
+    quantized = is_quantized(causal_lm)
+    heads_config = {
+        "hidden_size": hidden_size,
+        **heads.settings(),
+        "base_model_name_or_path": getattr(causal_lm, "name_or_path", None) or name,
+        "finetuning_type": "lora" if isinstance(backbone, PeftModel) else "full",
+    }
+    modality = detect_modality(causal_lm.config)
+    # Built after LoRA's init: only the value head draws random numbers (`build_heads`).
+    model = ModelWithHeads(backbone, build_heads(hidden_size, heads), heads_config, modality=modality)
+    if modality != ActorModality.LANGUAGE_ONLY:
+        model.media_processor = build_media_processor(
+            causal_lm,
+            tokenizer,
+            model_args,
+            sources=_checkpoint_chain(name, getattr(model_args, "cache_dir", None)),
+            supported=model.supported_parameters,
+        )
+
+    if builtin_arch(name) is None:
+        _load_saved_heads(model, name, getattr(model_args, "cache_dir", None))
+
+    device_map = getattr(causal_lm, "hf_device_map", None)
+    if device_map and "device_map" in load_kwargs:
+        # `auto` decides the placement while loading; one that offloads to CPU or disk is refused here.
+        check_no_offload({str(d) for d in device_map.values()})
+    if quantized or "device_map" in load_kwargs:  # (transformers sets `hf_device_map` only for split models)
+        model.place_heads_on_hidden_device()  # heads are fp32 and trainable; on the device of the last hidden state
+    if not is_trainable:
+        model.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def _trainable_backbone(backbone, name: str, finetuning_args, is_trainable: bool):
+    """The backbone as this run trains it: seq2seq models refused outside `stage: rm`, a quantised base prepared for
+    k-bit training, LoRA applied (or a loaded adapter continued), a multimodal model's frozen parts frozen."""
     from peft import PeftModel
 
     base_lm = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
-    if is_trainable and is_seq2seq_config(base_lm.config) and getattr(finetuning_args, "stage", "rm") != "rm":
+    if is_trainable and is_seq2seq_config(base_lm.config) and finetuning_args.stage != "rm":
         raise ConfigError(
             f"`model_name_or_path: {name}` is an encoder-decoder (seq2seq) model; those are supported as reward "
             f"models (`stage: rm`, `score`, a PPO `reward_model`), not as the trained model of `stage: "
@@ -150,7 +197,7 @@ def load_model_with_heads(
 
     lora = finetuning_args.finetuning_type == "lora"
     if lora and is_trainable and not isinstance(backbone, PeftModel):
-        backbone = apply_lora(
+        return apply_lora(
             backbone,
             lora_rank=finetuning_args.lora_rank,
             lora_alpha=finetuning_args.lora_alpha,
@@ -158,66 +205,22 @@ def load_model_with_heads(
             lora_target=finetuning_args.lora_target,
             frozen_parts=trainable_parts(backbone, finetuning_args),  # None for text models
         )
-    elif lora and is_trainable:
+    if lora and is_trainable:
         logger.info("Continuing to train the LoRA adapter loaded from %s.", name)
     elif is_trainable and not isinstance(backbone, PeftModel):
         freeze_frozen_parts(backbone, finetuning_args)  # a multimodal model's towers; no-op for text models
+    return backbone
 
-    causal_lm = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
-    hidden_size = causal_lm.config.get_text_config().hidden_size
-    quantized = is_quantized(causal_lm)
-    heads_config = {
-        "hidden_size": hidden_size,
-        "head_dropout": finetuning_args.head_dropout,
-        "head_init_std": finetuning_args.head_init_std,
-        "beta_head_epsilon": finetuning_args.beta_head_epsilon,
-        "beta_head_pooling": getattr(finetuning_args, "beta_head_pooling", "last"),
-        "base_model_name_or_path": getattr(causal_lm, "name_or_path", None) or name,
-        "finetuning_type": "lora" if isinstance(backbone, PeftModel) else "full",
-    }
-    ft = finetuning_args
-    try:
-        # Order matters for reproducibility: only the value head draws random numbers (after LoRA's init).
-        value_head = ValueHead(hidden_size, ft.head_dropout, ft.head_init_std) if add_value_head else None
-        variance_head = VarianceHead(hidden_size, ft.head_dropout) if ft.add_disco_head else None
-        # PPO's beta head is a KL controller with a target, which fixes its level; in DPO only the centred head
-        # is identifiable (docs/dynamic_beta.md).
-        centered = ft.stage != "ppo"
-        beta_head = BetaHead(hidden_size, ft.beta_head_epsilon, centered=centered) if ft.add_beta_head else None
-    except ValueError as e:  # e.g. beta_head_epsilon outside (0, 1)
-        raise ConfigError(f"Bad head setting: {e}.") from None
-    modality = detect_modality(causal_lm.config)
-    model = ModelWithHeads(backbone, value_head, variance_head, beta_head, heads_config, modality=modality)
-    if modality != ActorModality.LANGUAGE_ONLY:
-        model.media_processor = build_media_processor(
-            causal_lm,
-            tokenizer,
-            model_args,
-            sources=_checkpoint_chain(name, getattr(model_args, "cache_dir", None)),
-            supported=model.supported_parameters,
-        )
 
-    if builtin_arch(name) is None:
-        checkpoint_config = read_heads_config(name, getattr(model_args, "cache_dir", None)) or {}
-        saved_eps = checkpoint_config.get("beta_head_epsilon")
-        if beta_head is not None and checkpoint_config.get("beta_head") and saved_eps != beta_head.epsilon:
-            logger.warning(
-                "The beta head in %s was trained with beta_head_epsilon=%s; this run uses %s.",
-                name,
-                saved_eps,
-                beta_head.epsilon,
-            )
-        load_heads(model, name, getattr(model_args, "cache_dir", None))
-
-    device_map = getattr(causal_lm, "hf_device_map", None)
-    if device_map and "device_map" in load_kwargs:
-        # `auto` decides the placement while loading; one that offloads to CPU or disk is refused here.
-        check_no_offload({str(d) for d in device_map.values()})
-    if quantized or "device_map" in load_kwargs:  # (transformers sets `hf_device_map` only for split models)
-        model.place_heads_on_hidden_device()  # heads are fp32 and trainable; on the device of the last hidden state
-    if not is_trainable:
-        model.requires_grad_(False)
-    return model.eval(), tokenizer
+def _load_saved_heads(model: ModelWithHeads, name: str, cache_dir: str | None) -> None:
+    """Fill the heads from the checkpoint `name` (ours or a foreign reward model), warning when the beta head was
+    trained with another epsilon."""
+    checkpoint_config = read_heads_config(name, cache_dir) or {}
+    saved_eps = checkpoint_config.get("beta_head_epsilon")
+    if model.beta_head is not None and checkpoint_config.get("beta_head") and saved_eps != model.beta_head.epsilon:
+        logger.warning("The beta head in %s was trained with beta_head_epsilon=%s; this run uses %s.", name,
+                       saved_eps, model.beta_head.epsilon)  # fmt: skip
+    load_heads(model, name, cache_dir)
 
 
 def _placement_kwargs(model_args, finetuning_args, dtype, is_trainable: bool) -> dict[str, Any]:

@@ -7,17 +7,18 @@ logits (a vocab-sized tensor per token) and no stack of every layer's hidden sta
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config.attention import PAIR_SDPA
+from ..config.heads import HEAD_NAMES, HEAD_SPECS
 from ..losses.logps import DEFAULT_CHUNK_SIZE, pair_sequence_logps
-from .heads import BetaHead, ValueHead, VarianceHead, gather_last_token
-from .modality import MODALITY_INPUTS, ActorModality, supported_parameters
+from .heads import gather_last_token
+from .modality import ActorModality, supported_parameters
 from .pair_attention import pair_attention_mask
 from .quantization import last_hidden_device
 from .seq2seq import is_seq2seq_config, seq2seq_hidden_states
@@ -31,14 +32,21 @@ class HeadsOutput:
     mean: (N,) fp32 at each row's last real token, or None without a value head.
     variance: (N,) fp32, or None without a variance head (or when not asked for).
     logps: (2B,) fp32 summed response log-probs, when `labels` were given.
-    beta_scale: (B,) fp32 s(x) of the beta head, when `beta_features` were given.
+    prompt_heads: {head name: (B,) fp32} of the prompt-reading heads, when `prompt_features` were given.
+    features: (N, H) fp32, what the value / variance heads read (each row's last real token), when asked for.
     """
 
     last_hidden_state: torch.Tensor
     mean: torch.Tensor | None = None
     variance: torch.Tensor | None = None
     logps: torch.Tensor | None = None
-    beta_scale: torch.Tensor | None = None
+    prompt_heads: dict[str, torch.Tensor] = field(default_factory=dict)
+    features: torch.Tensor | None = None
+
+    @property
+    def beta_scale(self) -> torch.Tensor | None:
+        """(B,) s(x) of the beta head, when it ran."""
+        return self.prompt_heads.get("beta_head")
 
 
 def _is_peft_model(module: nn.Module) -> bool:
@@ -67,7 +75,19 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class ModelWithHeads(nn.Module):
+class RewardScoring:
+    """`score` for anything with a `score_detailed` (a `ModelWithHeads`, or a reward adapter on a policy's base)."""
+
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_variance: bool = True, **model_inputs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids, attention_mask: (N, T) -> (mean (N,), variance (N,) | None), fp32, read at each row's last real
+        token; variance is None without a variance head or when `with_variance=False`."""
+        out = self.score_detailed(input_ids, attention_mask, with_variance=with_variance, **model_inputs)
+        return out.mean, out.variance
+
+
+class ModelWithHeads(RewardScoring, nn.Module):
     """`backbone` (a transformers CausalLM, possibly a PeftModel) with optional heads.
 
     Usable as the `model` of a `transformers.Trainer`: it has `config`, `gradient_checkpointing_enable`,
@@ -77,22 +97,31 @@ class ModelWithHeads(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        value_head: ValueHead | None = None,
-        variance_head: VarianceHead | None = None,
-        beta_head: BetaHead | None = None,
+        heads: Mapping[str, nn.Module] | None = None,
         heads_config: dict[str, Any] | None = None,
         modality: ActorModality = ActorModality.LANGUAGE_ONLY,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.value_head = value_head
-        self.variance_head = variance_head
-        self.beta_head = beta_head
+        heads = dict(heads or {})
+        unknown = set(heads) - set(HEAD_NAMES)
+        if unknown:
+            raise KeyError(f"unknown head(s) {sorted(unknown)}; the registry (config/heads.py) has {HEAD_NAMES}")
+        # Every registered head is an attribute (None when absent): `model.beta_head`, `model.variance_head`, ...
+        for name in HEAD_NAMES:
+            setattr(self, name, heads.get(name))
         self.heads_config: dict[str, Any] = dict(heads_config or {})
         self.modality = modality
         # Multimodal models: the `data.media_processor.MediaProcessor` that turns images / audio into this
         # model's inputs (set by the loader, saved with the checkpoint); None for text models.
         self.media_processor: Any = None
+        # A reward model's epistemic estimator (`models.epistemic`), fitted after training; None without one.
+        self.epistemic: Any = None
+
+    @property
+    def heads(self) -> dict[str, nn.Module]:
+        """The heads this model has, by registry name, in registry order."""
+        return {name: getattr(self, name) for name in HEAD_NAMES if getattr(self, name) is not None}
 
     # ---- what the backbone is ------------------------------------------------------------------
 
@@ -131,11 +160,6 @@ class ModelWithHeads(nn.Module):
         return getattr(self.config, "final_logit_softcapping", None)
 
     @property
-    def accepted_model_inputs(self) -> tuple[str, ...]:
-        """Extra forward arguments (beyond input_ids, attention_mask) this model's modality takes."""
-        return MODALITY_INPUTS[self.modality]
-
-    @property
     def supported_parameters(self) -> tuple[str, ...]:
         """The media inputs (`pixel_values`, `image_grid_thw`, `input_features`, ...) the backbone's forward takes.
 
@@ -163,9 +187,8 @@ class ModelWithHeads(nn.Module):
 
         body = self.causal_lm.get_decoder() if self.is_seq2seq else self.decoder
         device = last_hidden_device(body)
-        for head in (self.value_head, self.variance_head, self.beta_head):
-            if head is not None:
-                head.to(device)
+        for head in self.heads.values():
+            head.to(device)
 
     # ---- computation ---------------------------------------------------------------------------
 
@@ -198,37 +221,19 @@ class ModelWithHeads(nn.Module):
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
-    def heads_at_last_token(
+    def score_detailed(
         self,
-        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         with_variance: bool = True,
-        score_index: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden: (N, T, H), attention_mask: (N, T) -> (mean (M,), variance (M,) | None), both fp32.
-
-        Read at each row's last non-padding token, found from the mask (never from pad ids), so M = N; or, for
-        packed pairs, at `score_index` (M,): flat indices into (N * T), one per sequence.
-        """
+        with_features: bool = False,
+        **model_inputs: Any,
+    ) -> HeadsOutput:
+        """`score` as a `HeadsOutput`, with the pooled features the heads read when `with_features` (for an epistemic
+        estimator that needs them). Calls the module, so hooks and DDP wrappers apply."""
         if self.value_head is None:
             raise RuntimeError("this model has no value head; load it with add_value_head=True to score")
-        last = last_token_hidden(hidden, attention_mask, score_index).float()
-        mean = self.value_head(last)
-        variance = self.variance_head(last) if (with_variance and self.variance_head is not None) else None
-        return mean, variance
-
-    def score(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_variance: bool = True, **model_inputs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """input_ids, attention_mask: (N, T) -> (mean (N,), variance (N,) | None), fp32.
-
-        Calls the module (so hooks and DDP wrappers apply); variance is None without a variance head or
-        when `with_variance=False`.
-        """
-        if self.value_head is None:
-            raise RuntimeError("this model has no value head; load it with add_value_head=True to score")
-        out = self(input_ids, attention_mask, with_variance=with_variance, **model_inputs)
-        return out.mean, out.variance
+        return self(input_ids, attention_mask, with_variance=with_variance, with_features=with_features, **model_inputs)
 
     def forward(
         self,
@@ -236,10 +241,12 @@ class ModelWithHeads(nn.Module):
         attention_mask: torch.Tensor,
         with_heads: bool = True,
         with_variance: bool = True,
+        with_features: bool = False,
         score_index: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         logps_chunk_size: int = DEFAULT_CHUNK_SIZE,
-        beta_features: torch.Tensor | None = None,
+        prompt_features: torch.Tensor | None = None,
+        prompt_heads: tuple[str, ...] | None = None,
         **model_inputs: Any,
     ) -> HeadsOutput:
         """input_ids, attention_mask: (N, T) -> HeadsOutput (hidden (N, T, H); mean, variance (N,) fp32).
@@ -247,8 +254,10 @@ class ModelWithHeads(nn.Module):
         `with_heads=False` skips the value / variance heads. Packed pairs pass `segment_ids`, `position_ids` and
         `score_index` (see `data.packing`); the heads then read one value per sequence, (2N,), chosen first.
         `labels` (2B, T): also return the summed response log-probs (`losses.logps.pair_sequence_logps`, chunks of
-        `logps_chunk_size`). `beta_features` (B, H): also return the beta head's s(x). Both are computed here,
-        inside the forward, because DDP and FSDP only see (and, for FSDP, only gather) parameters used in it.
+        `logps_chunk_size`). `prompt_features` (B, H), the reference's features of each pair's prompt: also return
+        the outputs of the prompt-reading heads `prompt_heads` (default: every one this model has; the beta head's
+        s(x)). Both are computed here, inside the forward, because DDP and FSDP only see (and, for FSDP, only
+        gather) parameters used in it.
         """
         hidden = self.hidden_states(input_ids, attention_mask, **model_inputs)
         out = HeadsOutput(last_hidden_state=hidden)
@@ -256,21 +265,35 @@ class ModelWithHeads(nn.Module):
             attention_mask = model_inputs.get("decoder_attention_mask")
             if attention_mask is None:
                 attention_mask = torch.ones_like(model_inputs["decoder_input_ids"])
-        if with_heads and self.value_head is not None:
-            out.mean, out.variance = self.heads_at_last_token(hidden, attention_mask, with_variance, score_index)
-        elif with_heads and with_variance and self.variance_head is not None:
-            out.variance = self.variance_head(last_token_hidden(hidden, attention_mask, score_index).float())
+        wants_variance = with_variance and self.variance_head is not None
+        if with_heads and (self.value_head is not None or wants_variance):
+            # Each row's last non-padding token, found from the mask (never from pad ids); for packed pairs, the flat
+            # `score_index` positions, one per sequence.
+            last = last_token_hidden(hidden, attention_mask, score_index).float()
+            out.mean = self.value_head(last) if self.value_head is not None else None
+            out.variance = self.variance_head(last) if wants_variance else None
+            out.features = last if with_features else None
         if labels is not None:
             # A model split by `device_map` ends on another device than its inputs: read there, return with them.
             logps = pair_sequence_logps(
                 hidden, self.lm_head, labels.to(hidden.device), logps_chunk_size, self.final_logit_softcap
             )
             out.logps = logps.to(input_ids.device)
-        if beta_features is not None:
-            if self.beta_head is None:
-                raise RuntimeError("beta_features were given but this model has no beta head")
-            out.beta_scale = self.beta_head(beta_features)
+        if prompt_features is not None:
+            out.prompt_heads = self.prompt_head_outputs(prompt_features, prompt_heads)
         return out
+
+    def prompt_head_outputs(
+        self, prompt_features: torch.Tensor, names: tuple[str, ...] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """(B, H) reference prompt features -> {head name: (B,) fp32} for the prompt-reading heads `names` (default:
+        every one this model has). A head run in training mode updates its running statistics."""
+        if names is None:
+            names = tuple(spec.name for spec in HEAD_SPECS if spec.reads == "prompt" and spec.name in self.heads)
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise RuntimeError(f"prompt features were given for the {', '.join(missing)}, which this model lacks")
+        return {name: getattr(self, name)(prompt_features) for name in names}
 
     # ---- Trainer / reference-model plumbing ----------------------------------------------------
 
@@ -310,9 +333,3 @@ class ModelWithHeads(nn.Module):
     def disable_adapter(self) -> contextlib.AbstractContextManager:
         """Context in which the model is the LoRA reference (adapters off); a no-op for full models."""
         return self.backbone.disable_adapter() if self.is_peft else contextlib.nullcontext()
-
-    def head_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name, parameter) of every head, e.g. to give the beta head its own learning rate."""
-        for name, param in self.named_parameters():
-            if name.split(".", 1)[0] in ("value_head", "variance_head", "beta_head"):
-                yield name, param

@@ -91,8 +91,8 @@ def _load_parts(source: str, modality: ActorModality, model_args) -> tuple[Any, 
     """(image processor, feature extractor) saved in `source`; raises OSError / ValueError when absent."""
     from transformers import AutoFeatureExtractor, AutoImageProcessor
 
-    kwargs: dict[str, Any] = {"cache_dir": getattr(model_args, "cache_dir", None)}
-    if getattr(model_args, "trust_remote_code", False):
+    kwargs: dict[str, Any] = {"cache_dir": model_args.cache_dir}
+    if model_args.trust_remote_code:
         kwargs["trust_remote_code"] = True
     image_processor = feature_extractor = None
     if modality in (ActorModality.VISION_LANGUAGE, ActorModality.OMNI):
@@ -153,8 +153,8 @@ def build_media_processor(
             supported,
             image_processor=image_processor,
             feature_extractor=feature_extractor,
-            image_max_pixels=getattr(model_args, "image_max_pixels", 768 * 768),
-            image_min_pixels=getattr(model_args, "image_min_pixels", 32 * 32),
+            image_max_pixels=model_args.image_max_pixels,
+            image_min_pixels=model_args.image_min_pixels,
         )
     except ValueError as e:
         raise CheckpointError(

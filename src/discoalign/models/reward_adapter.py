@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config.heads import HEAD_NAMES
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import load_heads
-from .heads import ValueHead, VarianceHead
-from .model_with_heads import ModelWithHeads, last_token_hidden
+from .heads import build_heads, reward_heads
+from .model_with_heads import HeadsOutput, ModelWithHeads, RewardScoring, last_token_hidden
 
 REWARD_ADAPTER_NAME = "reward"
 
@@ -33,7 +34,7 @@ def same_base(a: str | None, b: str | None) -> bool:
     return a == b
 
 
-class SharedBaseRewardModel(nn.Module):
+class SharedBaseRewardModel(RewardScoring, nn.Module):
     """The reward adapter (+ its heads) on the policy's base; scores like a separately loaded reward model.
 
     Only the heads are submodules: the policy (and so the shared base) stays owned by the trainer, outside this
@@ -43,18 +44,17 @@ class SharedBaseRewardModel(nn.Module):
     def __init__(
         self,
         policy: ModelWithHeads,
-        value_head: ValueHead,
-        variance_head: VarianceHead | None,
+        heads: dict[str, nn.Module],
         adapter_name: str = REWARD_ADAPTER_NAME,
         heads_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self._policy = (policy,)  # a tuple, so nn.Module does not register the policy as a submodule
-        self.value_head = value_head
-        self.variance_head = variance_head
-        self.beta_head = None
+        for name in HEAD_NAMES:  # every registered head is an attribute, None when absent (as on ModelWithHeads)
+            setattr(self, name, heads.get(name))
         self.adapter_name = adapter_name
         self.heads_config = dict(heads_config or {})
+        self.epistemic: Any = None  # set by `load_heads` when the reward adapter's checkpoint has one
 
     @property
     def policy(self) -> ModelWithHeads:
@@ -87,16 +87,21 @@ class SharedBaseRewardModel(nn.Module):
                 module.training = training
 
     @torch.no_grad()
-    def score(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_variance: bool = True, **model_inputs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """input_ids, attention_mask: (N, T) -> (mean (N,), variance (N,) | None), fp32, at each last real token."""
+    def score_detailed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        with_variance: bool = True,
+        with_features: bool = False,
+        **model_inputs: Any,
+    ) -> HeadsOutput:
+        """`ModelWithHeads.score_detailed` through the reward adapter."""
         with self.reward_adapter_active():
             hidden = self.policy.hidden_states(input_ids, attention_mask, **model_inputs)
         last = last_token_hidden(hidden, attention_mask).float().to(self.device)
         mean = self.value_head(last)
         variance = self.variance_head(last) if (with_variance and self.variance_head is not None) else None
-        return mean, variance
+        return HeadsOutput(hidden, mean, variance, features=last if with_features else None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any):
         return self.score(input_ids, attention_mask, **kwargs)
@@ -142,9 +147,7 @@ def attach_reward_adapter(
     hidden = policy.config.get_text_config().hidden_size
     device = policy.value_head.summary.weight.device if policy.value_head is not None else policy.device
     heads_config = {"hidden_size": hidden, "base_model_name_or_path": policy_base}
-    model = SharedBaseRewardModel(
-        policy, ValueHead(hidden), VarianceHead(hidden) if has_variance else None, adapter_name, heads_config
-    )
+    model = SharedBaseRewardModel(policy, build_heads(hidden, reward_heads(has_variance)), adapter_name, heads_config)
     load_heads(model, reward_dir, cache_dir)  # type: ignore[arg-type]  (reads value_head / variance_head only)
     model.requires_grad_(False)
     return model.to(device).eval()

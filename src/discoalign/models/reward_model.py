@@ -25,7 +25,6 @@ heads_config.json) or that has no value head (a DPO policy) is refused.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import os
@@ -33,10 +32,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config.plan import HeadPlan
 from ..data.position import append_turn_suffix
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import ADAPTER_CONFIG_NAME, load_heads, read_heads_config, value_head_kind
-from .heads import ValueHead, VarianceHead, last_token_index
+from .checkpoint import ADAPTER_CONFIG_NAME, has_epistemic, load_heads, read_heads_config, value_head_kind
+from .epistemic import EpistemicInputs
+from .heads import build_heads, last_token_index, reward_heads
 from .interop import import_heads
 from .loader import load_model_with_heads
 from .model_with_heads import ModelWithHeads
@@ -87,15 +88,14 @@ def _usable_base(name: str | None) -> bool:
     return bool(name) and (name.startswith("builtin:tiny-") or os.path.isdir(name))
 
 
-def _adapter_on_base(model_args, reward_dir: str, base_name: str, rm_ft, has_variance: bool) -> ModelWithHeads:
+def _adapter_on_base(model_args, reward_dir: str, base_name: str, ft, has_variance: bool) -> ModelWithHeads:
     """A LoRA reward adapter (+ its heads) on an explicitly named base model."""
     from peft import PeftModel
 
     base_args = copy.copy(model_args)
     base_args.model_name_or_path = base_name
     base_args.quantization_bit = None  # a reward model on its own base scores as it was trained
-    bare_ft = dataclasses.replace(rm_ft, add_disco_head=False)
-    base, _ = load_model_with_heads(base_args, bare_ft, add_value_head=False, is_trainable=False)
+    base, _ = load_model_with_heads(base_args, ft, heads=HeadPlan.of(), is_trainable=False)
     try:
         backbone = PeftModel.from_pretrained(base.backbone, reward_dir, is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -106,8 +106,7 @@ def _adapter_on_base(model_args, reward_dir: str, base_name: str, rm_ft, has_var
     hidden = backbone.get_base_model().config.get_text_config().hidden_size
     model = ModelWithHeads(
         backbone,
-        ValueHead(hidden),
-        VarianceHead(hidden) if has_variance else None,
+        build_heads(hidden, reward_heads(has_variance)),
         heads_config={"hidden_size": hidden, "base_model_name_or_path": base_name},
     )
     load_heads(model, reward_dir, getattr(model_args, "cache_dir", None))
@@ -131,8 +130,7 @@ def load_reward_model(
     reward_dir = _check_reward_dir(ft.reward_model)
     cache_dir = getattr(model_args, "cache_dir", None)
     has_value, has_variance = check_reward_heads(reward_dir, "`reward_model: {}`", cache_dir)
-    has_epistemic = bool((read_heads_config(reward_dir, cache_dir) or {}).get("epistemic"))
-    if ft.disco_risk_coef > 0 and not (has_variance or has_epistemic):
+    if ft.disco_risk_coef > 0 and not (has_variance or has_epistemic(reward_dir, cache_dir)):
         raise ConfigError(
             f"`disco_risk_coef: {ft.disco_risk_coef}` subtracts the reward model's standard deviation, but "
             f"`reward_model: {reward_dir}` is a scalar reward model (no variance head, no epistemic term). Use a "
@@ -147,10 +145,6 @@ def load_reward_model(
             f"{ADAPTER_CONFIG_NAME}). Use `reward_model_type: full` for a fully fine-tuned reward model."
         )
 
-    rm_ft = dataclasses.replace(
-        ft, finetuning_type="full", add_disco_head=has_variance, add_beta_head=False, disco_pref=False,
-        use_dynamic_beta=False, head_dropout=0.0, head_init_std=None,
-    )  # fmt: skip
     rm_args = copy.copy(model_args)
     rm_args.model_name_or_path = reward_dir
     rm_args.quantization_bit = None  # a reward model on its own base scores as it was trained
@@ -172,10 +166,12 @@ def load_reward_model(
                 named_base,
                 model_args.model_name_or_path,
             )
-            model = _adapter_on_base(model_args, reward_dir, model_args.model_name_or_path, rm_ft, has_variance)
+            model = _adapter_on_base(model_args, reward_dir, model_args.model_name_or_path, ft, has_variance)
             reward_tokenizer = policy_tokenizer
         else:
-            model, reward_tokenizer = load_model_with_heads(rm_args, rm_ft, add_value_head=True, is_trainable=False)
+            model, reward_tokenizer = load_model_with_heads(
+                rm_args, ft, heads=reward_heads(has_variance), is_trainable=False
+            )
     if reward_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
         raise ConfigError(
             f"`reward_model: {reward_dir}` uses a tokenizer different from the policy's (`model_name_or_path: "
@@ -274,14 +270,17 @@ def score_responses_detailed(
         )
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
-    mean, aleatoric = reward_model.score(
-        input_ids, attention_mask, with_variance=reward_model.variance_head is not None
+    estimator = reward_model.epistemic
+    with_features = estimator is not None and estimator.needs_features
+    out = reward_model.score_detailed(
+        input_ids, attention_mask, with_variance=reward_model.variance_head is not None, with_features=with_features
     )
     # A reward model split by `device_map` returns its scores on its last device; the rollout lives on the inputs'.
-    mean = mean.to(query_ids.device)
-    aleatoric = None if aleatoric is None else aleatoric.to(query_ids.device)
-    epistemic_term = getattr(reward_model, "epistemic", None)
-    epistemic = epistemic_term.variance(response_ids, response_mask) if epistemic_term is not None else None
+    mean = out.mean.to(query_ids.device)
+    aleatoric = None if out.variance is None else out.variance.to(query_ids.device)
+    epistemic = None
+    if estimator is not None:
+        epistemic = estimator.variance(EpistemicInputs(response_ids, response_mask, out.features)).to(query_ids.device)
     return RewardScores(mean, aleatoric, epistemic)
 
 

@@ -13,6 +13,9 @@ from ..config.schema import FinetuningArguments, ModelArguments
 from ..data.position import turn_end_suffix
 from ..errors import CheckpointError
 from ..export.exporter import checkpoint_heads
+from ..models.checkpoint import has_epistemic
+from ..models.epistemic import EpistemicInputs
+from ..models.heads import reward_heads
 from ..models.loader import load_model_with_heads
 
 logger = logging.getLogger(__name__)
@@ -46,8 +49,8 @@ class RewardScorer:
             raise CheckpointError(f"--disco-risk-coef is {disco_risk_coef}; it must be non-negative.")
         self.disco = bool(heads["variance_head"])
         self.model, self.tokenizer = load_model_with_heads(
-            ModelArguments(model_name_or_path=model_dir), FinetuningArguments(stage="rm", add_disco_head=self.disco),
-            add_value_head=True, is_trainable=False, torch_dtype=dtype,
+            ModelArguments(model_name_or_path=model_dir), FinetuningArguments(stage="rm"),
+            heads=reward_heads(self.disco), is_trainable=False, torch_dtype=dtype,
         )  # fmt: skip
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,8 +71,8 @@ class RewardScorer:
 
     @property
     def epistemic(self):
-        """The reward model's epistemic term (`models.epistemic`), or None."""
-        return getattr(self.model, "epistemic", None)
+        """The reward model's epistemic estimator (`models.epistemic`), or None."""
+        return self.model.epistemic if has_epistemic(self.model) else None
 
     def tokenize(self, texts: list[str], prompts: list[str] | None = None) -> list[Query]:
         """Token ids of each text as it is (no special tokens added: the policy's template already wrote them), plus
@@ -101,8 +104,11 @@ class RewardScorer:
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
         device = self.model.device
-        mean, variance = self.model.score(input_ids.to(device), attention_mask.to(device), with_variance=self.disco)
-        epistemic = self._epistemic(sequences)
+        estimator = self.epistemic
+        scored = self.model.score_detailed(input_ids.to(device), attention_mask.to(device), with_variance=self.disco,
+                                           with_features=estimator is not None and estimator.needs_features)  # fmt: skip
+        mean, variance = scored.mean, scored.variance
+        epistemic = self._epistemic(sequences, scored.features)
         out: list[dict[str, Any]] = []
         for row in range(len(sequences)):
             item = {"mean": float(mean[row])}
@@ -121,8 +127,9 @@ class RewardScorer:
             out.append(item)
         return out
 
-    def _epistemic(self, sequences: list[list[int]]) -> list[float | None] | None:
-        """Epistemic variance of each query whose response start is known (see `tokenize`); None without the term."""
+    def _epistemic(self, sequences: list[list[int]], features: torch.Tensor | None) -> list[float | None] | None:
+        """Epistemic variance of each query whose response start is known (see `tokenize`); None without the term.
+        `features`: (N, H) the pooled features of the scoring pass, for an estimator that reads them."""
         term = self.epistemic
         if term is None:
             return None
@@ -136,7 +143,8 @@ class RewardScorer:
             for i, (_, response) in enumerate(spans):
                 ids[i, : len(response)] = torch.tensor(response, dtype=torch.long)
                 mask[i, : len(response)] = 1
-            values = term.variance(ids, mask)
+            rows = [row for row, _ in spans]
+            values = term.variance(EpistemicInputs(ids, mask, None if features is None else features[rows]))
             for i, (row, _) in enumerate(spans):
                 out[row] = float(values[i])
         return out

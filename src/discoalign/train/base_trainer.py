@@ -5,7 +5,7 @@ resuming all stay the Trainer's own. What it adds:
 
 * saving writes our layout (backbone or adapter + `heads.safetensors` + `heads_config.json` + config);
 * resuming restores backbone/adapter weights *and* heads from such a checkpoint;
-* the beta head gets its own optimizer group at `learning_rate * beta_head_lr_ratio`;
+* heads get optimizer groups of their own at `learning_rate * <head>_lr_ratio` (`RunPlan.head_lr_ratios`);
 * TRL-style stored metrics: a step stores values, `log()` averages them since the last log.
 """
 
@@ -29,17 +29,6 @@ from ..models.pair_attention import prepare_pair_packing
 from .distributed import keep_lm_head_whole
 
 
-def variance_head_lr_ratio(ft) -> float:
-    """`variance_head_lr_ratio`, or its default: 10 for DiscoDPO (measured, docs/noisy_labels.md), 1 otherwise."""
-    if ft.variance_head_lr_ratio is not None:
-        return ft.variance_head_lr_ratio
-    return 10.0 if ft.stage == "dpo" else 1.0
-
-
-BETA_HEAD_PREFIX = "beta_head."
-VARIANCE_HEAD_PREFIX = "variance_head."
-
-
 class _KeepLmHeadWhole(TrainerCallback):
     """ZeRO-3: once the engine exists, keep a frozen LM head gathered (`train.distributed.keep_lm_head_whole`)."""
 
@@ -56,6 +45,7 @@ class DiscoTrainer(Trainer):
         super().__init__(model=model, **kwargs)
         self.run_config = run_config
         self.finetuning_args = run_config.finetuning
+        self.plan = run_config.plan  # every decision the config implies (`config.plan`), made once
         self._stored_metrics: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.pack_pairs = run_config.data.pack_pairs
         if self.pack_pairs:
@@ -175,25 +165,16 @@ class DiscoTrainer(Trainer):
     # ---- optimizer -----------------------------------------------------------------------------------
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer, with the beta and variance heads in groups of their own at scaled learning rates.
-
-        `beta_head.*` learns at `learning_rate * beta_head_lr_ratio`, `variance_head.*` at
-        `learning_rate * variance_head_lr_ratio`; a head whose ratio is 1 stays with the backbone's groups.
-        """
+        """The Trainer's optimizer, with each head whose learning-rate ratio is not 1 (`RunPlan.head_lr_ratios`:
+        `beta_head_lr_ratio`, `variance_head_lr_ratio`) in groups of its own at `learning_rate * ratio`."""
         opt_model = self.model if model is None else model
-        ft = self.finetuning_args
-        ratios = {BETA_HEAD_PREFIX: ft.beta_head_lr_ratio, VARIANCE_HEAD_PREFIX: variance_head_lr_ratio(ft)}
-        ratios = {prefix: r for prefix, r in ratios.items() if r != 1.0}
+        ratios = {f"{name}.": r for name, r in self.plan.head_lr_ratios.items() if r != 1.0}
+        if self.optimizer is not None or not ratios:
+            return super().create_optimizer(model)
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
 
         def prefix_of(name: str) -> str | None:
             return next((prefix for prefix in ratios if name.startswith(prefix)), None)
-
-        # The beta head keeps a group of its own whatever its ratio (as before: its parameters are found by name).
-        has_beta = any(n.startswith(BETA_HEAD_PREFIX) for n, _ in named)
-        if self.optimizer is not None or not (ratios or has_beta):
-            return super().create_optimizer(model)
-        ratios.setdefault(BETA_HEAD_PREFIX, ft.beta_head_lr_ratio)
 
         decay = set(self.get_decay_parameter_names(opt_model))
         groups: list[dict[str, Any]] = []

@@ -159,20 +159,6 @@ def _collective_device(tensor: torch.Tensor) -> torch.device:
     return tensor.device
 
 
-def _all_gather_variable(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate (n_r, H) tensors of every rank, in rank order (the sizes n_r may differ)."""
-    world = world_size()
-    device = _collective_device(local)
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
-    torch.distributed.all_gather(sizes, torch.tensor([local.shape[0]], device=device))
-    largest = int(max(s.item() for s in sizes))
-    padded = local.new_zeros((largest, *local.shape[1:])).to(device)
-    padded[: local.shape[0]] = local.to(device)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(local.device)
-
-
 def keep_lm_head_whole(model: nn.Module) -> int:
     """Under ZeRO-3, keep a *frozen* LM head gathered through each training step (LoRA's).
 

@@ -9,19 +9,22 @@ from transformers import TrainerCallback
 from ..config.loader import RunConfig
 from ..config.output_dir import check_resume, prepare_output_dir
 from .distributed import prepare_distributed
-from .dpo import run_dpo
-from .ppo import run_ppo
-from .rm import run_rm
-from .sft import run_sft
+from .dpo.workflow import DPOWorkflow
+from .ppo.workflow import PPOWorkflow
+from .rm.workflow import RMWorkflow
+from .sft.workflow import SFTWorkflow
+from .workflow import StageWorkflow
+
+WORKFLOWS: dict[str, type[StageWorkflow]] = {
+    "sft": SFTWorkflow,
+    "rm": RMWorkflow,
+    "dpo": DPOWorkflow,
+    "ppo": PPOWorkflow,
+}
 
 
 def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Run the stage named by `cfg.finetuning.stage` and return its metrics."""
-    from transformers import set_seed
-
-    # Seed before any model is built: head inits draw from the global RNG, and two runs that differ only
-    # in an unused head must draw the same numbers.
-    set_seed(cfg.training.seed)
     args = cfg.training
     # Before any model loads: DeepSpeed's process group (ZeRO-3 shards weights as they load), quiet replicas.
     prepare_distributed(args)
@@ -34,13 +37,4 @@ def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> d
             overwrite=cfg.finetuning.overwrite_output_dir,
             resuming=bool(args.resume_from_checkpoint),
         )
-    stage = cfg.finetuning.stage
-    if stage == "sft":
-        return run_sft(cfg, callbacks)
-    if stage == "rm":
-        return run_rm(cfg, callbacks)
-    if stage == "dpo":
-        return run_dpo(cfg, callbacks)
-    if stage == "ppo":
-        return run_ppo(cfg, callbacks)
-    raise AssertionError(f"stage {stage!r} passed validation but has no workflow")
+    return WORKFLOWS[cfg.finetuning.stage]().run(cfg, callbacks)

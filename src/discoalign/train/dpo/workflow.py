@@ -1,4 +1,4 @@
-"""Stage `dpo` end to end: load policy (and reference), data, train, evaluate, save metrics and plots."""
+"""Stage `dpo`: the policy, its reference and the data (the skeleton that trains, evaluates and saves: `train.workflow`)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ...config.loader import CONFIG_FILE_NAME, RunConfig
+from ...config.plan import HeadPlan
 from ...data import get_dataset
 from ...data.media_collator import make_pairwise_collator
 from ...errors import ConfigError
 from ...models.loader import load_model_with_heads
 from ..distributed import is_zero3_partitioned
 from ..frozen import frozen_copy
+from ..workflow import StageWorkflow
 from .trainer import DPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -47,10 +49,7 @@ def load_reference(cfg: RunConfig, policy) -> Any | None:
         ref_args = copy.copy(cfg.model)
         ref_args.model_name_or_path = cfg.model.ref_model_name_or_path
         # The reference needs a backbone only: no heads, no adapter, frozen.
-        ref_ft = copy.copy(ft)
-        ref_ft.add_disco_head = ref_ft.add_beta_head = False
-        ref_ft.finetuning_type = "full"
-        ref, _ = load_model_with_heads(ref_args, ref_ft, add_value_head=False, is_trainable=False)
+        ref, _ = load_model_with_heads(ref_args, ft, heads=HeadPlan.of(), is_trainable=False)
         return ref
     if ft.precompute_ref_logps:
         return None
@@ -58,9 +57,7 @@ def load_reference(cfg: RunConfig, policy) -> Any | None:
     if is_zero3_partitioned(policy):
         # ZeRO-3 sharded the policy while it loaded: a copy would copy shards. Load the same weights again (they
         # are sharded too, and the reference's DeepSpeed engine gathers each layer as it runs).
-        ref_ft = copy.copy(ft)
-        ref_ft.add_disco_head = ref_ft.add_beta_head = False
-        ref, _ = load_model_with_heads(cfg.model, ref_ft, add_value_head=False, is_trainable=False)
+        ref, _ = load_model_with_heads(cfg.model, ft, heads=HeadPlan.of(), is_trainable=False)
         return ref.requires_grad_(False).eval()
     return frozen_copy(policy)
 
@@ -95,7 +92,7 @@ def resolve_eval_reference(cfg: RunConfig) -> None:
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"Cannot read {saved_path!r} to find the DPO reference ({e}); set `ref_model_name_or_path`."
                           ) from None  # fmt: skip
-    if saved.get("stage") != "dpo" or saved.get("finetuning_type", "full") != "full":
+    if saved.get("stage") != "dpo" or saved.get("finetuning_type") not in (None, "full"):
         return
     reference = saved.get("ref_model_name_or_path") or saved.get("model_name_or_path")
     if not reference or os.path.abspath(os.path.expanduser(reference)) == os.path.abspath(name):
@@ -106,44 +103,36 @@ def resolve_eval_reference(cfg: RunConfig) -> None:
     cfg.resolved["ref_model_name_or_path"] = reference
 
 
-def build_dpo_trainer(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None):
-    """Seed, load the policy, the data and the reference, and build the `DPOTrainer`. Returns (trainer, bundle)."""
-    args = cfg.training
-    from transformers import set_seed
+class DPOWorkflow(StageWorkflow):
+    """Stage `dpo`: the policy (and reference), the data, the `DPOTrainer`; plots of loss, reward accuracy, margins,
+    beta and variance."""
 
-    # LoRA's init draws from the global RNG: seed first so a run is reproducible and variants comparable.
-    set_seed(args.seed)
-    resolve_eval_reference(cfg)
-    model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, add_value_head=False, is_trainable=True)
-    model.train()
-    bundle = get_dataset(cfg.data, tokenizer, stage="dpo", seed=args.seed, media=model.media_processor)
-    trainer = DPOTrainer(
-        model,
-        cfg,
-        ref_model=load_reference(cfg, model),
-        train_dataset=bundle.train if args.do_train else None,
-        eval_dataset=bundle.eval,
-        data_collator=make_pairwise_collator(tokenizer, model, pack_pairs=getattr(cfg.data, "pack_pairs", False)),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-    return trainer, bundle
+    plots = PLOTS
+
+    def build(self, cfg: RunConfig, callbacks: list[TrainerCallback] | None):
+        args = cfg.training
+        resolve_eval_reference(cfg)
+        model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, heads=cfg.plan.heads, is_trainable=True)
+        model.train()
+        bundle = get_dataset(cfg.data, tokenizer, stage="dpo", seed=args.seed, media=model.media_processor)
+        trainer = DPOTrainer(
+            model,
+            cfg,
+            ref_model=load_reference(cfg, model),
+            train_dataset=bundle.train if args.do_train else None,
+            eval_dataset=bundle.eval,
+            data_collator=make_pairwise_collator(tokenizer, model, pack_pairs=cfg.data.pack_pairs),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+        return trainer, bundle
+
+
+def build_dpo_trainer(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None):
+    """Seed and build the `DPOTrainer` (benchmarks and tests drive it themselves). Returns (trainer, bundle)."""
+    return DPOWorkflow().build_trainer(cfg, callbacks)
 
 
 def run_dpo(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    """Train and/or evaluate a DPO-family policy as `cfg` says; returns data stats and train / eval metrics.
-
-    Writes the checkpoint, `train_results.json` / `eval_results.json`, the resolved config and PNG plots
-    (loss, reward accuracy, margins, beta, variance) under `output_dir/plots/`.
-    """
-    args = cfg.training
-    trainer, bundle = build_dpo_trainer(cfg, callbacks)
-    results: dict[str, Any] = {"data_stats": dict(bundle.stats)}
-    if args.do_train:
-        results["train"] = trainer.train_and_save()
-    if args.do_eval and trainer.eval_dataset is not None:
-        results["eval"] = trainer.evaluate_and_save()
-    trainer.plot_history(PLOTS)
-    if trainer.is_world_process_zero():
-        cfg.save(args.output_dir)
-    return results
+    """Train and/or evaluate a DPO-family policy as `cfg` says; returns data stats and train / eval metrics."""
+    return DPOWorkflow().run(cfg, callbacks)

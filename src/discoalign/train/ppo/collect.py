@@ -38,7 +38,7 @@ class RolloutCollector:
         with adapters_off:
             ref_out = reference(**inputs, with_values=False)
         # Left padding puts every prompt's last token at P - 1: the beta head's input.
-        ref_prompt_hidden = ref_out.prompt_hidden.float() if self.finetuning_args.use_dynamic_beta else None
+        ref_prompt_hidden = ref_out.prompt_hidden.float() if self.plan.beta_source == "head" else None
 
         reward_model = self.accelerator.unwrap_model(self.reward_model)
         mean, variance = score_responses(
@@ -100,7 +100,7 @@ class RolloutCollector:
             scores = scores - ft.missing_eos_penalty * (~ended).float()
         ref_prompt_hidden = joined("ref_prompt_hidden")
         kl_coef = torch.full_like(scores, ft.pref_beta)
-        if ft.use_dynamic_beta:
+        if self.plan.beta_source == "head":
             kl_coef = ft.pref_beta * policy.beta_head(ref_prompt_hidden)
         rollout = Rollout(
             query_ids=query_ids,

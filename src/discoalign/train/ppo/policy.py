@@ -25,7 +25,7 @@ class PolicyOutput:
     values: (B, L) fp32 V(x, y_<t), or None (no value head, or not asked for).
     entropy: (B, L) fp32 entropy of each position's distribution (no gradient), or None.
     prompt_hidden: (B, H) the hidden state at the last prompt token (position P-1), for the beta head.
-    beta_scale: (B,) s(x) of the beta head, when `beta_features` were given.
+    beta_scale: (B,) s(x) of the beta head, when `prompt_features` were given.
     """
 
     logprobs: torch.Tensor
@@ -41,9 +41,9 @@ class PPOPolicy(ModelWithHeads):
     @classmethod
     def from_model(cls, model: ModelWithHeads) -> PPOPolicy:
         """The same modules (shared, not copied) under this class."""
-        policy = cls(model.backbone, model.value_head, model.variance_head, model.beta_head, model.heads_config,
-                     model.modality)  # fmt: skip
-        policy.media_processor = getattr(model, "media_processor", None)
+        policy = cls(model.backbone, model.heads, model.heads_config, model.modality)
+        policy.media_processor = model.media_processor
+        policy.epistemic = model.epistemic
         return policy.train(model.training)
 
     def forward(
@@ -55,7 +55,7 @@ class PPOPolicy(ModelWithHeads):
         temperature: float = 1.0,
         with_values: bool = True,
         with_entropy: bool = False,
-        beta_features: torch.Tensor | None = None,
+        prompt_features: torch.Tensor | None = None,
         **kwargs: Any,
     ):
         """Without `response_ids`: `ModelWithHeads.forward`. With them:
@@ -67,13 +67,13 @@ class PPOPolicy(ModelWithHeads):
             temperature: the sampling temperature (logits are divided by it).
             with_values: read the value head at every response position.
             with_entropy: also return per-position entropies.
-            beta_features: (B, H) reference prompt states for the beta head, or None.
+            prompt_features: (B, H) reference prompt states for the beta head, or None.
         Returns:
             PolicyOutput.
         """
         if response_ids is None:
-            return super().forward(input_ids, attention_mask, beta_features=beta_features, **kwargs)
-        out = super().forward(input_ids, attention_mask, with_heads=False, beta_features=beta_features, **kwargs)
+            return super().forward(input_ids, attention_mask, prompt_features=prompt_features, **kwargs)
+        out = super().forward(input_ids, attention_mask, with_heads=False, prompt_features=prompt_features, **kwargs)
         hidden = response_hidden(out.last_hidden_state, prompt_length)
         softcap = self.final_logit_softcap
         logprobs, entropy = token_logprobs(hidden, self.lm_head, response_ids, temperature, softcap, with_entropy)

@@ -107,8 +107,8 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
         disable_dropout(policy)
         # The saved policy's value head is a critic, not a reward: `score` and `reward_model:` refuse it.
         policy.heads_config["value_head_kind"] = "critic"
-        policy.epistemic = None  # an epistemic term inherited from a reward-model init is not the policy's
-        if policy.beta_head is not None and not ft.use_dynamic_beta:
+        policy.epistemic = None  # an epistemic estimator inherited from a reward-model init is not the policy's
+        if policy.beta_head is not None and self.plan.beta_source != "head":
             # Present but unused: frozen, so that DDP does not wait for gradients it will never get.
             policy.beta_head.requires_grad_(False)
         self.true_reward = true_reward
@@ -175,7 +175,7 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
         out = model(
             batch.input_ids, batch.attention_mask, response_ids=batch.response_ids,
             prompt_length=batch.query_ids.shape[1], temperature=ft.temperature, with_entropy=True,
-            beta_features=batch.ref_prompt_hidden if ft.use_dynamic_beta else None,
+            prompt_features=batch.ref_prompt_hidden if self.plan.beta_source == "head" else None,
         )  # fmt: skip
         logprobs, values, entropy = out.logprobs, out.values, out.entropy
         pg_loss, pg_clipfrac, approxkl = clipped_policy_loss(
@@ -193,7 +193,7 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
             "val/clipfrac": vf_clipfrac,
             "val/mean": masked_mean(values.detach(), mask),
         }
-        if ft.use_dynamic_beta:
+        if self.plan.beta_source == "head":
             beta_loss = beta_controller_loss(out.beta_scale, batch.kl.sum(dim=1), ft.target_kl)
             loss = loss + beta_loss
             stats["beta/loss"] = beta_loss.detach()

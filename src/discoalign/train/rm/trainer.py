@@ -8,9 +8,9 @@ import torch
 
 from ...data.formats import GROUND_TRUTH_COLUMNS
 from ...data.packing import packed_model_inputs
-from ...losses.reward import bt_reward_loss, center_rewards_penalty, disco_reward_loss
-from ...losses.variance import log_variance_prior
-from ...models.epistemic import TokenNovelty
+from ...losses.reward_objective import RewardObjective, RewardPairs, RewardSettings
+from ...models.epistemic import ESTIMATORS, FitData
+from ...models.epistemic.base import PairPass
 from ..base_trainer import DiscoTrainer
 
 # Columns of the (B, 4) prediction and (B, 3) label arrays handed to `compute_metrics`; NaN where a value does
@@ -20,105 +20,106 @@ LABEL_COLUMNS = GROUND_TRUTH_COLUMNS
 
 
 class RewardTrainer(DiscoTrainer):
-    """Chosen and rejected go through the model in one (2B, T) forward; rows [0, B) are chosen."""
+    """Chosen and rejected go through the model in one (2B, T) forward; rows [0, B) are chosen. The loss is
+    `losses.reward_objective.RewardObjective` (BT or Disco, margin, centering)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Our loss is a per-pair mean, so let the Trainer scale it for gradient accumulation itself.
         self.model_accepts_loss_kwargs = False
+        self.return_features = False  # `prediction_step` appends the pooled features (the epistemic fit's pass)
+        ft = self.finetuning_args
+        self.objective = RewardObjective(
+            RewardSettings(
+                uses_variance=self.plan.uses_variance,
+                variance_prior=ft.disco_variance_prior,
+                center_coefficient=ft.center_rewards_coefficient,
+            )
+        )
 
     def train(self, *args: Any, **kwargs: Any):
-        """`transformers.Trainer.train`, then (with `epistemic: token_novelty`) fit the epistemic term on the
-        training responses, so that the final save holds it."""
+        """`transformers.Trainer.train`, then (with `epistemic: <kind>`) fit the epistemic estimator on the training
+        data, so that the final save holds it."""
         result = super().train(*args, **kwargs)
-        if self.finetuning_args.epistemic != "none":
+        if self.plan.epistemic != "none":
             self.fit_epistemic()
         return result
 
-    def fit_epistemic(self, max_pairs: int = 512) -> None:
-        """Count the tokens and adjacent pairs of every training response (`models.epistemic.TokenNovelty`) and set
-        its prior variance to the variance of the trained mean reward over (up to `max_pairs`) training pairs."""
-
+    def fit_epistemic(self) -> None:
+        """Fit the plan's epistemic estimator (`models.epistemic`) on the training pairs and attach it to the model."""
         model = self._unwrapped()
         data = self.train_dataset
-        term = TokenNovelty(model.config.get_text_config().vocab_size)
-        term.fit(row for col in ("chosen_input_ids", "rejected_input_ids") for row in data[col])
-        subset = data.select(range(min(max_pairs, len(data))))
-        predictions = self.predict(subset, metric_key_prefix="epistemic_fit").predictions
-        means = torch.as_tensor(predictions[:, :2], dtype=torch.float64).flatten()
-        term.prior_variance = float(means.var()) if means.numel() > 1 else 1.0
-        model.epistemic = term
-        model.heads_config["epistemic"] = term.config()
+        estimator = ESTIMATORS[self.plan.epistemic].fitted(
+            FitData(
+                vocab_size=model.config.get_text_config().vocab_size,
+                hidden_size=model.config.get_text_config().hidden_size,
+                responses=lambda: (row for col in ("chosen_input_ids", "rejected_input_ids") for row in data[col]),
+                pairs=self.training_pair_pass,
+            )
+        )
+        model.epistemic = estimator
+        model.heads_config["epistemic"] = estimator.config()
 
-    @property
-    def use_disco(self) -> bool:
-        return self.finetuning_args.disco_pref
+    def training_pair_pass(self, max_pairs: int | None, with_features: bool) -> PairPass:
+        """The trained model over the first `max_pairs` (None: all) training pairs, through `Trainer.predict`:
+        means (N, 2) chosen first, and the pooled features (N, 2, H) when asked for."""
+        data = self.train_dataset
+        subset = data.select(range(len(data) if max_pairs is None else min(max_pairs, len(data))))
+        self.return_features = with_features
+        try:
+            predictions = self.predict(subset, metric_key_prefix="epistemic_fit").predictions
+        finally:
+            self.return_features = False
+        means = torch.as_tensor(predictions[:, :2], dtype=torch.float64)
+        features = None
+        if with_features:
+            hidden = (predictions.shape[1] - len(PREDICTION_COLUMNS)) // 2
+            features = torch.as_tensor(predictions[:, len(PREDICTION_COLUMNS) :], dtype=torch.float32)
+            features = features.reshape(-1, 2, hidden)
+        return PairPass(means, features)
 
     def pair_scores(
-        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], with_variance: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Return (mu_c, mu_r, var_c, var_r), each (B,) fp32; variances None unless asked for."""
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], with_variance: bool, with_features: bool = False
+    ) -> tuple[RewardPairs, torch.Tensor | None]:
+        """The batch's scored pairs (variances only when asked for) and, when asked for, the pooled features (2B, H)."""
         # Call the module, not `.score`: under DDP `model` is the wrapper, whose forward is the only entry.
         # A packed batch (`pack_pairs`) adds position/segment ids and where each sequence ends.
         packed = packed_model_inputs(inputs)
         media = self.media_inputs(inputs)  # images / audio of a multimodal model; {} for text
-        out = model(inputs["input_ids"], inputs["attention_mask"], with_variance=with_variance, **packed, **media)
+        out = model(inputs["input_ids"], inputs["attention_mask"], with_variance=with_variance,
+                    with_features=with_features, **packed, **media)  # fmt: skip
         mean, var = out.mean, out.variance
         half = mean.shape[0] // 2
+        margin = inputs.get("margin")
         if var is None:
-            return mean[:half], mean[half:], None, None
-        return mean[:half], mean[half:], var[:half], var[half:]
-
-    def pair_loss(
-        self,
-        mu_c: torch.Tensor,
-        mu_r: torch.Tensor,
-        var_c: torch.Tensor | None,
-        var_r: torch.Tensor | None,
-        margin: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The batch loss of docs/design.md §3 (mean over pairs, plus centering when configured)."""
-        if self.use_disco:
-            losses = disco_reward_loss(mu_c, mu_r, var_c, var_r, margin)
-            prior = self.finetuning_args.disco_variance_prior
-            if prior:
-                # Anchors the variance scale (losses/variance.py); the same prior as DiscoDPO's.
-                losses = losses + log_variance_prior(var_c, prior) + log_variance_prior(var_r, prior)
-            loss = losses.mean()
-        else:
-            loss = bt_reward_loss(mu_c, mu_r, margin).mean()
-        if self.finetuning_args.center_rewards_coefficient:
-            loss = loss + self.finetuning_args.center_rewards_coefficient * center_rewards_penalty(mu_c, mu_r)
-        return loss
+            return RewardPairs(mean[:half], mean[half:], margin=margin), out.features
+        return RewardPairs(mean[:half], mean[half:], var[:half], var[half:], margin), out.features
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mu_c, mu_r, var_c, var_r = self.pair_scores(model, inputs, with_variance=self.use_disco)
-        loss = self.pair_loss(mu_c, mu_r, var_c, var_r, inputs.get("margin"))
+        pairs, _ = self.pair_scores(model, inputs, with_variance=self.plan.uses_variance)
+        result = self.objective(pairs)
         if model.training:
-            metrics = {
-                # ties dropped, as in eval (`metric.pair_accuracy`); NaN if every pair is a tie
-                "accuracy": (mu_c > mu_r)[mu_c != mu_r].float().mean(),
-                "margin": (mu_c - mu_r).mean(),
-                "mean_reward": torch.cat([mu_c, mu_r]).mean(),
-            }
-            if var_c is not None:
-                metrics["variance_chosen"] = var_c.mean()
-                metrics["variance_rejected"] = var_r.mean()
-            self.store_metrics(metrics, "train")
+            self.store_metrics(result.metrics, "train")
         if return_outputs:
-            return loss, {"mean_chosen": mu_c, "mean_rejected": mu_r, "var_chosen": var_c, "var_rejected": var_r}
-        return loss
+            return result.loss, {"mean_chosen": pairs.chosen_mean, "mean_rejected": pairs.rejected_mean,
+                                 "var_chosen": pairs.chosen_var, "var_rejected": pairs.rejected_var}  # fmt: skip
+        return result.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            # Eval reports variances whenever the head exists; the loss still follows `disco_pref`.
-            has_var = getattr(self.accelerator.unwrap_model(model), "variance_head", None) is not None
-            mu_c, mu_r, var_c, var_r = self.pair_scores(model, inputs, with_variance=has_var)
-            loss = self.pair_loss(mu_c, mu_r, var_c, var_r, inputs.get("margin")).detach()
+            # Eval reports variances whenever the head exists; the loss still follows the plan (`disco_pref`).
+            has_var = self.plan.heads.has("variance_head")
+            pairs, features = self.pair_scores(model, inputs, with_variance=has_var, with_features=self.return_features)
+            loss = self.objective(pairs).loss.detach()
         if prediction_loss_only:
             return loss, None, None
+        mu_c, mu_r, var_c, var_r = pairs.chosen_mean, pairs.rejected_mean, pairs.chosen_var, pairs.rejected_var
         nan = torch.full_like(mu_c, float("nan"))
-        preds = torch.stack([mu_c, mu_r, var_c if var_c is not None else nan, var_r if var_r is not None else nan], 1)
+        columns = [mu_c, mu_r, var_c if var_c is not None else nan, var_r if var_r is not None else nan]
+        preds = torch.stack(columns, 1)
+        if features is not None:  # the epistemic fit's pass: chosen and rejected features side by side
+            half = mu_c.shape[0]
+            preds = torch.cat([preds, features[:half].float(), features[half:].float()], dim=1)
         labels = torch.stack([inputs[k].float() if k in inputs else nan for k in LABEL_COLUMNS], 1)
         return loss, preds, labels

@@ -1,4 +1,4 @@
-"""Stage `rm` end to end: load, train, evaluate, write predictions, plots and a table of samples."""
+"""Stage `rm`: load, train, evaluate, write predictions, plots and a table of samples (skeleton: `train.workflow`)."""
 
 from __future__ import annotations
 
@@ -17,61 +17,60 @@ from ...eval.calibration import reliability_bins
 from ...eval.plots import plot_reliability
 from ...eval.report import print_table
 from ...models.loader import load_model_with_heads
+from ..workflow import StageWorkflow
 from .metric import make_compute_metrics, preference_log_prob
 from .trainer import RewardTrainer
 
 logger = logging.getLogger(__name__)
 
 
-PLOTS = [
+PLOTS = (
     ("loss.png", "loss", ["loss", "eval_loss"]),
     ("accuracy.png", "preference accuracy", ["accuracy", "eval_accuracy", "eval_true_accuracy"]),
-]
+)
 
 
-def run_rm(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    """Train and/or evaluate a reward model as `cfg` says; returns the train and eval metrics."""
-    args = cfg.training
-    model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, add_value_head=True)
-    model.heads_config["value_head_kind"] = "reward"  # `score` and PPO's `reward_model:` accept only these
-    bundle = get_dataset(cfg.data, tokenizer, stage="rm", seed=args.seed, media=model.media_processor)
-    trainer = RewardTrainer(
-        model,
-        cfg,
-        train_dataset=bundle.train if args.do_train else None,
-        eval_dataset=bundle.eval,
-        data_collator=make_pairwise_collator(tokenizer, model, pack_pairs=getattr(cfg.data, "pack_pairs", False)),
-        processing_class=tokenizer,
-        compute_metrics=make_compute_metrics(cfg.finetuning.disco_pref),
-        callbacks=callbacks,
-    )
-    results: dict[str, Any] = {"data_stats": dict(bundle.stats)}
-    plots_dir = os.path.join(args.output_dir, "plots")
+class RMWorkflow(StageWorkflow):
+    """Stage `rm`; its evaluation also writes `predictions.jsonl`, the reliability plot and a table of samples."""
 
-    if args.do_train:
-        results["train"] = trainer.train_and_save()
-        trainer.plot_history(PLOTS)
+    plots = PLOTS
 
-    if args.do_eval and bundle.eval is not None:
+    def build(self, cfg: RunConfig, callbacks: list[TrainerCallback] | None):
+        model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, heads=cfg.plan.heads)
+        model.heads_config["value_head_kind"] = "reward"  # `score` and PPO's `reward_model:` accept only these
+        bundle = get_dataset(cfg.data, tokenizer, stage="rm", seed=cfg.training.seed, media=model.media_processor)
+        trainer = RewardTrainer(
+            model,
+            cfg,
+            train_dataset=bundle.train if cfg.training.do_train else None,
+            eval_dataset=bundle.eval,
+            data_collator=make_pairwise_collator(tokenizer, model, pack_pairs=cfg.data.pack_pairs),
+            processing_class=tokenizer,
+            compute_metrics=make_compute_metrics(cfg.plan.uses_variance),
+            callbacks=callbacks,
+        )
+        return trainer, bundle
+
+    def evaluate(self, trainer: RewardTrainer, cfg: RunConfig, bundle) -> dict[str, float]:
         output = trainer.predict(bundle.eval, metric_key_prefix="eval")
         metrics = output.metrics
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-        results["eval"] = metrics
         if trainer.is_world_process_zero():
-            rows = write_predictions(
-                output.predictions,
-                bundle.eval,
-                cfg.finetuning.disco_pref,
-                os.path.join(args.output_dir, "predictions.jsonl"),
-            )
+            args = cfg.training
+            rows = write_predictions(output.predictions, bundle.eval, cfg.plan.uses_variance,
+                                     os.path.join(args.output_dir, "predictions.jsonl"))  # fmt: skip
             if cfg.finetuning.plot_loss:
                 conf, acc, count = reliability_bins(np.array([r["probability"] for r in rows]))
-                plot_reliability(conf, acc, count, os.path.join(plots_dir, "reliability.png"), "reliability (eval)")
-            show_samples(rows, bundle.eval, tokenizer, cfg.finetuning.num_score_samples)
-    if trainer.is_world_process_zero():
-        cfg.save(args.output_dir)
-    return results
+                plot_reliability(conf, acc, count, os.path.join(args.output_dir, "plots", "reliability.png"),
+                                 "reliability (eval)")  # fmt: skip
+            show_samples(rows, bundle.eval, trainer.processing_class, cfg.finetuning.num_score_samples)
+        return metrics
+
+
+def run_rm(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train and/or evaluate a reward model as `cfg` says; returns the train and eval metrics."""
+    return RMWorkflow().run(cfg, callbacks)
 
 
 def write_predictions(predictions: np.ndarray, dataset, disco: bool, path: str) -> list[dict[str, Any]]:

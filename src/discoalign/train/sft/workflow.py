@@ -1,4 +1,4 @@
-"""Stage `sft` end to end: load, train on prompt + response data, evaluate (loss, perplexity), save."""
+"""Stage `sft`: load, train on prompt + response data, evaluate (loss, perplexity); the skeleton is `train.workflow`."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from ...data import get_dataset
 from ...data.sft import SFTCollator
 from ...errors import ConfigError
 from ...models.loader import load_model_with_heads
+from ..workflow import StageWorkflow
 from .trainer import SFTTrainer
 
-PLOTS = [("loss.png", "loss", ["loss", "eval_loss"])]
+PLOTS = (("loss.png", "loss", ["loss", "eval_loss"]),)
 
 
 def check_packing(model) -> None:
@@ -33,32 +34,29 @@ def check_packing(model) -> None:
         ) from None
 
 
-def run_sft(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    """Train and/or evaluate a causal LM on prompt + response rows as `cfg` says; returns the metrics.
+class SFTWorkflow(StageWorkflow):
+    """Stage `sft`: the output directory is a checkpoint like every stage's (full weights or a LoRA adapter, tokenizer,
+    config), loadable as `model_name_or_path` of a later `rm`, `dpo` or `ppo` run."""
 
-    The output directory is a checkpoint like every stage's (full weights or a LoRA adapter, tokenizer, config),
-    loadable as `model_name_or_path` of a later `rm`, `dpo` or `ppo` run.
-    """
-    args = cfg.training
-    model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, add_value_head=False)
-    if cfg.data.packing:
-        check_packing(model)
-    bundle = get_dataset(cfg.data, tokenizer, stage="sft", seed=args.seed)
-    trainer = SFTTrainer(
-        model,
-        cfg,
-        train_dataset=bundle.train if args.do_train else None,
-        eval_dataset=bundle.eval,
-        data_collator=SFTCollator(tokenizer.pad_token_id, packing=cfg.data.packing),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-    results: dict[str, Any] = {"data_stats": dict(bundle.stats)}
-    if args.do_train:
-        results["train"] = trainer.train_and_save()
-        trainer.plot_history(PLOTS)
-    if args.do_eval and bundle.eval is not None:
-        results["eval"] = trainer.evaluate_and_save()
-    if trainer.is_world_process_zero():
-        cfg.save(args.output_dir)
-    return results
+    plots = PLOTS
+
+    def build(self, cfg: RunConfig, callbacks: list[TrainerCallback] | None):
+        model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, heads=cfg.plan.heads)
+        if cfg.data.packing:
+            check_packing(model)
+        bundle = get_dataset(cfg.data, tokenizer, stage="sft", seed=cfg.training.seed)
+        trainer = SFTTrainer(
+            model,
+            cfg,
+            train_dataset=bundle.train if cfg.training.do_train else None,
+            eval_dataset=bundle.eval,
+            data_collator=SFTCollator(tokenizer.pad_token_id, packing=cfg.data.packing),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+        return trainer, bundle
+
+
+def run_sft(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train and/or evaluate a causal LM on prompt + response rows as `cfg` says; returns the metrics."""
+    return SFTWorkflow().run(cfg, callbacks)

@@ -1,6 +1,6 @@
 """The reward-model part of `discoalign demo`: BT and Disco reward models on builtin:synthetic, one row of held-out
 metrics each. `RM_DEMO_CONFIG` is the one reward-model preset: the demo, `examples/rm_*.yaml`, the effect test, the
-over-optimisation benchmark and the PPO demo's reward models (`train/ppo/demo.py`, shorter and without eval)."""
+over-optimisation benchmark and the PPO demo's reward models (`cli/demo/ppo.py`, shorter and without eval)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import time
 from typing import Any
 
-from ...config.loader import build_config
-from ..tuner import run_exp
+from ...train.tuner import run_exp
+from ..run_config import command_config
 
 # Shared by the demo, `examples/rm_*.yaml` and the effect test: a few hundred steps on 2 CPU cores.
 RM_DEMO_CONFIG: dict[str, Any] = {
@@ -52,7 +52,9 @@ def run_rm_demo(output_root: str, **overrides: Any) -> list[dict[str, Any]]:
     for name, disco in (("BT", False), ("Disco", True)):
         start = time.time()
         out = os.path.join(output_root, f"rm_{name.lower()}")
-        metrics = run_exp(build_config(rm_config(out, disco, **overrides), source=f"the demo's {name} config"))["eval"]
+        metrics = run_exp(command_config("train", rm_config(out, disco, **overrides), f"the demo's {name} config"))[
+            "eval"
+        ]
         rows.append(
             {
                 "model": name,

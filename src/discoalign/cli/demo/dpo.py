@@ -8,8 +8,8 @@ import os
 import time
 from typing import Any
 
-from ...config.loader import build_config
-from .workflow import run_dpo
+from ...train.tuner import run_exp
+from ..run_config import command_config
 
 # The demo's short run per cell on 2 CPU cores (the measured comparison is benchmarks/dpo_noise.py).
 DPO_DEMO_CONFIG: dict[str, Any] = {
@@ -45,7 +45,8 @@ GRID: tuple[tuple[str, bool, bool], ...] = (
 
 def grid_config(output_dir: str, disco: bool, dynamic_beta: bool, **overrides: Any) -> dict[str, Any]:
     """The flat config of one grid cell: the heads exist only where the cell uses them."""
-    raw = dict(DPO_DEMO_CONFIG, output_dir=output_dir)
+    # `make demo` run twice writes into the same folders: the second run replaces the first.
+    raw = dict(DPO_DEMO_CONFIG, output_dir=output_dir, overwrite_output_dir=True)
     if disco:
         raw.update(add_disco_head=True, disco_pref=True)
     if dynamic_beta:
@@ -79,8 +80,8 @@ def run_dpo_grid_demo(output_root: str, **overrides: Any) -> list[dict[str, Any]
     for name, disco, dynamic in GRID:
         start = time.time()
         out = os.path.join(output_root, name.lower().replace(" + ", "_").replace(" ", "_").replace("-", "_"))
-        cfg = build_config(grid_config(out, disco, dynamic, **overrides), source=f"the demo's {name} config")
-        metrics = run_dpo(cfg)["eval"]
+        cfg = command_config("train", grid_config(out, disco, dynamic, **overrides), f"the demo's {name} config")
+        metrics = run_exp(cfg)["eval"]
         rows.append(
             {
                 "cell": name,

@@ -1,16 +1,16 @@
-"""`discoalign demo`: the main jobs on the built-in tiny model and built-in data, compared in tables. Each stage's
-part lives with its stage (`train/<stage>/demo.py`); this module picks the parts and prints the tables."""
+"""`discoalign demo`: the main jobs on the built-in tiny model and built-in data, compared in tables. One module per
+part (`rm`, `dpo`, `ppo`); each run is configured and checked as `discoalign train` does it (`cli.run_config`)."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from ..errors import ConfigError
-from ..eval.report import print_table
-from ..train.dpo.demo import run_dpo_grid_demo
-from ..train.ppo.demo import run_ppo_demo
-from ..train.rm.demo import run_rm_demo
+from ...errors import ConfigError
+from ...eval.report import print_table
+from .dpo import run_dpo_grid_demo
+from .ppo import run_ppo_demo
+from .rm import run_rm_demo
 
 
 def run_demo(output_root: str = "saves/demo", parts: str = "rm,dpo,ppo") -> None:

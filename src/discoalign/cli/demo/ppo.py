@@ -12,10 +12,9 @@ import os
 import time
 from typing import Any
 
-from ...config.loader import build_config
-from ..rm.demo import rm_config
-from ..tuner import run_exp
-from .workflow import run_ppo
+from ...train.tuner import run_exp
+from ..run_config import command_config
+from .rm import rm_config
 
 # The demo's reward models, shortened (about 95 steps on 2 CPU cores) and without evaluation.
 PPO_DEMO_RM_CHANGES: dict[str, Any] = {
@@ -89,7 +88,7 @@ def ensure_reward_model(output_dir: str, disco: bool, **overrides: Any) -> str:
         return output_dir
 
     raw = rm_config(output_dir, disco, **{**PPO_DEMO_RM_CHANGES, **overrides})
-    run_exp(build_config(raw, source="the PPO demo's reward-model config"))
+    run_exp(command_config("train", raw, "the PPO demo's reward-model config"))
     return output_dir
 
 
@@ -98,14 +97,15 @@ def ensure_warm_policy(output_dir: str) -> str:
     if os.path.isfile(os.path.join(output_dir, "config.json")):
         return output_dir
 
-    run_exp(build_config(dict(DEMO_SFT_CONFIG, output_dir=output_dir), source="the PPO demo's SFT warm-up config"))
+    raw = dict(DEMO_SFT_CONFIG, output_dir=output_dir, overwrite_output_dir=True)
+    run_exp(command_config("train", raw, "the PPO demo's SFT warm-up config"))
     return output_dir
 
 
 def ppo_demo_config(output_dir: str, policy: str, reward_model: str, **overrides: Any) -> dict[str, Any]:
     """The flat config of one demo PPO run."""
     return dict(PPO_DEMO_CONFIG, output_dir=output_dir, model_name_or_path=policy, reward_model=reward_model,
-                **overrides)  # fmt: skip
+                overwrite_output_dir=True, **overrides)  # fmt: skip
 
 
 def _fmt(metrics: dict[str, float], key: str) -> str:
@@ -132,7 +132,7 @@ def run_ppo_demo(output_root: str, rm_root: str | None = None) -> list[dict[str,
         start = time.time()
         out = os.path.join(output_root, f"ppo_{name.lower()}_risk{risk:g}")
         raw = ppo_demo_config(out, policy, reward_models[name], disco_risk_coef=risk)
-        results = run_ppo(build_config(raw, source=f"the PPO demo's {name} config"))
+        results = run_exp(command_config("train", raw, f"the PPO demo's {name} config"))
         before, after = results.get("eval_start", {}), results["eval"]
         rows.append({
             "reward model": name,

@@ -1,21 +1,15 @@
-"""Epistemic reward uncertainty: how far a response lies from what the reward model was trained on.
+"""`epistemic: token_novelty`: how many of a response's tokens and adjacent token pairs training never showed.
 
-Disco's variance head learns *aleatoric* uncertainty (label noise per context). It cannot flag a response built
-from content the reward model never saw: there, every member of a same-base ensemble and a last-layer Laplace
-posterior extrapolate alike (docs/reward_modeling.md, "Epistemic uncertainty"). What does see it is the input
-itself: `TokenNovelty` counts, once after training, every response token and every pair of adjacent response
-tokens (hashed into a fixed table) of the training pairs; a response's epistemic variance is
+`TokenNovelty` counts, once after training, every response token and every pair of adjacent response tokens (hashed
+into a fixed table) of the training pairs; a response's epistemic variance is
 
     var_epi(y) = prior_variance * (#tokens of y never seen in training + #adjacent pairs of y never seen)
 
 the variance a linear reward with one fresh, N(0, prior_variance) weight per unseen feature would have (Bayesian
 linear regression with the seen features known exactly). `prior_variance` is the variance of the trained model's
 mean reward over training responses, so the term is on the reward's own scale. Unseen tokens catch new subword
-pieces; unseen pairs catch new combinations of seen pieces.
-
-It is a property of the reward model (`epistemic: token_novelty` at `stage: rm`), saved in
-`epistemic.safetensors` (counts) with its settings in `heads_config.json`, and read back by every loader of
-reward models. It never changes the mean; total variance = aleatoric (Disco head, or 0) + epistemic.
+pieces; unseen pairs catch new combinations of seen pieces. It is an out-of-distribution signal more than a
+calibrated variance (docs/reward_modeling.md "Epistemic uncertainty" says where it fails).
 """
 
 from __future__ import annotations
@@ -25,11 +19,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from ...errors import CheckpointError
+from .base import EPISTEMIC_WEIGHTS_NAME, EpistemicInputs, FitData
 
-EPISTEMIC_WEIGHTS_NAME = "epistemic.safetensors"
-EPISTEMIC_KINDS = ("none", "token_novelty")
+# Training pairs whose trained means set `prior_variance` (their variance): enough for a stable estimate.
+PRIOR_PAIRS = 512
 DEFAULT_BUCKETS = 1 << 18
 _HASH_MULT = 1_000_003  # odd, larger than any vocabulary: distinct (a, b) rarely share a bucket
 
@@ -44,6 +40,7 @@ class TokenNovelty:
     """
 
     kind = "token_novelty"
+    needs_features = False
 
     def __init__(self, vocab_size: int, buckets: int = DEFAULT_BUCKETS, prior_variance: float = 1.0) -> None:
         self.vocab_size = int(vocab_size)
@@ -51,6 +48,15 @@ class TokenNovelty:
         self.prior_variance = float(prior_variance)
         self.unigram = torch.zeros(self.vocab_size, dtype=torch.int64)
         self.bigram = torch.zeros(self.buckets, dtype=torch.int64)
+
+    @classmethod
+    def fitted(cls, data: FitData) -> TokenNovelty:
+        """Counts of every training response; `prior_variance` = the variance of the trained mean reward over (up to
+        `PRIOR_PAIRS`) training pairs' responses (1 when there is a single value)."""
+        term = cls(data.vocab_size).fit(data.responses())
+        means = data.pairs(PRIOR_PAIRS, False).means.to(torch.float64).flatten()
+        term.prior_variance = float(means.var()) if means.numel() > 1 else 1.0
+        return term
 
     def _pair_bucket(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.long() * _HASH_MULT + b.long()) % self.buckets
@@ -80,9 +86,9 @@ class TokenNovelty:
         unseen_pairs = (pair_mask & ~pair_seen).sum(dim=1)
         return (unseen_tokens + unseen_pairs).float().to(response_ids.device)
 
-    def variance(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids and mask -> (B,) fp32 epistemic variance `prior_variance * novelty`."""
-        return self.prior_variance * self.novelty(response_ids, response_mask)
+    def variance(self, inputs: EpistemicInputs) -> torch.Tensor:
+        """(B,) fp32 epistemic variance `prior_variance * novelty` of the responses in `inputs`."""
+        return self.prior_variance * self.novelty(inputs.response_ids, inputs.response_mask)
 
     # ---- persistence ------------------------------------------------------------------------------------
 
@@ -92,16 +98,12 @@ class TokenNovelty:
                 "prior_variance": self.prior_variance}  # fmt: skip
 
     def save(self, output_dir: str) -> None:
-        from safetensors.torch import save_file
-
         save_file({"unigram": self.unigram.contiguous(), "bigram": self.bigram.contiguous()},
                   os.path.join(output_dir, EPISTEMIC_WEIGHTS_NAME), metadata={"format": "pt"})  # fmt: skip
 
     @classmethod
     def load(cls, path: str, config: dict[str, Any]) -> TokenNovelty:
         """Read `epistemic.safetensors` at `path` with the settings `config` (from heads_config.json)."""
-        from safetensors.torch import load_file
-
         try:
             tensors = load_file(path)
             model = cls(int(config["vocab_size"]), int(config["buckets"]), float(config["prior_variance"]))

@@ -1,0 +1,148 @@
+"""`DPOObjective`: the DPO family's loss for one `PairBatch`, every term of it in one place (docs/design.md §3).
+
+    beta   = pref_beta                      (beta_source static)
+           | pref_beta * s(x)               (head: the beta head, Rafailov et al. 2023 with a per-context beta)
+           | beta-DPO's batch beta          (batch: Wu et al. 2024, `losses.beta_dpo`, with its margin filter)
+    logps  = summed, or length-averaged     (length_normalise: IPO, as TRL and LlamaFactory compute it)
+    loss_i = dpo_loss(logps, beta)          (`losses.dpo`: sigmoid / robust / ipo / hinge, or DiscoDPO's probit)
+           + lambda/2 [(log var_w)^2 + (log var_l)^2]   (DiscoDPO: the variance prior, `losses.variance`)
+           + pref_ftx * (-log pi(y_w) / |y_w|)           (the SFT term on chosen responses, LlamaFactory's `pref_ftx`)
+    loss   = mean_i loss_i                  (over the pairs beta-DPO's filter keeps)
+
+Shapes: every per-pair tensor (B,); beta a float, a (B,) tensor (head) or a 0-dim tensor (batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .beta_dpo import beta_dpo_batch, update_margin_statistics
+from .dpo import dpo_loss
+from .dpo_metrics import step_metrics
+from .pair import PairBatch
+from .variance import log_variance_prior
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    """What the objective needs to know of the run (built from the run plan by the trainer)."""
+
+    pref_beta: float
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    beta_source: Literal["static", "head", "batch"] = "static"
+    uses_variance: bool = False
+    variance_prior: float = 0.0
+    length_normalise: bool = False
+    pref_ftx: float = 0.0
+    beta_dpo_alpha: float = 0.0
+    beta_dpo_filter: float = 0.0
+    logs_beta: bool = False
+
+
+@dataclass
+class PairLoss:
+    """The objective's result for one batch.
+
+    loss: 0-dim, the mean of `losses` over the kept pairs (all of them but under beta-DPO's filter in training).
+    losses: (B,) fp32 per-pair losses.
+    scaled: the batch's log-probs on the loss's scale (length-averaged for IPO); implicit rewards are computed there.
+    beta: the beta the loss used.
+    chosen_rewards, rejected_rewards: (B,) fp32 implicit rewards `beta (log pi - log pi_ref)` on that scale, detached.
+    keep: (B,) bool of the pairs in the mean, or None (all).
+    metrics: what to log this step (TRL's names; `losses.dpo_metrics`).
+    """
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    scaled: PairBatch
+    beta: float | torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    keep: torch.Tensor | None
+    metrics: dict[str, torch.Tensor]
+
+
+class DPOObjective:
+    """The loss of the module docstring. Holds beta-DPO's running margin statistics (the one piece of state)."""
+
+    def __init__(self, settings: DPOSettings) -> None:
+        self.settings = settings
+        # beta-DPO's running margin statistics (`losses.beta_dpo`); None until the first training batch.
+        self.margin_mean: torch.Tensor | None = None
+        self.margin_std: torch.Tensor | None = None
+
+    def beta(self, batch: PairBatch, training: bool) -> tuple[float | torch.Tensor, torch.Tensor | None]:
+        """The batch's beta and, for beta-DPO in training, the mask of the pairs its filter keeps."""
+        s = self.settings
+        if s.beta_source == "head":
+            return s.pref_beta * batch.beta_scale, None
+        if s.beta_source == "batch":
+            return self.beta_dpo_step(batch.margins, training)
+        return s.pref_beta, None
+
+    def beta_dpo_step(self, margins: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """beta-DPO: the batch's beta (0-dim) and, in training, the mask of kept pairs.
+
+        The running margin statistics move only on training batches; eval uses them as they stand (and keeps every
+        pair, so eval metrics cover the whole set).
+        """
+        s = self.settings
+        if training:
+            self.margin_mean, self.margin_std = update_margin_statistics(margins, self.margin_mean, self.margin_std)
+        if self.margin_mean is None:  # eval before any training step: plain DPO
+            return torch.tensor(s.pref_beta, device=margins.device), None
+        beta, keep = beta_dpo_batch(
+            margins, self.margin_mean, self.margin_std, s.pref_beta, s.beta_dpo_alpha,
+            s.beta_dpo_filter if training else 0.0,
+        )  # fmt: skip
+        return beta, keep if training else None
+
+    def scaled(self, batch: PairBatch) -> PairBatch:
+        """The log-probs the loss reads: length-averaged for IPO (as TRL and LlamaFactory compute it), else summed."""
+        if not self.settings.length_normalise:
+            return batch
+        lc, lr = batch.chosen_lengths, batch.rejected_lengths
+        return PairBatch(
+            batch.chosen_logps / lc, batch.rejected_logps / lr, batch.ref_chosen_logps / lc,
+            batch.ref_rejected_logps / lr, lc, lr, batch.chosen_var, batch.rejected_var, batch.prompt_heads,
+        )  # fmt: skip
+
+    def __call__(self, batch: PairBatch, training: bool) -> PairLoss:
+        s = self.settings
+        beta, keep = self.beta(batch, training)
+        scaled = self.scaled(batch)
+        use_var = s.uses_variance
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            scaled.chosen_logps,
+            scaled.rejected_logps,
+            scaled.ref_chosen_logps,
+            scaled.ref_rejected_logps,
+            beta,
+            loss_type=s.loss_type,
+            label_smoothing=s.label_smoothing,
+            chosen_var=batch.chosen_var if use_var else None,
+            rejected_var=batch.rejected_var if use_var else None,
+        )
+        if use_var and s.variance_prior:
+            # Anchors the variance scale (losses/variance.py, docs/disco_variance.md).
+            losses = (
+                losses
+                + log_variance_prior(batch.chosen_var, s.variance_prior)
+                + log_variance_prior(batch.rejected_var, s.variance_prior)
+            )
+        if s.pref_ftx > 0:
+            # SFT term on chosen responses: mean token negative log-likelihood (LlamaFactory's `pref_ftx`).
+            losses = losses + s.pref_ftx * (-batch.chosen_logps / batch.chosen_lengths)
+        loss = losses.mean() if keep is None else losses[keep].mean()
+        # Implicit rewards are logged as the loss computed them: on its scale (length-averaged for ipo, as TRL logs
+        # them) and with its beta (beta_eff per pair, beta-DPO's batch beta).
+        metrics = step_metrics(
+            scaled.chosen_logps, scaled.rejected_logps, scaled.ref_chosen_logps, scaled.ref_rejected_logps, beta,
+            log_beta=s.logs_beta, chosen_var=batch.chosen_var, rejected_var=batch.rejected_var,
+            chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+        )  # fmt: skip
+        return PairLoss(loss, losses, scaled, beta, chosen_rewards, rejected_rewards, keep, metrics)
