@@ -62,8 +62,9 @@ def cmd_train_or_eval(ns: argparse.Namespace) -> int:
     from .run_config import command_config
 
     raw = read_yaml(ns.config)
-    raw.update(parse_overrides(ns.overrides))
-    cfg = command_config(ns.command, raw, source=repr(ns.config))
+    overrides = parse_overrides(ns.overrides)
+    raw.update(overrides)
+    cfg = command_config(ns.command, raw, source=repr(ns.config), overrides=set(overrides))
     run_exp(cfg)
     if cfg.training.process_index == 0:  # once per run, not once per process
         print(f"\nOutputs in {os.path.abspath(cfg.training.output_dir)}")
