@@ -24,7 +24,6 @@ from .finetuning_groups import (
 )
 from .heads import HeadArguments
 
-
 # The names `template` takes: the templates of `data/chat_templates.py` (a test keeps the two equal).
 CHAT_TEMPLATE_NAMES = ("default", "llama3", "llama2", "mistral", "gemma", "chatml", "qwen", "qwen3_nothink")
 
