@@ -181,8 +181,10 @@ def _build_builtin_in_memory(arch: str, tokenizer, model_args, dtype) -> torch.n
         with without_zero3_init():
             if arch in TINY_MULTIMODAL_ARCHS:
                 model = build_tiny_multimodal_model(arch, tokenizer=tokenizer, seed=0)
-            else:
-                model = build_tiny_model(arch, tokenizer=tokenizer, seed=0)
+            else:  # the built-in tokenizer's sizes: the same weights whatever `template` added (`fit_embeddings`)
+                model = build_tiny_model(arch, seed=0)
+                for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+                    setattr(model.generation_config, key, getattr(tokenizer, key))
         if impl is not None:
             model.set_attn_implementation(impl)
         return model

@@ -35,7 +35,9 @@ def position_limit(name: str, cache_dir: str | None = None) -> tuple[int, str] |
         if name.startswith(BUILTIN_PREFIX):
             arch = name[len(BUILTIN_PREFIX) :]
             known = arch in TINY_ARCHS or arch in TINY_MULTIMODAL_ARCHS
-            return (TINY_MAX_POSITIONS, "max_position_embeddings") if known else None
+            return (
+                (TINY_MAX_POSITIONS, "n_positions" if arch == "gpt2" else "max_position_embeddings") if known else None
+            )
         path = locate_file(os.path.expanduser(name), "config.json", cache_dir)
         if path is not None:
             return _limit_of(read_json(path))
