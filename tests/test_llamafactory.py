@@ -26,6 +26,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "llamafactory"
 SHORT = ["max_steps=1", "max_samples=8"]  # one optimizer step of 8 rows (gradient_accumulation_steps: 8)
 # What the notice must list for every example on this CPU machine: the same keys in all four files.
 EXPECTED_NOTICE = {"overwrite_cache", "preprocessing_num_workers", "warmup_ratio", "bf16", "cutoff_len"}
+# PPO: prompt + response within the 512 positions (`max_new_tokens: 512` in the file), halves of it each.
+EXPECTED_NOTICE_PPO = EXPECTED_NOTICE | {"max_new_tokens"}
 
 
 def notice_keys(text: str) -> set[str]:
@@ -84,11 +86,13 @@ def example_runs(llamafactory_dir):
 def test_llamafactory_example_trains_with_one_notice(example_runs, llamafactory_dir, stage):
     code, logged = example_runs[stage]
     assert code == 0, logged
-    assert notice_keys(logged) == EXPECTED_NOTICE
+    assert notice_keys(logged) == (EXPECTED_NOTICE_PPO if stage == "ppo" else EXPECTED_NOTICE)
     out = llamafactory_dir / "saves" / "llama3-8b" / "lora" / stage
     saved = yaml.safe_load((out / "discoalign_config.yaml").read_text())
     # What each mapped key became: the ratio as transformers 5 takes it, fp32, the model's 512 positions.
-    assert saved["warmup_steps"] == 0.1 and saved["bf16"] is False and saved["cutoff_len"] == 512
+    assert saved["warmup_steps"] == 0.1 and saved["bf16"] is False
+    assert saved["cutoff_len"] == (256 if stage == "ppo" else 512)
+    assert stage != "ppo" or saved["max_new_tokens"] == 256
     assert saved["template"] == "llama3" and saved["finetuning_type"] == "lora"
     assert not {"warmup_ratio", "overwrite_cache", "preprocessing_num_workers"} & set(saved)
     # `dataset: dpo_en_demo` / `identity,alpaca_en_demo` came from data/dataset_info.json (no `dataset_dir` set).

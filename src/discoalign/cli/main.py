@@ -26,16 +26,6 @@ EPILOG = textwrap.dedent(
 )
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(format="[discoalign] %(levelname)s %(message)s", level=logging.INFO)
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_warning()
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-
-
 DEFAULT_CPU_THREADS = 4
 
 
@@ -149,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
     add_serve_parser(sub)
+    for command in sub.choices.values():
+        command.add_argument("-v", "--verbose", action="store_true",
+                             help="Show everything: debug lines, transformers' info, every third-party warning and "
+                             "progress bar (cli/quiet.py lists what is hidden otherwise).")  # fmt: skip
     return parser
 
 
@@ -262,7 +256,9 @@ def cmd_keys(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    _setup_logging()
+    from .quiet import setup_output
+
+    setup_output(verbose=getattr(ns, "verbose", False))
     if ns.command in ("train", "eval", "score", "demo"):
         _set_cpu_threads()
     try:

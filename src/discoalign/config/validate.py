@@ -181,6 +181,11 @@ def _validate_outputs(
         what = "prompts" if ft.stage == "ppo" else "preference pairs"
         fail(f"`do_train` is true but no training data is given: set `dataset` to a file or folder of {what}, or "
              "builtin:synthetic.")  # fmt: skip
+    strategy = str(training.get("eval_strategy") or "no").lower()
+    if training.get("do_train") and strategy != "no" and not (data.eval_dataset or data.val_size):
+        fail(f"`eval_strategy: {strategy}` evaluates during training, but the run has no eval data: set "
+             "`eval_dataset` (a file, a registry name or builtin:synthetic) or `val_size` (a fraction held out of "
+             "`dataset`), or set `eval_strategy: no`.")  # fmt: skip
     if training.get("do_eval") and not training.get("do_train") and not (data.dataset or data.eval_dataset):
         fail("evaluation needs data: set `eval_dataset` (or `dataset`).")
     if ft.overwrite_output_dir and training.get("do_train"):

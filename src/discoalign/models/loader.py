@@ -40,7 +40,7 @@ from .quantization import bnb_config, is_quantized, prepare_for_kbit_training
 from .seq2seq import is_seq2seq_config
 from .tiny import build_tiny_tokenizer
 from .tiny_multimodal import build_tiny_multimodal_tokenizer
-from .vocabulary import apply_template
+from .vocabulary import align_special_ids, apply_template
 from .weight_files import locate_file
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,9 @@ def load_tokenizer(model_args):
     tokenizer = _load_tokenizer(model_args)
     if getattr(model_args, "template", None):
         apply_template(tokenizer, model_args.template)
+    # Rows are tokenised whole and then truncated to `cutoff_len` (`data.encode`), which is limited to the model's
+    # positions (`train.tuner`): the tokenizer's "longer than the specified maximum" warning does not apply.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
 
 
@@ -155,6 +158,8 @@ def load_model_with_heads(
     from peft import PeftModel
 
     causal_lm = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
+    if getattr(model_args, "template", None):
+        align_special_ids(causal_lm, tokenizer)
     hidden_size = causal_lm.config.get_text_config().hidden_size
     quantized = is_quantized(causal_lm)
     heads_config = {

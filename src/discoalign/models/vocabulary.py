@@ -60,3 +60,17 @@ def fit_embeddings(model: torch.nn.Module, tokenizer) -> None:
             if getattr(output, "bias", None) is not None:
                 output.bias[old:] = 0.0
     logger.info("Embeddings grown from %d to %d rows for the tokenizer's added tokens.", old, len(tokenizer))
+
+
+def align_special_ids(model: torch.nn.Module, tokenizer) -> None:
+    """Write the tokenizer's EOS / BOS / PAD ids into the model's config and generation config (a `template` made
+    its turn end the EOS), as the Trainer would on its own, with a warning, when it starts."""
+    from transformers import logging as hf_logging
+    from transformers.trainer_utils import align_special_tokens
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the warning says what this function is there to do
+    try:
+        align_special_tokens(model, tokenizer)
+    finally:
+        hf_logging.set_verbosity(level)

@@ -48,7 +48,9 @@ def run_exp(cfg: RunConfig, callbacks: list[TrainerCallback] | None = None) -> d
 
 
 def limit_cutoff_len(cfg: RunConfig) -> None:
-    """Clamp `cutoff_len` to the model's positions (read from its config before any weight loads), with a note.
+    """Clamp `cutoff_len` to the model's positions (read from its config before any weight loads), with a note; for
+    PPO, whose sequences are a prompt (< `cutoff_len` tokens) and up to `max_new_tokens` sampled ones, the two
+    together (halves of the limit when both are too long).
 
     Clamped rather than refused: a config written for a longer model (LlamaFactory's examples use 2048) then runs,
     and every sequence stays inside what the model can read; see `models.positions`.
@@ -56,11 +58,20 @@ def limit_cutoff_len(cfg: RunConfig) -> None:
     from ..models.positions import position_limit
 
     limit = position_limit(cfg.model.model_name_or_path, cfg.model.cache_dir)
-    if limit is None or cfg.data.cutoff_len <= limit[0]:
+    if limit is None:
         return
     positions, field = limit
-    cfg.key_notes.append(KeyNote("cutoff_len", cfg.data.cutoff_len, f"`cutoff_len: {positions}`",
-                                 f"the model reads at most {positions} positions (`{field}` in its config); longer "
-                                 "sequences would fail (learned positions) or run on positions it never saw (RoPE)"))  # fmt: skip
-    cfg.data.cutoff_len = positions
-    cfg.resolved["cutoff_len"] = positions
+    why = (f"the model reads at most {positions} positions (`{field}` in its config); longer sequences would fail "
+           "(learned positions) or run on positions it never saw (RoPE)")  # fmt: skip
+    ft, data = cfg.finetuning, cfg.data
+    new = {"cutoff_len": min(data.cutoff_len, positions)}
+    if ft.stage == "ppo" and data.cutoff_len + ft.max_new_tokens > positions:
+        new["cutoff_len"] = min(data.cutoff_len, max(positions - ft.max_new_tokens, positions // 2))
+        new["max_new_tokens"] = min(ft.max_new_tokens, positions - new["cutoff_len"])
+        why += ", and a PPO sequence is the prompt and the sampled response together"
+    for key, value in new.items():
+        owner = data if key == "cutoff_len" else ft
+        if value != getattr(owner, key):
+            cfg.key_notes.append(KeyNote(key, getattr(owner, key), f"`{key}: {value}`", why))
+            setattr(owner, key, value)
+            cfg.resolved[key] = value
