@@ -127,7 +127,9 @@ def test_health(server, disco_rm):
 def test_scores_equal_discoalign_score(server, offline):
     texts, ids, scores = offline
     assert server.scorer.tokenize(texts) == ids  # the server sees exactly the tokens `score` scored
-    status, body = call(server.url + "/get_reward", {"query": texts, "prompts": ["p"] * len(texts)})
+    head = "<|im_start|>assistant\n"  # each text is a ChatML prompt, then the response
+    prompts = [text[: text.index(head) + len(head)] for text in texts]
+    status, body = call(server.url + "/get_reward", {"query": texts, "prompts": prompts})
     assert status == 200
     assert set(body) == {"rewards", "scores", "mean", "variance", "aleatoric_variance", "extra_logs"}
     assert body["aleatoric_variance"] == body["variance"]  # a Disco model without an epistemic term
@@ -170,6 +172,15 @@ def test_200_concurrent_requests(server, offline):
         (b'{"query": ["ok", 3]}', 400, "`query[1]` must be a string"),
         (b'{"query": ["a", "b"], "prompts": ["x"]}', 400, "`prompts` has 1 items"),
         (b'{"query": [""]}', 400, "`query[0]` is empty"),
+        # Issue 24: each was accepted (a bare string, an empty list, prompts that do not start their query) or
+        # answered 500 (a lone surrogate, JSON nested 30k deep).
+        (b'{"query": "just a string"}', 400, "`query` must be a list of strings"),
+        (b'{"query": []}', 400, "`query` is empty"),
+        (b'{"query": ["Q: hi A: yo"], "prompts": ["Q: bye"]}', 400, "`prompts[0]` is not the start of `query[0]`"),
+        (b'{"query": ["a \\ud800 b"]}', 400, "`query[0]` holds a lone surrogate (U+D800"),
+        (b'{"query": ["ok"], "prompts": ["\\udc00"]}', 400, "`prompts[0]` holds a lone surrogate"),
+        (b"[" * 30000 + b"]" * 30000, 400, "nests JSON arrays or objects too deeply"),
+        (json.dumps({"query": ["a"] * 1025}).encode(), 413, "--max-request-items"),
         (json.dumps({"query": ["word " * 400]}).encode(), 413, "--cutoff-len 256"),
         (json.dumps({"query": ["x" * 70000]}).encode(), 413, "--max-request-bytes"),
     ],
@@ -184,7 +195,7 @@ def test_wrong_path_and_method_are_json(server):
     status, body = call(server.url + "/get_reward", method="GET")
     assert status == 405 and "error" in body
     status, body = call(server.url + "/get_reward", {"query": []})
-    assert status == 200 and body["rewards"] == [] and body["variance"] == []
+    assert status == 400 and "`query` is empty" in body["error"]
 
 
 class SlowScorer:
@@ -236,7 +247,7 @@ def test_serve_cli_errors(tmp_path, tiny_dirs, disco_rm):
         assert main(["serve", "--model", disco_rm, "--device", "cuda"]) == 2
 
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
-    assert main(["serve", "--model", tiny_dirs["qwen3"]]) == 2  # a causal LM without a value head
+    assert main(["serve", "--model", tiny_dirs["qwen3"], "--kind", "reward"]) == 2  # a causal LM, no value head
     assert main(["serve", "--model", tiny_dirs["qwen3"], "--max-batch-tokens", "10", "--cutoff-len", "100"]) == 2
 
 

@@ -1,4 +1,4 @@
-"""The `discoalign` command: train, eval, score, bon, export, serve, keys, tiny-model, demo."""
+"""The `discoalign` command: train, eval, score, bon, export, serve, chat, keys, tiny-model, demo."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ EPILOG = textwrap.dedent(
       discoalign bon --model saves/rm_disco --candidates candidates.jsonl --kappa 1 --out best.jsonl
       discoalign export --model saves/rm_disco_lora --out exported/rm --layout seq_cls
       discoalign serve --model saves/rm_disco --port 8000
+      discoalign chat --model saves/dpo
       discoalign tiny-model --arch qwen3 --out tiny-qwen3
       discoalign demo
     """
@@ -135,10 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bon_parser(sub)
     _add_small_parsers(sub)
 
+    from .chat import add_chat_parser
     from .export_serve import add_export_parser, add_serve_parser
 
     add_export_parser(sub)
     add_serve_parser(sub)
+    add_chat_parser(sub)
     for command in sub.choices.values():
         command.add_argument("-v", "--verbose", action="store_true",
                              help="Show everything: debug lines, transformers' info, every third-party warning and "
