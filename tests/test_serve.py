@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import threading
 import time
 import urllib.error
@@ -22,50 +21,10 @@ import torch
 pytest.importorskip("starlette", reason="`discoalign serve` needs the `serve` extra (starlette, uvicorn)")
 pytest.importorskip("uvicorn", reason="`discoalign serve` needs the `serve` extra (starlette, uvicorn)")
 
+from helpers import TIMEOUT, Server, call  # noqa: E402
+
 from discoalign.config.schema import DataArguments, FinetuningArguments, ModelArguments  # noqa: E402
 from discoalign.serve import RewardScorer, ServeSettings, build_app  # noqa: E402
-
-TIMEOUT = 60  # seconds per HTTP call: generous for a busy 2-core machine, but bounded
-
-
-class Server:
-    """uvicorn in a thread, on a socket the OS bound to a free port of 127.0.0.1."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=5, backlog=512)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                self.stop()
-                raise RuntimeError("the test server did not start within 30 s")
-            time.sleep(0.02)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        self.sock.close()
-
-
-def call(url: str, body=None, method: str = "POST", raw: bytes | None = None) -> tuple[int, dict]:
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 @pytest.fixture(scope="module")

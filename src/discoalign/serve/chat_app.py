@@ -43,7 +43,7 @@ def parse_chat_request(body: dict[str, Any], settings: ServeSettings) -> dict[st
     if body.get("stop") not in (None, [], ""):
         raise RequestError(400, "`stop` sequences are not supported; answers end at the model's stop token")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    max_tokens = min(DEFAULT_MAX_TOKENS, settings.max_new_tokens) if max_tokens is None else max_tokens
     if (
         isinstance(max_tokens, bool)
         or not isinstance(max_tokens, int)
