@@ -43,7 +43,7 @@ def greedy(engine: ChatEngine, messages, max_new_tokens: int) -> tuple[str, list
 
 def test_engine_streams_the_greedy_answer(engine):
     pieces: list[str] = []
-    reply = engine.generate(MESSAGES, max_new_tokens=12, temperature=0, on_text=pieces.append)
+    reply = engine.generate(MESSAGES, max_new_tokens=12, temperature=0, top_p=1.0, on_text=pieces.append)
     text, prompt = greedy(engine, MESSAGES, 12)
     assert reply.text == text == "".join(pieces) and len(pieces) > 1  # streamed in pieces
     assert reply.prompt_tokens == len(prompt) and engine.prompt_ids(MESSAGES) == prompt  # the chat template

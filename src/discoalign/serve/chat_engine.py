@@ -123,14 +123,16 @@ class ChatEngine:
     def generate(
         self,
         messages: list[dict[str, str]],
-        max_new_tokens: int = 256,
-        temperature: float = 0.7,
-        top_p: float = 1.0,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
         seed: int | None = None,
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> Reply:
-        """Answer `messages`; each new piece of text goes to `on_text` as it is generated."""
+        """Answer `messages` (sampled at `temperature`, greedy at 0, nucleus `top_p`); each new piece of text goes
+        to `on_text` as it is generated."""
         from transformers import GenerationConfig, StoppingCriteriaList
 
         ids = self.prompt_ids(messages)
