@@ -44,9 +44,15 @@ def apply_template(tokenizer, name: str) -> None:
 def fit_embeddings(model: torch.nn.Module, tokenizer) -> None:
     """Grow the input (and output) embeddings of `model` to `len(tokenizer)` rows, new rows at the old rows' mean."""
     embeddings = model.get_input_embeddings()
-    if embeddings is None or len(tokenizer) <= embeddings.weight.shape[0]:
+    # The module's row count: under DeepSpeed ZeRO-3 the weight itself is a 0-row shard until gathered.
+    old = getattr(embeddings, "num_embeddings", None) if embeddings is not None else None
+    if old is None or len(tokenizer) <= old:
         return
-    old = embeddings.weight.shape[0]
+    if hasattr(embeddings.weight, "ds_id"):
+        raise ConfigError(f"The tokenizer has {len(tokenizer)} tokens but the model's embeddings {old} rows (a "
+                          "`template` added its marker tokens); growing embeddings that DeepSpeed ZeRO-3 has "
+                          "partitioned is not supported. Use the template the tokenizer has the tokens of (or none), "
+                          "or ZeRO-2.")  # fmt: skip
     output = model.get_output_embeddings()
     old_out = output.weight.detach()[:old].float().mean(0) if output is not None else None
     old_in = embeddings.weight.detach().float().mean(0)
