@@ -109,3 +109,63 @@ def scoring_batch(tok) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
     response_ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in responses])
     response_mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in responses])
     return query_ids, query_mask, response_ids, response_mask
+
+
+# ---- HTTP servers on 127.0.0.1 (test_serve, test_serve_network, test_chat) ------------------------------------
+
+HTTP_TIMEOUT = TIMEOUT = 60  # seconds per HTTP call: generous for a busy 2-core machine, but bounded
+
+
+class Server:
+    """uvicorn in a thread, on a socket the OS bound to a free port of 127.0.0.1. `header_timeout`: serve with
+    `discoalign serve`'s protocol (`serve.protocol`), which disconnects clients slow with their headers."""
+
+    def __init__(self, app, header_timeout: float | None = None) -> None:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        extra = {}
+        if header_timeout is not None:
+            from discoalign.serve.protocol import timed_h11_protocol
+
+            extra["http"] = timed_h11_protocol(header_timeout)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=5, backlog=512, **extra)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                self.stop()
+                raise RuntimeError("the test server did not start within 30 s")
+            time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+
+def call(url: str, body=None, method: str = "POST", raw: bytes | None = None, headers: dict | None = None):
+    """(status, JSON body) of one HTTP request with urllib; errors come back as their status and JSON body."""
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

@@ -64,8 +64,8 @@ CONFIG_MISTAKES = [
     ({"max_steps": -3}, "`max_steps` is -3"),
     ({"max_steps": 0}, "`max_steps` is 0"),
     ({"stage": None}, "no `stage` key"),
-    ({"template": "qwen"}, "`template`"),
-    ({"dataset_dir": "data"}, "`dataset_dir`"),
+    ({"template": "qwen9"}, "`template`"),
+    ({"dataset_dir": "mydata"}, "`dataset_dir`"),
     ({"max_prompt_length": 16}, "`max_prompt_length`"),
     ({"logging_dir": "logs"}, "TENSORBOARD_LOGGING_DIR"),
     ({"gradient_accumulation_steps": 0}, "`gradient_accumulation_steps` is 0"),
@@ -107,8 +107,11 @@ def test_aliases_with_an_exact_equivalent_are_read_with_a_note(tmp_path, monkeyp
     cfg = seen["cfg"]
     assert cfg.data.cutoff_len == 40 and cfg.finetuning.pref_beta == 0.3
     assert cfg.model.ref_model_name_or_path == "builtin:tiny-qwen2"
-    assert "`max_length` (TRL's name) is read as `cutoff_len: 40`" in caplog.text
-    assert "`ref_model` (LlamaFactory's name)" in caplog.text
+    from discoalign.config.compat import notice
+
+    text = notice(cfg.key_notes, cfg.source)
+    assert "`max_length: 40` -> `cutoff_len: 40`: TRL's name." in text
+    assert "`ref_model: builtin:tiny-qwen2` -> `ref_model_name_or_path: builtin:tiny-qwen2`: LlamaFactory's" in text
 
 
 def test_output_dir_that_cannot_be_written(tmp_path, capsys, no_model):

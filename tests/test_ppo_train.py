@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
-from helpers import train_logs
+from helpers import log_history, train_logs
 from safetensors.torch import load_file
 
 from discoalign.config import build_config
@@ -66,9 +67,22 @@ def ppo_config(output_dir, reward_model: str, **overrides):
     return build_config(raw)
 
 
-def test_full_run_writes_checkpoint_metrics_samples_and_plots(tmp_path, reward_models):
+def test_full_run_writes_checkpoint_metrics_samples_and_plots(tmp_path, reward_models, monkeypatch):
+    import discoalign.train.base_trainer as base_trainer
+
+    plotted, plot = {}, base_trainer.plot_history
+
+    def recording(history, keys, path, title):  # which of a plot's keys have points
+        plotted[os.path.basename(path)] = {k for k in keys if any(k in entry for entry in history)}
+        return plot(history, keys, path, title)
+
+    monkeypatch.setattr(base_trainer, "plot_history", recording)
     out = tmp_path / "ppo"
     results = run_exp(ppo_config(out, reward_models["disco"], eval_dataset="builtin:synthetic", do_eval=True))
+    # The final evaluation is in trainer_state.json (its last entry, at the last step) and in the reward plot.
+    final = log_history(out)[-1]
+    assert final["step"] == 2 and final["eval_objective/scores"] == results["eval"]["eval_objective/scores"]
+    assert "eval_objective/scores" in plotted["reward.png"]
     logs = train_logs(out)
     assert [e["step"] for e in logs] == [1, 2]
     for key in ("objective/kl", "objective/entropy", "objective/scores", "objective/true_reward", "policy/clipfrac",

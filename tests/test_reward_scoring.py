@@ -243,17 +243,19 @@ def test_bon_samples_from_a_policy(tmp_path, tiny_dirs):
     assert main(args[:-2] + ["--kappa", "1", "--out", str(out)]) == 2  # a BT model has no sigma
 
 
-# ---- PPO: reward position, truncated sampling refused, value-head dropout off ------------------------------
+# ---- PPO: reward position, truncated sampling, value-head dropout off ------------------------------
 
 
-def test_ppo_refuses_truncated_sampling():
+def test_ppo_truncated_sampling_is_taken_with_a_note(caplog):
+    """`top_p` / `top_k` (LlamaFactory's PPO example sets `top_p: 0.9`): sampled truncated, log-probs of the full
+    softmax, as LlamaFactory and OpenRLHF do; a note says so."""
     from discoalign.config import build_config
-    from discoalign.errors import ConfigError
 
     for key, value in (("top_p", 0.9), ("top_k", 5)):
-        with pytest.raises(ConfigError) as info:
-            build_config({"stage": "ppo", "reward_model": "saves/rm", "dataset": "builtin:synthetic", key: value})
-        assert f"`{key}: {value}`" in str(info.value) and "temperature" in str(info.value)
+        caplog.clear()
+        cfg = build_config({"stage": "ppo", "reward_model": "saves/rm", "dataset": "builtin:synthetic", key: value})
+        assert getattr(cfg.finetuning, key) == value
+        assert f"`{key}: {value}`" in caplog.text and "full softmax" in caplog.text
 
 
 def test_ppo_rollout_reads_the_reward_after_the_turn_end(tmp_path, tiny_dirs):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import threading
 import time
 import urllib.error
@@ -22,50 +21,10 @@ import torch
 pytest.importorskip("starlette", reason="`discoalign serve` needs the `serve` extra (starlette, uvicorn)")
 pytest.importorskip("uvicorn", reason="`discoalign serve` needs the `serve` extra (starlette, uvicorn)")
 
+from helpers import TIMEOUT, Server, call  # noqa: E402
+
 from discoalign.config.schema import DataArguments, FinetuningArguments, ModelArguments  # noqa: E402
 from discoalign.serve import RewardScorer, ServeSettings, build_app  # noqa: E402
-
-TIMEOUT = 60  # seconds per HTTP call: generous for a busy 2-core machine, but bounded
-
-
-class Server:
-    """uvicorn in a thread, on a socket the OS bound to a free port of 127.0.0.1."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=5, backlog=512)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                self.stop()
-                raise RuntimeError("the test server did not start within 30 s")
-            time.sleep(0.02)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        self.sock.close()
-
-
-def call(url: str, body=None, method: str = "POST", raw: bytes | None = None) -> tuple[int, dict]:
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +86,9 @@ def test_health(server, disco_rm):
 def test_scores_equal_discoalign_score(server, offline):
     texts, ids, scores = offline
     assert server.scorer.tokenize(texts) == ids  # the server sees exactly the tokens `score` scored
-    status, body = call(server.url + "/get_reward", {"query": texts, "prompts": ["p"] * len(texts)})
+    head = "<|im_start|>assistant\n"  # each text is a ChatML prompt, then the response
+    prompts = [text[: text.index(head) + len(head)] for text in texts]
+    status, body = call(server.url + "/get_reward", {"query": texts, "prompts": prompts})
     assert status == 200
     assert set(body) == {"rewards", "scores", "mean", "variance", "aleatoric_variance", "extra_logs"}
     assert body["aleatoric_variance"] == body["variance"]  # a Disco model without an epistemic term
@@ -170,6 +131,15 @@ def test_200_concurrent_requests(server, offline):
         (b'{"query": ["ok", 3]}', 400, "`query[1]` must be a string"),
         (b'{"query": ["a", "b"], "prompts": ["x"]}', 400, "`prompts` has 1 items"),
         (b'{"query": [""]}', 400, "`query[0]` is empty"),
+        # Issue 24: each was accepted (a bare string, an empty list, prompts that do not start their query) or
+        # answered 500 (a lone surrogate, JSON nested 30k deep).
+        (b'{"query": "just a string"}', 400, "`query` must be a list of strings"),
+        (b'{"query": []}', 400, "`query` is empty"),
+        (b'{"query": ["Q: hi A: yo"], "prompts": ["Q: bye"]}', 400, "`prompts[0]` is not the start of `query[0]`"),
+        (b'{"query": ["a \\ud800 b"]}', 400, "`query[0]` holds a lone surrogate (U+D800"),
+        (b'{"query": ["ok"], "prompts": ["\\udc00"]}', 400, "`prompts[0]` holds a lone surrogate"),
+        (b"[" * 30000 + b"]" * 30000, 400, "nests JSON arrays or objects too deeply"),
+        (json.dumps({"query": ["a"] * 1025}).encode(), 413, "--max-request-items"),
         (json.dumps({"query": ["word " * 400]}).encode(), 413, "--cutoff-len 256"),
         (json.dumps({"query": ["x" * 70000]}).encode(), 413, "--max-request-bytes"),
     ],
@@ -184,7 +154,7 @@ def test_wrong_path_and_method_are_json(server):
     status, body = call(server.url + "/get_reward", method="GET")
     assert status == 405 and "error" in body
     status, body = call(server.url + "/get_reward", {"query": []})
-    assert status == 200 and body["rewards"] == [] and body["variance"] == []
+    assert status == 400 and "`query` is empty" in body["error"]
 
 
 class SlowScorer:
@@ -236,7 +206,7 @@ def test_serve_cli_errors(tmp_path, tiny_dirs, disco_rm):
         assert main(["serve", "--model", disco_rm, "--device", "cuda"]) == 2
 
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
-    assert main(["serve", "--model", tiny_dirs["qwen3"]]) == 2  # a causal LM without a value head
+    assert main(["serve", "--model", tiny_dirs["qwen3"], "--kind", "reward"]) == 2  # a causal LM, no value head
     assert main(["serve", "--model", tiny_dirs["qwen3"], "--max-batch-tokens", "10", "--cutoff-len", "100"]) == 2
 
 

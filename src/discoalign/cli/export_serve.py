@@ -44,22 +44,42 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def add_serve_parser(sub) -> None:
+    from ..serve.settings import API_KEY_ENV, ServeSettings
+
+    d = ServeSettings()
     p = sub.add_parser(
         "serve",
-        help="Serve a reward model over HTTP (OpenRLHF's remote reward-model API).",
-        description='POST /get_reward with {"query": [texts], "prompts": [...]} returns {"rewards", "scores", '
-        '"mean", "variance"}; GET /health. Requests are batched up to a token budget; binds 127.0.0.1 by default.',
+        help="Serve a reward model (OpenRLHF's API) or a policy (OpenAI's chat completions API) over HTTP.",
+        description='A reward model: POST /get_reward with {"query": [texts], "prompts": [...]} returns {"rewards", '
+        '"scores", "mean", "variance"}, requests batched up to a token budget. A policy (SFT, DPO or PPO output): '
+        "POST /v1/chat/completions (OpenAI's body and answer, `stream` included) and GET /v1/models. Both: GET "
+        "/health. Binds 127.0.0.1 by default; with --api-key every request needs `Authorization: Bearer <key>`. "
+        "See docs/serve.md.",
     )
-    p.add_argument("--model", required=True, help="Reward-model directory (ours, LlamaFactory/TRL, or seq-cls).")
+    p.add_argument("--model", required=True, help="A reward model or a policy directory (ours, LlamaFactory/TRL).")
+    p.add_argument("--kind", default="auto", choices=["auto", "reward", "policy"],
+                   help="What --model is (default: a value head trained as a reward means reward, else policy).")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only).")
     p.add_argument("--port", type=int, default=8000, help="Port (default 8000; 0 lets the OS choose).")
-    p.add_argument("--cutoff-len", type=int, default=2048, help="Longest query in tokens; longer ones get 413.")
-    p.add_argument("--max-batch-tokens", type=int, default=16384,
-                   help="Token budget of one forward: items x longest item (default 16384).")  # fmt: skip
-    p.add_argument("--max-queue", type=int, default=4096,
-                   help="Most items waiting to be scored; beyond it requests get 503 (default 4096).")  # fmt: skip
-    p.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
+    p.add_argument("--api-key", default=None,
+                   help=f"Require `Authorization: Bearer <key>` on every request (default: ${API_KEY_ENV} when set, "
+                   "else no key). Use at least 16 characters.")  # fmt: skip
+    p.add_argument("--cutoff-len", type=int, default=d.cutoff_len, help="Longest query in tokens; longer get 413.")
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help=f"Token budget of one forward: items x longest item (default {d.max_batch_tokens}).")  # fmt: skip
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"Most items (reward) or requests (chat) waiting; beyond it 503 (default {d.max_queue}).")  # fmt: skip
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="Largest request body; larger ones get 413 (default 8 MiB).")  # fmt: skip
+    p.add_argument("--max-request-items", type=int, default=d.max_request_items,
+                   help=f"Most queries in one reward request; more get 413 (default {d.max_request_items}).")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"Chat: the most tokens one answer may ask for (default {d.max_new_tokens}).")  # fmt: skip
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help=f"Seconds a client has to send a request's headers, else it is disconnected (default "
+                   f"{d.header_timeout:g}).")  # fmt: skip
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help=f"Seconds a client has to send a request's body, else 408 (default {d.body_timeout:g}).")  # fmt: skip
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu).")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="Backbone dtype (default float32; heads stay float32).")  # fmt: skip

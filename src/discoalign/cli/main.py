@@ -1,4 +1,4 @@
-"""The `discoalign` command: train, eval, score, bon, export, serve, keys, tiny-model, demo."""
+"""The `discoalign` command: train, eval, score, bon, export, serve, chat, keys, tiny-model, demo."""
 
 from __future__ import annotations
 
@@ -20,20 +20,11 @@ EPILOG = textwrap.dedent(
       discoalign bon --model saves/rm_disco --candidates candidates.jsonl --kappa 1 --out best.jsonl
       discoalign export --model saves/rm_disco_lora --out exported/rm --layout seq_cls
       discoalign serve --model saves/rm_disco --port 8000
+      discoalign chat --model saves/dpo
       discoalign tiny-model --arch qwen3 --out tiny-qwen3
       discoalign demo
     """
 )
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(format="[discoalign] %(levelname)s %(message)s", level=logging.INFO)
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_warning()
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
 
 
 DEFAULT_CPU_THREADS = 4
@@ -62,8 +53,9 @@ def cmd_train_or_eval(ns: argparse.Namespace) -> int:
     from .run_config import command_config
 
     raw = read_yaml(ns.config)
-    raw.update(parse_overrides(ns.overrides))
-    cfg = command_config(ns.command, raw, source=repr(ns.config))
+    overrides = parse_overrides(ns.overrides)
+    raw.update(overrides)
+    cfg = command_config(ns.command, raw, source=repr(ns.config), overrides=set(overrides))
     run_exp(cfg)
     if cfg.training.process_index == 0:  # once per run, not once per process
         print(f"\nOutputs in {os.path.abspath(cfg.training.output_dir)}")
@@ -144,10 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bon_parser(sub)
     _add_small_parsers(sub)
 
+    from .chat import add_chat_parser
     from .export_serve import add_export_parser, add_serve_parser
 
     add_export_parser(sub)
     add_serve_parser(sub)
+    add_chat_parser(sub)
+    for command in sub.choices.values():
+        command.add_argument("-v", "--verbose", action="store_true",
+                             help="Show everything: debug lines, transformers' info, every third-party warning and "
+                             "progress bar (cli/quiet.py lists what is hidden otherwise).")  # fmt: skip
     return parser
 
 
@@ -261,7 +259,9 @@ def cmd_keys(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    _setup_logging()
+    from .quiet import setup_output
+
+    setup_output(verbose=getattr(ns, "verbose", False))
     if ns.command in ("train", "eval", "score", "demo"):
         _set_cpu_threads()
     try:

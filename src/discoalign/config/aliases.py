@@ -1,15 +1,18 @@
-"""Key names users bring from LlamaFactory and TRL.
+"""Key names users bring from LlamaFactory and TRL, in four tables (applied by `config.compat`).
 
-A key with an exact equivalent here is renamed (and a note logged); a key without one gets an error that says
-what to use instead. Without this table "did you mean" would suggest unrelated keys by spelling alone
-(`template` -> `temperature`, `ref_model` -> `reward_model`).
+* `EXACT_ALIASES`: the same meaning under another name; renamed.
+* `CONVERTED`: the same meaning written another way; rewritten (`warmup_ratio: 0.1` -> `warmup_steps: 0.1`).
+* `IGNORED`: settings of machinery discoalign does not have; the run means the same without them.
+* `NO_EQUIVALENT`: a setting that changes the run and that discoalign cannot honour; refused, with what to do.
+
+Without these tables "did you mean" would suggest unrelated keys by spelling alone (`template` -> `temperature`,
+`ref_model` -> `reward_model`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
-
-from ..errors import ConfigError
 
 # name -> (our key, where the name comes from). Same meaning and same values, so the rename is safe.
 EXACT_ALIASES: dict[str, tuple[str, str]] = {
@@ -21,13 +24,46 @@ EXACT_ALIASES: dict[str, tuple[str, str]] = {
     "dpo_label_smoothing": ("label_smoothing", "LlamaFactory"),
     "num_ppo_epochs": ("ppo_epochs", "TRL"),
     "response_length": ("max_new_tokens", "TRL"),
+    "ppo_whiten_rewards": ("whiten_rewards", "LlamaFactory"),
+}
+
+# `flash_attn` values (LlamaFactory) -> `attn_implementation` (None: the default choice, sdpa then eager).
+FLASH_ATTN = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2", "fa3": "flash_attention_3"}
+
+
+def _warmup_ratio(value: Any) -> tuple[dict[str, Any], str] | str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        return f"`warmup_ratio` is {value!r}; it must be a fraction in [0, 1)."
+    return {
+        "warmup_steps": float(value)
+    }, "transformers 5 removed `warmup_ratio`; a `warmup_steps` below 1 is the ratio"
+
+
+def _flash_attn(value: Any) -> tuple[dict[str, Any], str] | str:
+    if value not in FLASH_ATTN:
+        return f"`flash_attn` is {value!r}; LlamaFactory's values are {', '.join(FLASH_ATTN)}."
+    impl = FLASH_ATTN[value]
+    return ({"attn_implementation": impl} if impl else {}), "discoalign's name is `attn_implementation`"
+
+
+# name -> function(value) giving (our keys, why) or an error message. Same meaning, written another way.
+CONVERTED: dict[str, Callable[[Any], tuple[dict[str, Any], str] | str]] = {
+    "warmup_ratio": _warmup_ratio,
+    "flash_attn": _flash_attn,
+}
+
+# name -> why the run means the same without it. Accepted and dropped.
+IGNORED: dict[str, str] = {
+    "overwrite_cache": "discoalign keeps no tokenised-data cache; rows are converted afresh on every run",
+    "preprocessing_num_workers": "rows are converted and checked one by one in the main process (a bad row is "
+    "named by file and row), so there are no preprocessing workers",
+    "use_fast_tokenizer": "the fast tokenizer is always used when the model has one",
+    "low_cpu_mem_usage": "models are loaded the way transformers 5 loads them, which never holds two copies",
+    "print_param_status": "the trainable parameter count is logged at the start of training",
 }
 
 # name -> what to do instead (no key of ours means the same thing).
 NO_EQUIVALENT: dict[str, str] = {
-    "template": "discoalign renders prompts with the tokenizer's own chat template (`chat_template` in "
-    "tokenizer_config.json or chat_template.jinja of `model_name_or_path`), or a plain `User:` / `Assistant:` "
-    "template when it has none. Remove `template`; to change the template, edit the tokenizer's.",
     "max_prompt_length": "the prompt has no length of its own here: prompt + the longer response are fitted into "
     "`cutoff_len`, the prompt cut from the left first. Remove `max_prompt_length` and set `cutoff_len`.",
     "max_completion_length": "responses are fitted into `cutoff_len` together with the prompt (cut from the right). "
@@ -35,33 +71,18 @@ NO_EQUIVALENT: dict[str, str] = {
     "logging_dir": "transformers 5 removed it from TrainingArguments. TensorBoard logs (`report_to: tensorboard`) "
     "go to `output_dir/runs/`, or to the folder in the environment variable TENSORBOARD_LOGGING_DIR. Remove "
     "`logging_dir`.",
-    "flash_attn": "use `attn_implementation` (eager, sdpa or flash_attention_2).",
-    "preprocessing_num_workers": "data is converted in the main process (it is checked row by row); remove it.",
-    "overwrite_cache": "discoalign keeps no tokenised-data cache; remove it.",
+    "tokenized_path": "discoalign keeps no tokenised-data cache to save or load; remove it.",
+    "streaming": "datasets are read whole (each row is checked before training); remove it.",
+    "mix_strategy": "datasets named together are concatenated; interleaving is not supported. Remove it.",
+    "rope_scaling": "RoPE scaling is not applied; `cutoff_len` is limited to the model's positions instead. Remove it.",
+    "use_unsloth": "Unsloth is not supported; remove it.",
+    "enable_liger_kernel": "Liger kernels are not supported; remove it (docs/performance.md lists the speed keys).",
+    "neat_packing": "use `packing: true` (sequences kept apart by a block-diagonal mask, the same effect).",
+    "train_on_prompt": "SFT trains on the response tokens only; remove it.",
+    "ppo_score_norm": "the scores are not normalised; whiten the per-token rewards with `whiten_rewards: true`.",
+    "ppo_target": "the KL coefficient is fixed (`pref_beta`) or steered per prompt (`use_dynamic_beta` with "
+    "`target_kl`); there is no adaptive KL controller.",
+    "ref_model_adapters": "a LoRA run's reference is its base with the adapters off; remove it.",
+    "reward_model_adapters": "name the reward adapter's folder in `reward_model` with `reward_model_type: lora`.",
+    "export_dir": "merging and exporting is its own command: `discoalign export --model DIR --out DIR`.",
 }
-
-
-def apply_aliases(merged: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
-    """Rename exact aliases to our keys; raise ConfigError for names that have no equivalent.
-
-    Returns the renamed dict and the notes to log (one per renamed key).
-    """
-    missing = [k for k in merged if k in NO_EQUIVALENT]
-    if missing:
-        key = missing[0]
-        raise ConfigError(f"Config key `{key}` in {source} (a LlamaFactory/TRL key) has no equivalent here: "
-                          f"{NO_EQUIVALENT[key]}")  # fmt: skip
-    out: dict[str, Any] = {}
-    notes: list[str] = []
-    for key, value in merged.items():
-        if key not in EXACT_ALIASES:
-            out[key] = value
-            continue
-        ours, origin = EXACT_ALIASES[key]
-        if ours in merged:
-            raise ConfigError(
-                f"{source} sets both `{key}` ({origin}'s name) and `{ours}`, which mean the same thing; keep `{ours}`."
-            )
-        out[ours] = value
-        notes.append(f"`{key}` ({origin}'s name) is read as `{ours}: {value}`.")
-    return out, notes

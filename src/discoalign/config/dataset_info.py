@@ -10,6 +10,17 @@ from typing import Any
 from ..errors import DataError
 
 DATASET_INFO = "dataset_info.json"
+DEFAULT_DATASET_DIR = "data"  # LlamaFactory's default `dataset_dir`
+
+
+def registry_dir(dataset_dir: str | None) -> str | None:
+    """The folder whose registry a run reads: `dataset_dir` when set to another folder; the default `data` only
+    when it holds a `dataset_info.json` (without one, names in `dataset` are paths, as before)."""
+    if not dataset_dir:
+        return None
+    if dataset_dir == DEFAULT_DATASET_DIR and not os.path.isfile(os.path.join(dataset_dir, DATASET_INFO)):
+        return None
+    return dataset_dir
 
 
 def load_dataset_info(dataset_dir: str) -> dict[str, dict[str, Any]]:

@@ -33,6 +33,10 @@ class LoraArguments:
     lora_target: str = field(
         default="all", metadata={"help": "`all` (every linear layer but the LM head) or comma-separated names."}
     )
+    create_new_adapter: bool = field(
+        default=False,
+        metadata={"help": "With `adapter_name_or_path`: merge every adapter and train a new one (LlamaFactory)."},
+    )
 
 
 @dataclass

@@ -6,7 +6,6 @@ Everything here runs before any model or dataset is loaded, so a typo costs a se
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import os
 import types
@@ -17,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import ConfigError
-from .aliases import apply_aliases
+from .compat import KeyNote, mixed_precision, translate_keys
 from .plan import RunPlan, build_plan
 from .schema import ARGUMENT_CLASSES, DataArguments, FinetuningArguments, ModelArguments
 from .training_args import build_training_arguments
@@ -38,6 +37,9 @@ class RunConfig:
     training: Any  # transformers.TrainingArguments
     resolved: dict[str, Any]  # the flat dict written next to the checkpoint
     source: str = "<dict>"
+    # Keys not read literally (LlamaFactory / TRL names, settings this machine or model cannot take): logged once
+    # as one notice when the run starts (`config.compat.notice`, `train.tuner.run_exp`).
+    key_notes: list[KeyNote] = dataclasses.field(default_factory=list)
 
     @property
     def plan(self) -> RunPlan:
@@ -101,11 +103,6 @@ def read_yaml(path: str) -> dict[str, Any]:
             f"key(s) {', '.join(map(repr, nested))} hold nested mappings."
         )
     return data
-
-
-def _closest(key: str, known: list[str]) -> str:
-    match = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    return f" Did you mean `{match[0]}`?" if match else ""
 
 
 def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
@@ -180,22 +177,18 @@ def build_config(
     source: str = "<dict>",
     defaults: dict[str, Any] | None = None,
     require_stage: bool = False,
+    overrides: set[str] | None = None,
 ) -> RunConfig:
     """Check a flat dict of keys and build the argument objects. Raises ConfigError on any mistake.
 
     `require_stage`: a run's YAML must name its `stage` (the CLI sets this; the default `rm` is for code).
+    `overrides`: the keys of `raw` given on the command line (an error about one names the command line).
     """
     ours = _our_fields()
     theirs = _training_fields()
     merged: dict[str, Any] = dict(defaults or {})
     merged.update(raw)
-    merged, alias_notes = apply_aliases(merged, source)
-
-    unknown = [k for k in merged if k not in ours and k not in theirs]
-    if unknown:
-        known = sorted(set(ours) | set(theirs))
-        parts = [f"`{k}`.{_closest(k, known)}" for k in unknown]
-        raise ConfigError(f"Unknown config key(s) in {source}: " + " ".join(parts))
+    merged, key_notes = translate_keys(merged, source, set(ours) | set(theirs), overrides)
     if require_stage and merged.get("stage") is None:
         raise ConfigError(
             f"{source} has no `stage` key; say what to train: `stage: rm` (reward model), `stage: dpo` or `stage: ppo`."
@@ -204,12 +197,13 @@ def build_config(
     groups: dict[type, dict[str, Any]] = {cls: {} for cls in ARGUMENT_CLASSES}
     training_kwargs: dict[str, Any] = {}
     for key, value in merged.items():
+        where = "the command line" if key in (overrides or ()) else source
         if key in ours:
             cls, f = ours[key]
             hints = typing.get_type_hints(cls)
-            groups[cls][key] = _coerce(key, value, hints[key], source)
+            groups[cls][key] = _coerce(key, value, hints[key], where)
         else:
-            training_kwargs[key] = _coerce_training(key, value, source)
+            training_kwargs[key] = _coerce_training(key, value, where)
 
     model_args = ModelArguments(**groups[ModelArguments])
     data_args = DataArguments(**groups[DataArguments])
@@ -219,6 +213,7 @@ def build_config(
     training_kwargs.setdefault("output_dir", os.path.join("saves", ft_args.stage))
     # Trainer would otherwise drop every column its model's forward does not name.
     training_kwargs.setdefault("remove_unused_columns", False)
+    key_notes += mixed_precision(training_kwargs)
     notes = validate_combinations(model_args, data_args, ft_args, training_kwargs, source)
     training_args = build_training_arguments(training_kwargs, source)
 
@@ -226,9 +221,9 @@ def build_config(
     for obj in (model_args, data_args, ft_args):
         resolved.update(dataclasses.asdict(obj))
     resolved.update({k: v for k, v in training_kwargs.items()})
-    for note in alias_notes + notes:
+    for note in notes:
         logger.warning(note)
-    return RunConfig(model_args, data_args, ft_args, training_args, resolved, source)
+    return RunConfig(model_args, data_args, ft_args, training_args, resolved, source, key_notes)
 
 
 def load_config(
@@ -240,4 +235,4 @@ def load_config(
     raw = read_yaml(path) if path else {}
     extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     raw.update(extra)
-    return build_config(raw, source=repr(path) if path else "the command line", defaults=defaults)
+    return build_config(raw, source=repr(path) if path else "the command line", defaults=defaults, overrides=set(extra))

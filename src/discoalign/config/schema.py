@@ -8,6 +8,7 @@ Any `transformers.TrainingArguments` key is accepted as well; those are not list
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -23,6 +24,9 @@ from .finetuning_groups import (
 )
 from .heads import HeadArguments
 
+# The names `template` takes: the templates of `data/chat_templates.py` (a test keeps the two equal).
+CHAT_TEMPLATE_NAMES = ("default", "llama3", "llama2", "mistral", "gemma", "chatml", "qwen", "qwen3_nothink")
+
 
 @dataclass
 class BaseModelArguments:
@@ -33,6 +37,21 @@ class BaseModelArguments:
     model_name_or_path: str = field(
         default="builtin:tiny-qwen3",
         metadata={"help": "Local directory, hub name, or builtin:tiny-<arch> (llama, qwen2, qwen3, gpt2)."},
+    )
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA adapter folder(s) on `model_name_or_path`, comma-separated (LlamaFactory): all but the last "
+            "are merged into the base; the last is trained further with `finetuning_type: lora` (unless "
+            "`create_new_adapter`), merged for `full`."
+        },
+    )
+    template: Literal[CHAT_TEMPLATE_NAMES] | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template by name: default, llama3, llama2, mistral, gemma, chatml, qwen, qwen3_nothink "
+            "(LlamaFactory's formats); unset: the tokenizer's own."
+        },
     )
     ref_model_name_or_path: str | None = field(
         default=None, metadata={"help": "DPO reference model (full fine-tuning); default: a frozen copy of the policy."}
@@ -90,11 +109,11 @@ class DatasetArguments:
         default=None, metadata={"help": "File (.json/.jsonl/.parquet/.csv), save_to_disk folder, or builtin:synthetic."}
     )
     eval_dataset: str | None = field(default=None, metadata={"help": "Same kinds as `dataset`."})
-    dataset_dir: str | None = field(
-        default=None,
+    dataset_dir: str = field(
+        default="data",
         metadata={
             "help": "Folder with LlamaFactory's `dataset_info.json`; `dataset` / `eval_dataset` may then name "
-            "its entries (comma-separated)."
+            "its entries (comma-separated). The default `data` is used when it holds a `dataset_info.json`."
         },
     )
     dataset_format: Literal["auto", "pairwise", "implicit", "hh_rlhf", "sharegpt", "prompt"] = field(
@@ -171,6 +190,16 @@ class SFTArguments:
 @dataclass
 class ModelArguments(QuantizationArguments, ProcessorArguments, BaseModelArguments):
     """The model's keys (`RunConfig.model`)."""
+
+    def for_model(self, name: str, keep_template: bool = True) -> ModelArguments:
+        """These arguments for another model (a reference, a reward model): `name` without this run's adapters, and
+        without its `template` unless `keep_template` (a reward model's saved tokenizer carries its own)."""
+        other = copy.copy(self)
+        other.model_name_or_path = name
+        other.adapter_name_or_path = None
+        if not keep_template:
+            other.template = None
+        return other
 
 
 @dataclass

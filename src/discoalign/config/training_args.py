@@ -40,6 +40,14 @@ def build_training_arguments(training: dict[str, Any], source: str) -> Any:
     if args.learning_rate < 0:
         fail(f"`learning_rate` is {args.learning_rate}; it must be non-negative.")
     _check_report_to(args.report_to, fail)
+    if args.push_to_hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            fail("`push_to_hub: true` uploads the model to the Hugging Face Hub, but this process runs in offline mode "
+                 "(the environment variable HF_HUB_OFFLINE is set), so it can reach no hub. Unset HF_HUB_OFFLINE "
+                 "(and log in with `hf auth login`) to push, or set `push_to_hub: false` and upload the output "
+                 "folder later.")  # fmt: skip
     return args
 
 

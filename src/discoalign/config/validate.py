@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from .attention import check_attention_implementation
 from .builtin_models import TINY_MULTIMODAL_ARCHS, TINY_SEQ2SEQ_ARCHS, is_builtin
-from .dataset_info import load_dataset_info
+from .dataset_info import load_dataset_info, registry_dir
 from .finetuning_groups import PPOArguments
 from .heads import HEAD_SPECS, beta_epsilon_error
 from .placement import check_quantization, parse_device_map
@@ -142,7 +142,7 @@ def _validate_lora(ft: FinetuningArguments, fail) -> None:
 def _validate_data(model: ModelArguments, data: DataArguments, ft: FinetuningArguments, fail) -> None:
     """The data keys, and `pack_pairs` (caught here where the config alone says so; the trainer re-checks what only
     the loaded model can tell: its attention implementation and modality)."""
-    if data.dataset_dir is not None:
+    if registry_dir(data.dataset_dir) is not None:
         try:
             load_dataset_info(data.dataset_dir)
         except DataError as e:
@@ -181,6 +181,11 @@ def _validate_outputs(
         what = "prompts" if ft.stage == "ppo" else "preference pairs"
         fail(f"`do_train` is true but no training data is given: set `dataset` to a file or folder of {what}, or "
              "builtin:synthetic.")  # fmt: skip
+    strategy = str(training.get("eval_strategy") or "no").lower()
+    if training.get("do_train") and strategy != "no" and not (data.eval_dataset or data.val_size):
+        fail(f"`eval_strategy: {strategy}` evaluates during training, but the run has no eval data: set "
+             "`eval_dataset` (a file, a registry name or builtin:synthetic) or `val_size` (a fraction held out of "
+             "`dataset`), or set `eval_strategy: no`.")  # fmt: skip
     if training.get("do_eval") and not training.get("do_train") and not (data.dataset or data.eval_dataset):
         fail("evaluation needs data: set `eval_dataset` (or `dataset`).")
     if ft.overwrite_output_dir and training.get("do_train"):
@@ -190,6 +195,10 @@ def _validate_outputs(
             if value and os.path.abspath(os.path.expanduser(value)) == out:
                 fail(f"`overwrite_output_dir: true` would delete the model this run loads: `{key}` and `output_dir` "
                      f"are both {value!r}. Train into another `output_dir`.")  # fmt: skip
+    for adapter in (model.adapter_name_or_path or "").split(","):
+        path = os.path.expanduser(adapter.strip())
+        if path and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            fail(f"`adapter_name_or_path`: {path!r} is not a LoRA adapter folder (no adapter_config.json there).")
     if ft.overwrite_output_dir and training.get("resume_from_checkpoint"):
         fail("`overwrite_output_dir: true` would delete the checkpoints that `resume_from_checkpoint` resumes from; "
              "set only one of them.")  # fmt: skip
@@ -278,16 +287,6 @@ def _validate_ppo(ft: FinetuningArguments, fail) -> list[str]:
         fail(f"`top_p` is {ft.top_p}; it must lie in (0, 1] (1 disables nucleus sampling).")
     if ft.top_k < 0:
         fail(f"`top_k` is {ft.top_k}; it must be 0 (disabled) or a positive integer.")
-    if ft.top_p < 1.0 or ft.top_k > 0:
-        # PPO's ratio and KL need log-probs of the distribution that sampled; a truncated one gives a token that
-        # later leaves the nucleus a log-prob of -inf, so the combination is refused rather than run off-policy.
-        truncating = (("top_p", ft.top_p, 1.0), ("top_k", ft.top_k, 0))
-        keys = " and ".join(f"`{k}: {v}`" for k, v, off in truncating if v != off)
-        fail(
-            f"{keys}: PPO samples from the full softmax (divided by `temperature`) so that its log-probs, ratio "
-            "and KL are those of the distribution that sampled; truncated sampling is not supported. Set "
-            "`top_p: 1.0` and `top_k: 0` (use `temperature` to sharpen sampling)."
-        )
     for key in ("gamma", "lam"):
         if not 0.0 <= getattr(ft, key) <= 1.0:
             fail(f"`{key}` is {getattr(ft, key)}; it must lie in [0, 1].")
@@ -301,6 +300,16 @@ def _validate_ppo(ft: FinetuningArguments, fail) -> list[str]:
     if ft.reward_clip is not None and ft.reward_clip <= 0:
         fail(f"`reward_clip` is {ft.reward_clip}; it must be positive (or unset for no clipping).")
     notes = []
+    if ft.top_p < 1.0 or ft.top_k > 0:
+        # As in LlamaFactory and OpenRLHF. Log-probs under the truncated distribution would give a token that later
+        # leaves the nucleus a log-prob of -inf; the full softmax keeps every ratio finite.
+        keys = " and ".join(
+            f"`{k}: {v}`" for k, v, off in (("top_p", ft.top_p, 1.0), ("top_k", ft.top_k, 0)) if v != off
+        )
+        notes.append(f"{keys}: responses are sampled from the truncated "
+                     "distribution, while the log-probs, the PPO ratio and the KL are those of the full softmax (as "
+                     "in LlamaFactory and OpenRLHF), so each rollout is slightly off-policy; `temperature` sharpens "
+                     "sampling without that.")  # fmt: skip
     if ft.target_kl != FinetuningArguments().target_kl and not ft.use_dynamic_beta:
         notes.append(
             "`target_kl` is set but `use_dynamic_beta` is false: the KL coefficient is the fixed `pref_beta` "

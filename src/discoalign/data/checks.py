@@ -56,7 +56,7 @@ def require(row: dict[str, Any], field: str) -> Any:
     """The value of `field`, or RowProblem(MISSING) when the key is absent or null."""
     value = row.get(field)
     if value is None:
-        raise RowProblem(MISSING, field, "the field is missing or null")
+        raise RowProblem(MISSING, field, "the value is null" if field in row else "the row has no such field")
     return value
 
 

@@ -29,6 +29,20 @@ logger = logging.getLogger(__name__)
 STAGES = ("sft", "rm", "dpo", "ppo")
 
 
+@dataclass(frozen=True)
+class Purpose:
+    """What the rows are read for, as messages name it: `train` / `eval` read training rows and take the YAML key
+    `skip_invalid_rows`; `discoalign score` reads rows to score and takes the flag `--skip-invalid-rows`."""
+
+    rows: str = "training rows"
+    skip: str = "set `skip_invalid_rows: true`"
+
+
+TRAINING = Purpose()
+SCORING = Purpose(rows="rows to score", skip="pass --skip-invalid-rows")
+PROMPTS_TO_SAMPLE = Purpose(rows="prompts to sample from", skip="pass --skip-invalid-rows")
+
+
 @dataclass
 class DatasetBundle:
     """Tokenised datasets of one run.
@@ -84,7 +98,7 @@ def _problem_summary(problems: dict[str, list[int]], unit: str = "row") -> str:
     return "; ".join(parts)
 
 
-def _readable_rows(source: RawRows, data_args: DataArguments, bad: Counter) -> list[Any]:
+def _readable_rows(source: RawRows, data_args: DataArguments, bad: Counter, purpose: Purpose) -> list[Any]:
     """Drop (and count) the unreadable lines of a JSON lines file, or stop with the lines named."""
     unreadable = [row for row in source.rows if isinstance(row, UnreadableLine)]
     if not unreadable:
@@ -95,8 +109,8 @@ def _readable_rows(source: RawRows, data_args: DataArguments, bad: Counter) -> l
         more = f" {len(unreadable)} of {len(source.rows)} lines are unreadable (lines {shown})."
         raise DataError(
             f"Data file {source.name!r} is neither a JSON array nor JSON lines (one object per line): "
-            f"{unreadable[0].detail}.{more if len(unreadable) > 1 else ''} Fix the lines, or set "
-            "`skip_invalid_rows: true` to drop them (they are counted in the log)."
+            f"{unreadable[0].detail}.{more if len(unreadable) > 1 else ''} Fix the lines, or {purpose.skip} to "
+            "drop them (they are counted in the log)."
         )
     bad[UNREADABLE] += len(unreadable)
     rows = [row for row in source.rows if not isinstance(row, UnreadableLine)]
@@ -107,7 +121,11 @@ def _readable_rows(source: RawRows, data_args: DataArguments, bad: Counter) -> l
 
 
 def _convert(
-    source: RawRows, data_args: DataArguments, stage: str, media: MediaProcessor | None = None
+    source: RawRows,
+    data_args: DataArguments,
+    stage: str,
+    media: MediaProcessor | None = None,
+    purpose: Purpose = TRAINING,
 ) -> tuple[list[dict[str, Any]], Counter]:
     """Canonical rows of one file, and the count of its bad rows per reason (only with skip_invalid_rows).
 
@@ -116,7 +134,7 @@ def _convert(
     """
     bad: Counter = Counter()
     total = len(source.rows)
-    raw_rows = _readable_rows(source, data_args, bad)
+    raw_rows = _readable_rows(source, data_args, bad, purpose)
     fmt = data_args.dataset_format
     per_row: list[str | None] = [None] * len(raw_rows)
     if fmt == "auto":
@@ -163,8 +181,8 @@ def _convert(
                    if n_bad > 1 else "")  # fmt: skip
         raise DataError(
             f"{source.name}: row {index} (0-based), field `{problem.field}`: {problem.reason}: "
-            f"{problem.detail} (format `{fmt}`).{summary} Fix or remove the rows, or set `skip_invalid_rows: true` "
-            "to drop bad rows (they are counted per reason in the log)."
+            f"{problem.detail} (format `{fmt}`).{summary} Fix or remove the rows, or {purpose.skip} to "
+            "drop bad rows (they are counted per reason in the log)."
         )
     if bad:
         logger.warning(
@@ -181,6 +199,7 @@ def _canonical_rows(
     synthetic_seed: int,
     dropped: Counter,
     media: MediaProcessor | None = None,
+    purpose: Purpose = TRAINING,
 ) -> list[dict[str, Any]]:
     """The canonical rows of one spec (a folder's files in order), its first `max_samples` raw rows only."""
     canonical: list[dict[str, Any]] = []
@@ -191,7 +210,7 @@ def _canonical_rows(
             if not source.rows:
                 break
         taken += len(source.rows)
-        rows, bad = _convert(source, data_args, stage, media)
+        rows, bad = _convert(source, data_args, stage, media, purpose)
         dropped.update(bad)
         canonical += rows
     return canonical
@@ -255,6 +274,7 @@ def _load(
     synthetic_seed: int,
     stats: Counter,
     media: MediaProcessor | None = None,
+    purpose: Purpose = TRAINING,
 ) -> datasets.Dataset:
     """Every spec of one comma-separated config value (`key`), converted, checked and tokenised, as a Dataset."""
     import datasets
@@ -262,7 +282,7 @@ def _load(
     dropped: Counter = Counter()
     encoded: list[dict[str, Any]] = []
     for spec in split_specs(spec_list):
-        rows = _canonical_rows(spec, data_args, stage, synthetic_seed, dropped, media)
+        rows = _canonical_rows(spec, data_args, stage, synthetic_seed, dropped, media, purpose)
         encoded += _encode_rows(rows, spec, data_args, tokenizer, stage, dropped, media)
     stats.update(dropped)
     if not encoded:
@@ -294,6 +314,7 @@ def get_dataset(
     stage: str,
     seed: int = 0,
     media: MediaProcessor | None = None,
+    purpose: Purpose = TRAINING,
 ) -> DatasetBundle:
     """Load `dataset` (and `eval_dataset`, or a `val_size` split) as tokenised `datasets.Dataset`s.
 
@@ -305,6 +326,7 @@ def get_dataset(
         media: the multimodal model's `MediaProcessor` (`model.media_processor`), or None for a text model. With
             it, rows may carry `images` / `audios`; their markers are expanded and the media references kept in
             the `images` / `audios` columns for the collator.
+        purpose: what the rows are for, as the messages name them (`SCORING` for `discoalign score` / `bon`).
 
     Returns:
         DatasetBundle. A pairwise row holds `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`,
@@ -318,21 +340,22 @@ def get_dataset(
             f"No training data: set the config key `dataset` to a data file, a folder, or {BUILTIN_SYNTHETIC}."
         )
     stats: Counter = Counter()
-    train = _load(data_args.dataset, "dataset", data_args, tokenizer, stage, data_args.synthetic_seed, stats, media)
+    train = _load(data_args.dataset, "dataset", data_args, tokenizer, stage, data_args.synthetic_seed, stats, media,
+                  purpose)  # fmt: skip
     eval_set = None
     if data_args.eval_dataset:
         # builtin:synthetic as eval data uses the next seed, so it is held out from the training pairs.
         eval_set = _load(
             data_args.eval_dataset, "eval_dataset", data_args, tokenizer, stage, data_args.synthetic_seed + 1, stats,
-            media,
+            media, purpose,
         )  # fmt: skip
         if data_args.val_size:
             logger.warning("`val_size: %s` is ignored because `eval_dataset` is set.", data_args.val_size)
     elif data_args.val_size > 0:
         train, eval_set = _split(train, data_args.val_size, seed)
     logger.info(
-        "Data: %d training rows, %s eval rows%s.",
-        len(train), len(eval_set) if eval_set is not None else "no",
+        "Data: %d %s%s%s.", len(train), purpose.rows,
+        "" if purpose is not TRAINING else f", {len(eval_set) if eval_set is not None else 'no'} eval rows",
         f"; dropped {_summary(stats)}" if stats else "",
     )  # fmt: skip
     return DatasetBundle(train=train, eval=eval_set, stats=dict(stats))

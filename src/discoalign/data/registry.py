@@ -1,6 +1,6 @@
 """LlamaFactory's dataset registry: `dataset_dir` + `dataset_info.json`, datasets named by their entry.
 
-With `dataset_dir` set, each comma-separated name of `dataset` / `eval_dataset` that is an entry of
+With `dataset_dir` set (default `data`, as in LlamaFactory, used when it holds a `dataset_info.json`), each comma-separated name of `dataset` / `eval_dataset` that is an entry of
 `<dataset_dir>/dataset_info.json` is read from the entry's `file_name` (relative to `dataset_dir`), and its rows are
 renamed from the entry's `columns` / `tags` into the layout `formats.detect_format` knows. So a LlamaFactory data
 folder works unchanged::
@@ -21,7 +21,7 @@ import difflib
 import os
 from typing import TYPE_CHECKING, Any
 
-from ..config.dataset_info import DATASET_INFO, load_dataset_info
+from ..config.dataset_info import DATASET_INFO, load_dataset_info, registry_dir
 from ..errors import DataError
 from .sources import RawRows, _columns_of, read_spec
 
@@ -148,7 +148,7 @@ def read_registered(name: str, dataset_dir: str) -> list[RawRows]:
 def read_dataset(spec: str, data_args: DataArguments, synthetic_seed: int) -> list[RawRows]:
     """What one comma-separated part of `dataset` names: a registry entry when `dataset_dir` is set and lists it,
     else a file, folder or builtin (`sources.read_spec`)."""
-    dataset_dir = getattr(data_args, "dataset_dir", None)
+    dataset_dir = registry_dir(getattr(data_args, "dataset_dir", None))
     if dataset_dir and not spec.startswith("builtin:"):
         info = load_dataset_info(dataset_dir)
         if spec in info:

@@ -190,7 +190,8 @@ def read_spec(spec: str, synthetic_num_pairs: int, synthetic_seed: int) -> list[
     if not os.path.exists(spec):
         raise DataError(
             f"Data file {spec!r} does not exist (relative paths start from {os.getcwd()!r}). A `dataset` is a "
-            f"local file ({', '.join(SUPPORTED_EXTENSIONS)}), a folder, or {BUILTIN_SYNTHETIC}; hub datasets "
-            "must be saved locally first."
+            f"local file ({', '.join(SUPPORTED_EXTENSIONS)}), a folder, {BUILTIN_SYNTHETIC}, or the name of an "
+            "entry of `dataset_dir`'s dataset_info.json (LlamaFactory's registry; `dataset_dir` defaults to `data`); "
+            "hub datasets must be saved locally first."
         )
     return [read_file(spec)]

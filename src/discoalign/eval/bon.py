@@ -29,6 +29,7 @@ import torch
 from ..config.plan import HeadPlan
 from ..config.schema import DataArguments, FinetuningArguments, ModelArguments
 from ..data import get_dataset
+from ..data.pipeline import PROMPTS_TO_SAMPLE
 from ..data.position import turn_end_suffix
 from ..data.prompts import left_pad
 from ..errors import ConfigError, DataError
@@ -159,7 +160,7 @@ def sample_and_select(
                           f"{policy_dir}`); both must share one tokenizer.")  # fmt: skip
     bundle = get_dataset(
         DataArguments(dataset=prompts_path, cutoff_len=cutoff_len, skip_invalid_rows=skip_invalid_rows),
-        tokenizer, stage="ppo", seed=seed,
+        tokenizer, stage="ppo", seed=seed, purpose=PROMPTS_TO_SAMPLE,
     )  # fmt: skip
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"The tokenizer of `--policy {policy_dir}` has no pad token; set one (e.g. the EOS token).")

@@ -31,8 +31,10 @@ from ..data import get_dataset
 from ..data.checks import EMPTY_RESPONSE, MALFORMED, TRUNCATED, WRONG_TYPE, RowProblem, as_messages, require
 from ..data.encode import tokenize_pair, truncate_pair
 from ..data.formats import to_prompt_row
+from ..data.pipeline import SCORING
 from ..data.prompts import left_pad
-from ..data.sources import read_spec
+from ..data.registry import read_dataset
+from ..data.sources import UnreadableLine, read_spec, split_specs
 from ..errors import CheckpointError, DataError
 from ..models.heads import reward_heads
 from ..models.loader import load_model_with_heads
@@ -127,10 +129,32 @@ def read_prompt_response_rows(
                     ) from None
                 skipped[problem.reason] += 1
                 continue
-            extra = {k: v for k, v in raw.items() if isinstance(v, (int, float, str, bool)) and k not in
-                     ("prompt", "system", "instruction", "input", *RESPONSE_COLUMNS)}  # fmt: skip
+            extra = passthrough_fields(raw)
             rows.append({"index": total - 1, "prompt": prompt, "response": response, "extra": extra})
     return rows, skipped, total, True
+
+
+# Fields of an input row that are the texts scored, not passed through to the output line.
+TEXT_FIELDS = ("prompt", "system", "instruction", "input", "history", "messages", "conversations", *RESPONSE_COLUMNS,
+               *PAIR_COLUMNS)  # fmt: skip
+
+
+def passthrough_fields(raw: Any) -> dict[str, Any]:
+    """The scalar fields of an input row (`id`, `topic`, ...) that each of its output lines keeps, so that results
+    can be joined back to the input."""
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(v, (int, float, str, bool)) and k not in TEXT_FIELDS}
+
+
+def raw_rows_by_source(data_path: str, data_args: DataArguments) -> dict[str, list[Any]]:
+    """The readable raw rows of each file `data_path` names (file, folder or registry entry), by file name: what
+    a pairwise row's `source` and `source_row` point at."""
+    out: dict[str, list[Any]] = {}
+    for spec in split_specs(data_path):
+        for source in read_dataset(spec, data_args, data_args.synthetic_seed):
+            out[source.name] = [r for r in source.rows if not isinstance(r, UnreadableLine)]
+    return out
 
 
 def load_reward_model_for_scoring(model_dir: str, has_variance: bool):
@@ -206,7 +230,8 @@ def score_file(
     """Write one JSON line per response and return a `ScoreSummary`.
 
     Prompt + response rows give `index` (row), `prompt`, `text`, the scores and the row's other scalar fields;
-    pairwise rows give `index`, `response` (chosen / rejected), `text` and the scores.
+    pairwise rows give `index`, `response` (chosen / rejected), `prompt` (the last user turn), `text`, the scores and
+    the row's other scalar fields (`id`, ...).
     """
     has_variance = check_reward_model_dir(model_dir)
     rows, skipped, total, prompt_response = read_prompt_response_rows(data_path, skip_invalid_rows)
@@ -221,17 +246,18 @@ def score_file(
             lines.append({"index": row["index"], "prompt": row["prompt"][-1]["content"],
                           "text": row["response"][0]["content"], **row["extra"]})  # fmt: skip
     else:
-        bundle = get_dataset(
-            DataArguments(dataset=data_path, cutoff_len=cutoff_len, skip_invalid_rows=skip_invalid_rows),
-            tokenizer, stage="rm", seed=0,
-        )  # fmt: skip
+        data_args = DataArguments(dataset=data_path, cutoff_len=cutoff_len, skip_invalid_rows=skip_invalid_rows)
+        bundle = get_dataset(data_args, tokenizer, stage="rm", seed=0, purpose=SCORING)
         skipped.update(bundle.stats)
         total = len(bundle.train) + sum(bundle.stats.values())
+        raw = raw_rows_by_source(data_path, data_args)
         for i, row in enumerate(bundle.train):
+            extra = passthrough_fields(raw[row["source"]][row["source_row"]])
             for which in PAIR_COLUMNS:
                 items.append((row["prompt_input_ids"], row[f"{which}_input_ids"]))
-                text = tokenizer.decode(row[f"{which}_input_ids"], skip_special_tokens=True)
-                lines.append({"index": i, "response": which, "text": text})
+                # The row's own texts (the tokens also hold the template's turn end, e.g. ChatML's "<|im_end|>\n").
+                lines.append({"index": i, "response": which, "prompt": row["prompt"][-1]["content"],
+                              "text": row[which][-1]["content"], **extra})  # fmt: skip
     if not items:
         raise DataError(f"No row of {data_path!r} is left to score ({dict(skipped) or 'none skipped'}).")
     if skipped:

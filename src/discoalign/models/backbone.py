@@ -25,6 +25,7 @@ from .quantization import (
 from .seq2seq import is_seq2seq_config
 from .tiny import build_tiny_model, write_tiny_model
 from .tiny_multimodal import build_tiny_multimodal_model
+from .vocabulary import fit_embeddings
 from .weight_files import locate_file, read_json
 
 logger = logging.getLogger(__name__)
@@ -180,8 +181,10 @@ def _build_builtin_in_memory(arch: str, tokenizer, model_args, dtype) -> torch.n
         with without_zero3_init():
             if arch in TINY_MULTIMODAL_ARCHS:
                 model = build_tiny_multimodal_model(arch, tokenizer=tokenizer, seed=0)
-            else:
-                model = build_tiny_model(arch, tokenizer=tokenizer, seed=0)
+            else:  # the built-in tokenizer's sizes: the same weights whatever `template` added (`fit_embeddings`)
+                model = build_tiny_model(arch, seed=0)
+                for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+                    setattr(model.generation_config, key, getattr(tokenizer, key))
         if impl is not None:
             model.set_attn_implementation(impl)
         return model
@@ -257,12 +260,16 @@ def load_backbone(
         raise CheckpointError(f"Adapter checkpoints nest too deeply at {name!r} (an adapter whose base is itself).")
     arch = builtin_arch(name)
     if arch is not None:
-        return _build_builtin(arch, tokenizer, model_args, dtype, load_kwargs)
+        model = _build_builtin(arch, tokenizer, model_args, dtype, load_kwargs)
+        fit_embeddings(model, tokenizer)
+        return model
     check_model_path(name)
     cache_dir = getattr(model_args, "cache_dir", None)
     base_name = adapter_base(name, cache_dir)
     if base_name is None:
-        return _from_pretrained(name, model_args, dtype, load_kwargs)
+        model = _from_pretrained(name, model_args, dtype, load_kwargs)
+        fit_embeddings(model, tokenizer)
+        return model
 
     from peft import PeftModel
 
@@ -284,3 +291,38 @@ def load_backbone(
         logger.info("Merging the LoRA adapter of %s into its base for full fine-tuning.", name)
         return model.merge_and_unload().requires_grad_(True)
     return model
+
+
+def split_adapters(value: str | None) -> list[str]:
+    """`adapter_name_or_path: a, b` -> ["a", "b"] (user paths expanded)."""
+    return [os.path.expanduser(part.strip()) for part in (value or "").split(",") if part.strip()]
+
+
+def attach_adapters(backbone, adapters: list[str], finetuning_args, is_trainable: bool):
+    """`adapter_name_or_path` (LlamaFactory's rule): every adapter but the last is merged into the base; the last is
+    kept as the adapter to train further (`finetuning_type: lora` without `create_new_adapter`) or to run with
+    (an inference-only model), else merged too (`full` fine-tuning; `create_new_adapter`, which then gets a fresh
+    adapter from `models.lora`)."""
+    from peft import PeftModel
+
+    if isinstance(backbone, PeftModel):
+        backbone = backbone.merge_and_unload()
+    lora = finetuning_args.finetuning_type == "lora"
+    resume = not is_trainable or (lora and not finetuning_args.create_new_adapter)
+    for index, path in enumerate(adapters):
+        if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG_NAME)):
+            raise CheckpointError(f"`adapter_name_or_path: {path}` is not a LoRA adapter folder (it has no "
+                                  f"{ADAPTER_CONFIG_NAME}).")  # fmt: skip
+        last = index == len(adapters) - 1
+        try:
+            with torch.random.fork_rng(devices=[]):
+                model = PeftModel.from_pretrained(backbone, path, is_trainable=is_trainable and last and resume)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise CheckpointError(f"Could not load the LoRA adapter `adapter_name_or_path: {path}` onto the model: "
+                                  f"{one_line(e)}") from None  # fmt: skip
+        if last and resume:
+            logger.info("Loaded the adapter %s%s.", path, " to train further" if is_trainable else "")
+            return model
+        backbone = model.merge_and_unload()
+        logger.info("Merged the adapter %s into the model.", path)
+    return backbone.requires_grad_(is_trainable)

@@ -22,11 +22,13 @@ from ..config.plan import HeadPlan
 from ..errors import CheckpointError, ConfigError
 from .backbone import (
     adapter_base,
+    attach_adapters,
     builtin_arch,
     check_model_path,
     load_backbone,
     one_line,
     resolve_dtype,
+    split_adapters,
 )
 from .checkpoint import load_heads, read_heads_config
 from .heads import build_heads
@@ -38,6 +40,7 @@ from .quantization import bnb_config, is_quantized, prepare_for_kbit_training
 from .seq2seq import is_seq2seq_config
 from .tiny import build_tiny_tokenizer
 from .tiny_multimodal import build_tiny_multimodal_tokenizer
+from .vocabulary import align_special_ids, apply_template
 from .weight_files import locate_file
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,16 @@ def load_tokenizer(model_args):
     A tokenizer without a pad token gets pad = eos (the collators need a pad id; the mask, not the id,
     marks padding).
     """
+    tokenizer = _load_tokenizer(model_args)
+    if getattr(model_args, "template", None):
+        apply_template(tokenizer, model_args.template)
+    # Rows are tokenised whole and then truncated to `cutoff_len` (`data.encode`), which is limited to the model's
+    # positions (`train.tuner`): the tokenizer's "longer than the specified maximum" warning does not apply.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
+
+
+def _load_tokenizer(model_args):
     name = os.path.expanduser(model_args.model_name_or_path)
     arch = builtin_arch(name)
     if arch:
@@ -65,7 +78,7 @@ def load_tokenizer(model_args):
     if not has_own and base is not None:
         base_args = copy.copy(model_args)
         base_args.model_name_or_path = base
-        return load_tokenizer(base_args)
+        return _load_tokenizer(base_args)
     if not has_own and os.path.isdir(name):
         # AutoTokenizer would build an empty tokenizer here, and a run would train on zero tokens.
         raise CheckpointError(
@@ -136,12 +149,17 @@ def load_model_with_heads(
     dtype = resolve_dtype(torch_dtype)
     load_kwargs = _placement_kwargs(model_args, finetuning_args, dtype, is_trainable)
     backbone = load_backbone(name, tokenizer, model_args, finetuning_args, dtype, is_trainable, 0, load_kwargs)
+    adapters = split_adapters(getattr(model_args, "adapter_name_or_path", None))
+    if adapters:
+        backbone = attach_adapters(backbone, adapters, finetuning_args, is_trainable)
 
     backbone = _trainable_backbone(backbone, name, finetuning_args, is_trainable)
 
     from peft import PeftModel
 
     causal_lm = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
+    if getattr(model_args, "template", None):
+        align_special_ids(causal_lm, tokenizer)
     hidden_size = causal_lm.config.get_text_config().hidden_size
     quantized = is_quantized(causal_lm)
     heads_config = {
@@ -164,6 +182,8 @@ def load_model_with_heads(
 
     if builtin_arch(name) is None:
         _load_saved_heads(model, name, getattr(model_args, "cache_dir", None))
+    if adapters and read_heads_config(adapters[-1], None):
+        _load_saved_heads(model, adapters[-1], None)  # e.g. a reward model's LoRA trained further
 
     device_map = getattr(causal_lm, "hf_device_map", None)
     if device_map and "device_map" in load_kwargs:

@@ -24,7 +24,6 @@ heads_config.json) or that has no value head (a DPO policy) is refused.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -92,8 +91,7 @@ def _adapter_on_base(model_args, reward_dir: str, base_name: str, ft, has_varian
     """A LoRA reward adapter (+ its heads) on an explicitly named base model."""
     from peft import PeftModel
 
-    base_args = copy.copy(model_args)
-    base_args.model_name_or_path = base_name
+    base_args = model_args.for_model(base_name)
     base_args.quantization_bit = None  # a reward model on its own base scores as it was trained
     base, _ = load_model_with_heads(base_args, ft, heads=HeadPlan.of(), is_trainable=False)
     try:
@@ -145,8 +143,7 @@ def load_reward_model(
             f"{ADAPTER_CONFIG_NAME}). Use `reward_model_type: full` for a fully fine-tuned reward model."
         )
 
-    rm_args = copy.copy(model_args)
-    rm_args.model_name_or_path = reward_dir
+    rm_args = model_args.for_model(reward_dir, keep_template=False)
     rm_args.quantization_bit = None  # a reward model on its own base scores as it was trained
     with torch.random.fork_rng(devices=[]):
         named_base = read_json(adapter_config).get("base_model_name_or_path") if is_adapter else None

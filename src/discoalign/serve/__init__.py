@@ -1,6 +1,11 @@
-"""`discoalign serve`: an HTTP reward server speaking OpenRLHF's remote reward-model API."""
+"""`discoalign serve`: an HTTP server for a reward model (OpenRLHF's remote reward-model API) or a policy (OpenAI's
+chat completions API)."""
 
-from .app import ServeSettings, build_app, serve
+from .app import build_app
+from .chat_app import build_chat_app
+from .chat_engine import ChatEngine
 from .scorer import RewardScorer
+from .server import serve
+from .settings import ServeSettings
 
-__all__ = ["RewardScorer", "ServeSettings", "build_app", "serve"]
+__all__ = ["ChatEngine", "RewardScorer", "ServeSettings", "build_app", "build_chat_app", "serve"]

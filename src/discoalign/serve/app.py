@@ -10,8 +10,11 @@
 sqrt(variance)` when the server runs with `--disco-risk-coef`. Items of all requests wait in one queue; a worker
 takes them in arrival order into batches of at most `max_batch_tokens` (items x longest item) and scores each batch
 in one forward on a single thread. When more than `max_queue` items wait, new requests get 503 (retry later).
-Errors are JSON `{"error": "..."}`: 400 for a malformed body, 413 for a body over `max_request_bytes`, a query
-over `cutoff_len` tokens or more items than the queue holds, 404 / 405 for a wrong path or method.
+Errors are JSON `{"error": "..."}`: 400 for a malformed body (not a JSON object, `query` not a non-empty list of
+strings, a lone surrogate, a prompt that does not start its query), 401 without the API key when the server has
+one, 408 for a body that does not arrive within `body_timeout`, 413 for a body over `max_request_bytes`, more than
+`max_request_items` queries or a query over `cutoff_len` tokens, 404 / 405 for a wrong path or method. Every limit
+is a field of `serve.settings.ServeSettings`.
 """
 
 from __future__ import annotations
@@ -19,14 +22,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import ConfigError
-from .scorer import RewardScorer
+from .http import RequestError, build_starlette, check_text, error_response, parse_json_object, read_body
+from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -40,24 +41,6 @@ class Scorer(Protocol):
     def tokenize(self, texts: list[str], prompts: list[str] | None = None) -> list[list[int]]: ...
 
     def score_ids(self, sequences: list[list[int]]) -> list[dict[str, float]]: ...
-
-
-@dataclass
-class ServeSettings:
-    """Limits of one server (the `discoalign serve` flags)."""
-
-    cutoff_len: int = 2048
-    max_batch_tokens: int = 16384
-    max_queue: int = 4096
-    max_request_bytes: int = 8 * 1024 * 1024
-
-    def check(self) -> None:
-        for name in ("cutoff_len", "max_batch_tokens", "max_queue", "max_request_bytes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} is {getattr(self, name)}; it must be positive.")
-        if self.max_batch_tokens < self.cutoff_len:
-            raise ConfigError(f"--max-batch-tokens ({self.max_batch_tokens}) must be at least --cutoff-len "
-                              f"({self.cutoff_len}), so that the longest allowed query fits in a batch.")  # fmt: skip
 
 
 class QueueFull(Exception):
@@ -142,13 +125,6 @@ class Batcher:
                         future.set_result(result)
 
 
-class RequestError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 def _string_list(body: dict[str, Any], key: str, required: bool) -> list[str] | None:
     value = body.get(key)
     if value is None:
@@ -156,39 +132,43 @@ def _string_list(body: dict[str, Any], key: str, required: bool) -> list[str] | 
             raise RequestError(400, f"the body has no `{key}`: expected {{\"query\": [\"<prompt + response text>\", "
                                     "...], \"prompts\": [...]}")  # fmt: skip
         return None
-    if isinstance(value, str):
-        value = [value]
     if not isinstance(value, list):
-        raise RequestError(400, f"`{key}` must be a list of strings, not {type(value).__name__}")
+        raise RequestError(400, f"`{key}` must be a list of strings (one per item, as OpenRLHF sends it), not "
+                                f"{type(value).__name__}")  # fmt: skip
     for index, item in enumerate(value):
         if not isinstance(item, str):
             raise RequestError(400, f"`{key}[{index}]` must be a string, not {type(item).__name__}")
+        check_text(item, f"{key}[{index}]")
     return value
 
 
-def parse_body(raw: bytes) -> tuple[list[str], list[str] | None]:
-    """(queries, prompts) of a request body; RequestError(400) when malformed."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"the body is not valid JSON ({e})") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, f"the body must be a JSON object, not {type(body).__name__}")
+def parse_body(raw: bytes, settings: ServeSettings | None = None) -> tuple[list[str], list[str] | None]:
+    """(queries, prompts) of a request body; RequestError(400 / 413) when malformed or too many."""
+    settings = settings or ServeSettings()
+    body = parse_json_object(raw)
     queries = _string_list(body, "query", required=True)
     prompts = _string_list(body, "prompts", required=False)
+    if not queries:
+        raise RequestError(400, "`query` is empty; send at least one text to score")
+    limit, flag = ((settings.max_request_items, "--max-request-items") if settings.max_request_items <= settings.max_queue
+                   else (settings.max_queue, "--max-queue"))  # fmt: skip
+    if len(queries) > limit:
+        raise RequestError(413, f"the request has {len(queries)} queries, more than the server takes at once "
+                                f"({limit}, {flag}); split it")  # fmt: skip
     if prompts is not None and len(prompts) != len(queries):
         raise RequestError(400, f"`prompts` has {len(prompts)} items but `query` has {len(queries)}; give one prompt "
                                 "per query, or leave `prompts` out")  # fmt: skip
     for index, query in enumerate(queries):
         if not query:
             raise RequestError(400, f"`query[{index}]` is empty")
+        if prompts is not None and not query.startswith(prompts[index]):
+            raise RequestError(400, f"`prompts[{index}]` is not the start of `query[{index}]`: each query is the "
+                                    "prompt followed by the response")  # fmt: skip
     return queries, prompts
 
 
 def build_app(scorer: Scorer, settings: ServeSettings | None = None):
     """The Starlette app serving `scorer` with `settings`."""
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
@@ -197,41 +177,23 @@ def build_app(scorer: Scorer, settings: ServeSettings | None = None):
     settings.check()
     batcher = Batcher(scorer, settings)
 
-    def error(status: int, message: str, **headers: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, headers=headers or None)
-
     async def get_reward(request: Request) -> JSONResponse:
         try:
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > settings.max_request_bytes:
-                raise RequestError(413, f"the body has {declared} bytes, more than the server's limit of "
-                                        f"{settings.max_request_bytes} (--max-request-bytes); send fewer queries per "
-                                        "request")  # fmt: skip
-            raw = await request.body()
-            if len(raw) > settings.max_request_bytes:
-                raise RequestError(413, f"the body has {len(raw)} bytes, more than the server's limit of "
-                                        f"{settings.max_request_bytes} (--max-request-bytes)")  # fmt: skip
-            queries, prompts = parse_body(raw)
-            if len(queries) > settings.max_queue:
-                raise RequestError(413, f"the request has {len(queries)} queries, more than the server's queue holds "
-                                        f"({settings.max_queue}, --max-queue); split it")  # fmt: skip
-            sequences = (scorer.tokenize(queries, prompts) if prompts else scorer.tokenize(queries)) if queries else []
+            queries, prompts = parse_body(await read_body(request, settings), settings)
+            sequences = scorer.tokenize(queries, prompts) if prompts else scorer.tokenize(queries)
             for index, ids in enumerate(sequences):
                 if len(ids) > settings.cutoff_len:
                     raise RequestError(413, f"`query[{index}]` has {len(ids)} tokens, more than the server's "
                                             f"--cutoff-len {settings.cutoff_len}")  # fmt: skip
         except RequestError as e:
-            return error(e.status, e.message)
-        if not sequences:
-            results = []
-        else:
-            try:
-                results = await batcher.submit(sequences)
-            except QueueFull:
-                return error(503, f"the server is busy: {batcher.in_queue} items are waiting (--max-queue "
-                                  f"{settings.max_queue}); retry later", **{"Retry-After": "1"})  # fmt: skip
-            except Exception as e:  # noqa: BLE001 - reported to the client; the server keeps running
-                return error(500, f"scoring failed: {type(e).__name__}: {e}")
+            return error_response(e.status, e.message, e.headers)
+        try:
+            results = await batcher.submit(sequences)
+        except QueueFull:
+            return error_response(503, f"the server is busy: {batcher.in_queue} items are waiting (--max-queue "
+                                       f"{settings.max_queue}); retry later", {"Retry-After": "1"})  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - reported to the client; the server keeps running
+            return error_response(500, f"scoring failed: {type(e).__name__}: {e}")
         rewards = [r["reward"] for r in results]
         payload: dict[str, Any] = {"rewards": rewards, "scores": rewards, "mean": [r["mean"] for r in results]}
         # Per item, the total variance and its parts, when the model has them (an epistemic part needs `prompts`).
@@ -243,11 +205,8 @@ def build_app(scorer: Scorer, settings: ServeSettings | None = None):
         return JSONResponse(payload)
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": scorer.model_dir, "disco": scorer.disco,
+        return JSONResponse({"status": "ok", "kind": "reward", "model": scorer.model_dir, "disco": scorer.disco,
                              "queued": batcher.in_queue, "batches": batcher.batches})  # fmt: skip
-
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -255,46 +214,7 @@ def build_app(scorer: Scorer, settings: ServeSettings | None = None):
         yield
         await batcher.stop()
 
-    app = Starlette(
-        routes=[Route("/get_reward", get_reward, methods=["POST"]), Route("/health", health, methods=["GET"])],
-        exception_handlers={HTTPException: http_error},
-        lifespan=lifespan,
-    )
+    routes = [Route("/get_reward", get_reward, methods=["POST"]), Route("/health", health, methods=["GET"])]
+    app = build_starlette(routes, settings, lifespan)
     app.state.batcher = batcher
     return app
-
-
-def serve(ns) -> None:
-    """`discoalign serve`: load the model, build the app, run uvicorn until interrupted."""
-
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise ConfigError("`discoalign serve` needs starlette and uvicorn: pip install 'discoalign[serve]'.") from None
-    settings = ServeSettings(ns.cutoff_len, ns.max_batch_tokens, ns.max_queue, ns.max_request_bytes)
-    settings.check()
-    if ns.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("Binding %s: any machine that can reach this address can query the reward model.", ns.host)
-    scorer = RewardScorer(ns.model, disco_risk_coef=ns.disco_risk_coef, dtype=ns.dtype, device=ns.device)
-    app = build_app(scorer, settings)
-    import socket
-
-    import uvicorn
-
-    # Bind here, so that `--port 0` (the OS picks a free port) prints the port actually bound.
-    family = socket.AF_INET6 if ":" in ns.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((ns.host, ns.port))
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"Cannot bind {ns.host}:{ns.port}: {e.strerror or e}. Choose another --port.") from None
-    port = sock.getsockname()[1]
-    print(f"Serving {ns.model} ({'Disco' if scorer.disco else 'scalar'} reward model) at "
-          f"http://{ns.host}:{port}/get_reward  (GET /health)", flush=True)  # fmt: skip
-    try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", backlog=2048)).run(sockets=[sock])
-    finally:
-        sock.close()

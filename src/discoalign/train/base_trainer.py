@@ -6,11 +6,12 @@ resuming all stay the Trainer's own. What it adds:
 * saving writes our layout (backbone or adapter + `heads.safetensors` + `heads_config.json` + config);
 * resuming restores backbone/adapter weights *and* heads from such a checkpoint;
 * heads get optimizer groups of their own at `learning_rate * <head>_lr_ratio` (`RunPlan.head_lr_ratios`);
-* TRL-style stored metrics: a step stores values, `log()` averages them since the last log.
+* TRL-style stored metrics: a step stores values, `log()` averages them since the last log (NaNs left out).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from typing import Any, Literal
@@ -107,8 +108,11 @@ class DiscoTrainer(Trainer):
         train_eval = "train" if "loss" in logs else "eval"
         prefix = "eval_" if train_eval == "eval" else ""
         for key, values in self._stored_metrics[train_eval].items():
-            if values:
-                logs[prefix + key] = sum(values) / len(values)
+            # NaN marks a step with nothing to measure (accuracy over a micro-batch whose pairs all tie): left out,
+            # so one such micro-batch does not turn the interval's mean into NaN; a key with no value is not logged.
+            kept = [v for v in values if not math.isnan(v)]
+            if kept:
+                logs[prefix + key] = sum(kept) / len(kept)
         self._stored_metrics[train_eval].clear()
         super().log(logs, start_time)
 

@@ -27,7 +27,8 @@ class StageWorkflow:
         raise NotImplementedError
 
     def evaluate(self, trainer: DiscoTrainer, cfg: RunConfig, bundle: Any) -> dict[str, float]:
-        """Evaluate on `eval_dataset`; print and save `eval_results.json`."""
+        """Evaluate on `eval_dataset`; print and save `eval_results.json`. The metrics must reach the trainer's log
+        history (`trainer.log`), where `trainer_state.json` and the plots read them."""
         return trainer.evaluate_and_save()
 
     def after_training(self, trainer: DiscoTrainer, results: dict[str, Any]) -> None:
@@ -54,6 +55,8 @@ class StageWorkflow:
             self.after_training(trainer, results)
         if args.do_eval and trainer.eval_dataset is not None:
             results["eval"] = self.evaluate(trainer, cfg, bundle)
+            if args.do_train and trainer.is_world_process_zero():
+                trainer.save_state()  # again: trainer_state.json then ends with the final evaluation, as the plots
         trainer.plot_history(list(self.plots))
         if trainer.is_world_process_zero():
             cfg.save(args.output_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -46,8 +45,7 @@ def load_reference(cfg: RunConfig, policy) -> Any | None:
             )
         return None
     if cfg.model.ref_model_name_or_path:
-        ref_args = copy.copy(cfg.model)
-        ref_args.model_name_or_path = cfg.model.ref_model_name_or_path
+        ref_args = cfg.model.for_model(cfg.model.ref_model_name_or_path)
         # The reference needs a backbone only: no heads, no adapter, frozen.
         ref, _ = load_model_with_heads(ref_args, ft, heads=HeadPlan.of(), is_trainable=False)
         return ref

@@ -3,7 +3,6 @@ saves: `train.workflow`)."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -42,8 +41,7 @@ def load_reference(cfg: RunConfig) -> Any | None:
             "model with the adapters disabled."
         )
         return None
-    ref_args = copy.copy(cfg.model)
-    ref_args.model_name_or_path = cfg.model.ref_model_name_or_path
+    ref_args = cfg.model.for_model(cfg.model.ref_model_name_or_path)
     with torch.random.fork_rng(devices=[]):
         reference, _ = load_model_with_heads(ref_args, cfg.finetuning, heads=HeadPlan.of(), is_trainable=False)
     return reference

@@ -54,6 +54,7 @@ class RMWorkflow(StageWorkflow):
     def evaluate(self, trainer: RewardTrainer, cfg: RunConfig, bundle) -> dict[str, float]:
         output = trainer.predict(bundle.eval, metric_key_prefix="eval")
         metrics = output.metrics
+        trainer.log(dict(metrics))  # into the log history: trainer_state.json and the plots show the final eval
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         if trainer.is_world_process_zero():
