@@ -20,7 +20,7 @@ from discoalign.config.heads import HEAD_NAMES, HEAD_SPECS
 from discoalign.config.loader import build_config
 from discoalign.config.plan import HeadPlan, build_plan
 from discoalign.config.schema import ARGUMENT_CLASSES, DatasetArguments, FinetuningArguments, ModelArguments
-from discoalign.losses.dpo import DPO_LOSS_TYPES
+from discoalign.losses.reference_free import PREF_LOSS_TYPES
 from discoalign.models import epistemic
 from discoalign.models.checkpoint import has_epistemic, load_heads
 from discoalign.models.heads import HEAD_MODULES
@@ -42,7 +42,7 @@ def test_each_registry_agrees_with_the_config():
     assert EPISTEMIC_KINDS == ("none", *epistemic.ESTIMATORS)
     assert literal_values("epistemic") == EPISTEMIC_KINDS
     assert literal_values("stage") == tuple(WORKFLOWS)
-    assert literal_values("pref_loss") == DPO_LOSS_TYPES
+    assert literal_values("pref_loss") == PREF_LOSS_TYPES
     for spec in HEAD_SPECS:
         for key in (spec.add_key, spec.use_key, spec.lr_ratio_key):
             assert key is None or key in SCHEMA, (spec.name, key)
@@ -73,9 +73,17 @@ def test_the_plan_by_hand(keys, heads, loss_heads, beta_source, ratios):
     assert plan.logs_beta == ("beta_head" in heads or beta_source == "batch")
 
 
-def test_ipo_alone_reads_length_averaged_logps():
-    assert build_plan(FinetuningArguments(stage="dpo", pref_loss="ipo")).length_normalise
+def test_ipo_simpo_and_orpo_alone_read_length_averaged_logps():
+    for loss in ("ipo", "simpo", "orpo"):
+        assert build_plan(FinetuningArguments(stage="dpo", pref_loss=loss)).length_normalise
     assert not build_plan(FinetuningArguments(stage="dpo", pref_loss="hinge")).length_normalise
+
+
+def test_simpo_and_orpo_alone_are_reference_free():
+    for loss in ("simpo", "orpo"):
+        assert build_plan(FinetuningArguments(stage="dpo", pref_loss=loss)).reference_free
+    for loss in ("sigmoid", "robust", "ipo", "hinge"):
+        assert not build_plan(FinetuningArguments(stage="dpo", pref_loss=loss)).reference_free
 
 
 @pytest.mark.parametrize("name", ["rm_disco", "dpo_both", "ppo_beta"])

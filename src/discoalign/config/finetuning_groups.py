@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from ..losses.dpo import DPO_LOSS_TYPES
+from ..losses.reference_free import PREF_LOSS_TYPES
 
 
 @dataclass
@@ -82,14 +82,15 @@ class DPOArguments:
     GROUP_TITLE: ClassVar[str] = "DPO"
 
     pref_beta: float = field(default=0.1, metadata={"help": "DPO beta (KL coefficient in PPO)."})
-    pref_loss: Literal[DPO_LOSS_TYPES] = field(
-        default="sigmoid", metadata={"help": " | ".join(DPO_LOSS_TYPES) + " (docs/dpo.md)."}
+    pref_loss: Literal[PREF_LOSS_TYPES] = field(
+        default="sigmoid",
+        metadata={"help": " | ".join(PREF_LOSS_TYPES) + " (docs/dpo.md; simpo and orpo are reference-free)."},
     )
     label_smoothing: float = field(
         default=0.0,
         metadata={
-            "help": "Label-flip rate in [0, 0.5): conservative DPO with `sigmoid`, the known flip rate of "
-            "robust DPO with `robust`."
+            "help": "Label-flip rate in [0, 0.5): conservative DPO with `sigmoid` (and SimPO with `simpo`), the "
+            "known flip rate of robust DPO with `robust`."
         },
     )
     pref_beta_mode: Literal["static", "batch"] = field(
@@ -106,6 +107,9 @@ class DPOArguments:
         default=0.2, metadata={"help": "beta-DPO: fraction of each batch dropped by the margin-guided filter."}
     )
     pref_ftx: float = field(default=0.0, metadata={"help": "Weight of an SFT loss on chosen responses."})
+    simpo_gamma: float = field(
+        default=0.5, metadata={"help": "SimPO (`pref_loss: simpo`): target reward margin gamma (LlamaFactory, TRL)."}
+    )
     precompute_ref_logps: bool = field(
         default=False, metadata={"help": "Compute reference log-probs (and beta features) once before training."}
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import ConfigError
+from ..losses.reference_free import REFERENCE_FREE_LOSS_TYPES
 from .heads import HEAD_SPECS, HeadArguments, beta_epsilon_error
 
 VALUE_HEAD_STAGES = ("rm", "ppo")  # stages whose trained model has a value head (reward model, PPO's critic)
@@ -100,8 +101,9 @@ class RunPlan:
     head_lr_ratios: head name -> learning rate / `learning_rate` of its optimizer group (heads that have one).
     beta_source: `static` (pref_beta), `head` (pref_beta * s(x), the beta head) or `batch` (beta-DPO).
     uses_variance: the loss is the probit (Disco) member of its family.
-    length_normalise: the loss reads length-averaged log-probs (IPO).
+    length_normalise: the loss reads length-averaged log-probs (IPO, SimPO, ORPO).
     epistemic: the reward model's epistemic estimator (`none` without one).
+    reference_free: no reference model is loaded or run (SimPO, ORPO); its log-probs are 0 in the `PairBatch`.
     """
 
     stage: str
@@ -112,6 +114,7 @@ class RunPlan:
     uses_variance: bool
     length_normalise: bool
     epistemic: str
+    reference_free: bool = False
 
     @property
     def needs_prompt_features(self) -> bool:
@@ -150,6 +153,7 @@ def build_plan(ft) -> RunPlan:
         head_lr_ratios=ratios,
         beta_source=beta_source,
         uses_variance="variance_head" in used,
-        length_normalise=ft.stage == "dpo" and ft.pref_loss == "ipo",
+        length_normalise=ft.stage == "dpo" and ft.pref_loss in ("ipo", *REFERENCE_FREE_LOSS_TYPES),
         epistemic=ft.epistemic,
+        reference_free=ft.stage == "dpo" and ft.pref_loss in REFERENCE_FREE_LOSS_TYPES,
     )

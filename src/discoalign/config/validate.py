@@ -13,6 +13,7 @@ from .dataset_info import load_dataset_info, registry_dir
 from .finetuning_groups import PPOArguments
 from .heads import HEAD_SPECS, beta_epsilon_error
 from .placement import check_quantization, parse_device_map
+from .reference_free import validate_reference_free
 from .schema import DataArguments, FinetuningArguments, ModelArguments
 from .training_args import validate_deepspeed
 
@@ -34,6 +35,7 @@ def validate_combinations(
 
     # First, so that a PPO run with `disco_pref` hears about PPO, not about the missing variance head.
     notes = _validate_ppo(ft, fail)
+    validate_reference_free(model, ft, fail)
     _validate_sft(model, data, ft, fail)
     validate_deepspeed(ft, training, fail)
     notes += _validate_heads(ft, fail)
@@ -105,8 +107,8 @@ def _validate_dpo(ft: FinetuningArguments, fail) -> None:
         fail(f"`pref_beta` is {ft.pref_beta}; it must be positive.")
     if not 0.0 <= ft.label_smoothing < 0.5:
         fail(f"`label_smoothing` is {ft.label_smoothing}; it must lie in [0, 0.5).")
-    if ft.label_smoothing > 0 and ft.pref_loss not in ("sigmoid", "robust"):
-        fail(f"`label_smoothing` applies to `pref_loss: sigmoid` and `robust` only, not `{ft.pref_loss}`.")
+    if ft.label_smoothing > 0 and ft.pref_loss not in ("sigmoid", "robust", "simpo"):
+        fail(f"`label_smoothing` applies to `pref_loss: sigmoid`, `robust` and `simpo` only, not `{ft.pref_loss}`.")
     if ft.pref_beta_mode == "batch":
         if ft.use_dynamic_beta or ft.disco_pref or ft.pref_loss != "sigmoid":
             clash = (

@@ -23,6 +23,7 @@ from .beta_dpo import beta_dpo_batch, update_margin_statistics
 from .dpo import dpo_loss
 from .dpo_metrics import step_metrics
 from .pair import PairBatch
+from .reference_free import REFERENCE_FREE_LOSS_TYPES, orpo_loss, simpo_loss
 from .variance import log_variance_prior
 
 
@@ -41,6 +42,7 @@ class DPOSettings:
     beta_dpo_alpha: float = 0.0
     beta_dpo_filter: float = 0.0
     logs_beta: bool = False
+    simpo_gamma: float = 0.0  # SimPO's target margin (the trainer passes `simpo_gamma`)
 
 
 @dataclass
@@ -111,8 +113,32 @@ class DPOObjective:
             batch.ref_rejected_logps / lr, lc, lr, batch.chosen_var, batch.rejected_var, batch.prompt_heads,
         )  # fmt: skip
 
+    def reference_free(self, batch: PairBatch) -> PairLoss:
+        """SimPO / ORPO (`losses.reference_free`): length-averaged policy log-probs, the reference's are 0, a static
+        beta (config.validate refuses the beta head, beta-DPO and DiscoDPO with them)."""
+        s = self.settings
+        scaled = self.scaled(batch)
+        chosen, rejected = scaled.chosen_logps, scaled.rejected_logps
+        extra: dict[str, torch.Tensor] = {}
+        if s.loss_type == "simpo":
+            losses = simpo_loss(chosen, rejected, s.pref_beta, s.simpo_gamma, s.label_smoothing)
+        else:
+            losses, extra = orpo_loss(chosen, rejected, s.pref_beta)
+        if s.pref_ftx > 0:
+            losses = losses + s.pref_ftx * (-chosen.float())  # LlamaFactory's `pref_ftx`, as in `__call__`
+        metrics = step_metrics(
+            chosen, rejected, scaled.ref_chosen_logps, scaled.ref_rejected_logps, s.pref_beta, log_beta=False,
+            chosen_var=batch.chosen_var, rejected_var=batch.rejected_var,
+        )  # fmt: skip
+        metrics.update(extra)
+        chosen_rewards = s.pref_beta * chosen.detach().float()
+        rejected_rewards = s.pref_beta * rejected.detach().float()
+        return PairLoss(losses.mean(), losses, scaled, s.pref_beta, chosen_rewards, rejected_rewards, None, metrics)
+
     def __call__(self, batch: PairBatch, training: bool) -> PairLoss:
         s = self.settings
+        if s.loss_type in REFERENCE_FREE_LOSS_TYPES:
+            return self.reference_free(batch)
         beta, keep = self.beta(batch, training)
         scaled = self.scaled(batch)
         use_var = s.uses_variance

@@ -102,6 +102,7 @@ class DPOTrainer(DiscoTrainer):
                 beta_dpo_alpha=ft.beta_dpo_alpha,
                 beta_dpo_filter=ft.beta_dpo_filter,
                 logs_beta=self.plan.logs_beta,
+                simpo_gamma=ft.simpo_gamma,
             )
         )
         disable_dropout(self._policy().backbone)
@@ -114,7 +115,7 @@ class DPOTrainer(DiscoTrainer):
             disable_dropout(ref_model)
             # DeepSpeed: an inference engine, sharded like the policy under ZeRO-3 (as TRL prepares it).
             self.ref_model = prepare_reference(self.accelerator, ref_model.eval())
-        elif not self.is_lora and not ft.precompute_ref_logps:
+        elif not self.is_lora and not ft.precompute_ref_logps and not self.plan.reference_free:
             raise ValueError("full fine-tuning without precompute_ref_logps needs a ref_model")
 
         if ft.precompute_ref_logps:
@@ -219,7 +220,11 @@ class DPOTrainer(DiscoTrainer):
         return add_reference_columns(dataset, outputs, hidden_size)
 
     def reference_outputs(self, inputs: dict[str, torch.Tensor]):
-        """Reference log-probs and beta features: from the batch when precomputed, else from a reference forward."""
+        """Reference log-probs and beta features: from the batch when precomputed, else from a reference forward;
+        zeros, with no forward, for a reference-free loss (SimPO, ORPO)."""
+        if self.plan.reference_free:
+            zeros = torch.zeros(inputs["labels"].shape[0] // 2, device=inputs["labels"].device)
+            return zeros, zeros, None
         if REF_CHOSEN in inputs:
             if self.plan.needs_prompt_features and REF_PROMPT_HIDDEN not in inputs:
                 raise ValueError("precomputed reference columns lack the beta features")
@@ -281,6 +286,8 @@ class DPOTrainer(DiscoTrainer):
         loss = loss.detach()
         if prediction_loss_only:
             return loss, None, None
+        # A reference-free loss's implicit reward is the length-averaged log-prob (its scale); DPO's the summed one.
+        pairs = result.scaled if self.plan.reference_free else pairs
         chosen, rejected = pairs.chosen_logps.float(), pairs.rejected_logps.float()
         margin = (chosen - pairs.ref_chosen_logps) - (rejected - pairs.ref_rejected_logps)
         nan = torch.full_like(chosen, float("nan"))

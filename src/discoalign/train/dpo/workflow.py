@@ -32,11 +32,14 @@ PLOTS = (
 def load_reference(cfg: RunConfig, policy) -> Any | None:
     """The frozen reference `ModelWithHeads`, or None when the trainer needs no separate one.
 
-    LoRA: None (the policy with adapters disabled is the reference). Full fine-tuning: the model in
+    SimPO / ORPO: None, and none is ever run. LoRA: None (the policy with adapters disabled is the reference). Full
+    fine-tuning: the model in
     `ref_model_name_or_path`, else a frozen copy of the policy, unless `precompute_ref_logps` lets the
     untrained policy itself serve once before training.
     """
     ft = cfg.finetuning
+    if cfg.plan.reference_free:  # SimPO, ORPO (config.reference_free refuses the keys that would name one)
+        return None
     if ft.finetuning_type == "lora":
         if cfg.model.ref_model_name_or_path:
             logger.warning(
@@ -73,7 +76,7 @@ def resolve_eval_reference(cfg: RunConfig) -> None:
     import yaml
 
     ft, args = cfg.finetuning, cfg.training
-    if ft.finetuning_type != "full" or args.do_train or cfg.model.ref_model_name_or_path:
+    if ft.finetuning_type != "full" or args.do_train or cfg.model.ref_model_name_or_path or cfg.plan.reference_free:
         return
     name = os.path.expanduser(cfg.model.model_name_or_path)
     saved_path = os.path.join(name, CONFIG_FILE_NAME)
