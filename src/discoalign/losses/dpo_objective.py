@@ -9,6 +9,8 @@
            + pref_ftx * (-log pi(y_w) / |y_w|)           (the SFT term on chosen responses, LlamaFactory's `pref_ftx`)
     loss   = mean_i loss_i                  (over the pairs beta-DPO's filter keeps)
 
+SimPO / ORPO (`losses.reference_free`) take `reference_free`: length-averaged logps, no reference, a static beta.
+
 Shapes: every per-pair tensor (B,); beta a float, a (B,) tensor (head) or a 0-dim tensor (batch).
 """
 
