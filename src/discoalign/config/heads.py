@@ -54,6 +54,25 @@ class HeadArguments:
             "its mean over the prompt's tokens (`mean`)."
         },
     )
+    add_flip_head: bool = field(
+        default=False, metadata={"help": "Create the flip-rate head e(x) on the prompt features (dpo, rm)."}
+    )
+    use_flip_rate: bool = field(
+        default=False,
+        metadata={
+            "help": "Forward-corrected likelihood (1 - e(x)) sigmoid(z) + e(x) sigmoid(-z) (docs/noisy_labels.md)."
+        },
+    )
+    flip_head_lr_ratio: float = field(default=10.0, metadata={"help": "Flip-rate head lr = learning_rate * ratio."})
+    flip_prior_mean: float = field(
+        default=0.1, metadata={"help": "Mode of the Beta prior on the flip rate e(x), in [0, 0.5)."}
+    )
+    flip_prior_strength: float = field(
+        default=0.1,
+        metadata={
+            "help": "Strength of the Beta prior on 2 e(x): pseudo-pairs per pair (0 turns it off; docs/noisy_labels.md)."
+        },
+    )
     disco_variance_prior: float = field(
         default=0.03,
         metadata={
@@ -112,6 +131,13 @@ HEAD_SPECS: tuple[HeadSpec, ...] = (
             "rm": "reward modelling has no beta. The beta head belongs to `stage: dpo` (and `ppo`).",
         },
     ),
+    HeadSpec(
+        "flip_head", "add_flip_head", "use_flip_rate", "flip_head_lr_ratio", ("dpo", "rm"), "prompt",
+        refused={
+            "sft": NO_HEADS_IN_SFT,
+            "ppo": "PPO has no preference labels to correct. The flip-rate head belongs to `stage: dpo` and `rm`.",
+        },
+    ),
 )  # fmt: skip
 """The head registry, in creation order (only the value head draws random numbers, after any LoRA init)."""
 
@@ -135,3 +161,16 @@ def beta_epsilon_error(epsilon: float) -> str | None:
     if low < epsilon < high:
         return None
     return f"`beta_head_epsilon` is {epsilon}; it must lie strictly between {low:g} and {high:g} so s(x) > 0."
+
+
+FLIP_PRIOR_MEAN_RANGE = (0.0, 0.5)  # half-open [0, 0.5): e(x) = sigmoid(.) / 2 stays below 1/2
+
+
+def flip_prior_error(mean: float, strength: float) -> str | None:
+    """Why the flip-rate prior's settings are out of range, or None: the one statement of the rule."""
+    low, high = FLIP_PRIOR_MEAN_RANGE
+    if not low <= mean < high:
+        return f"`flip_prior_mean` is {mean}; it must lie in [{low:g}, {high:g}) (a flip rate of 1/2 is pure noise)."
+    if strength < 0:
+        return f"`flip_prior_strength` is {strength}; it must be 0 (off) or positive."
+    return None

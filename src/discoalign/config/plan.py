@@ -43,6 +43,7 @@ class HeadPlan:
     beta_epsilon: float = field(default_factory=lambda: schema_default(HeadArguments, "beta_head_epsilon"))
     beta_centered: bool = True
     beta_pooling: str = field(default_factory=lambda: schema_default(HeadArguments, "beta_head_pooling"))
+    flip_prior_mean: float = field(default_factory=lambda: schema_default(HeadArguments, "flip_prior_mean"))
 
     def __post_init__(self) -> None:
         order = [spec.name for spec in HEAD_SPECS]
@@ -72,12 +73,13 @@ class HeadPlan:
             beta_epsilon=ft.beta_head_epsilon,
             beta_centered=ft.stage != "ppo",
             beta_pooling=ft.beta_head_pooling,
+            flip_prior_mean=ft.flip_prior_mean,
         )
 
     def settings(self) -> dict[str, Any]:
         """What `heads_config.json` records of the settings (read back by `from_heads_config`)."""
         return {"head_dropout": self.dropout, "head_init_std": self.init_std, "beta_head_epsilon": self.beta_epsilon,
-                "beta_head_pooling": self.beta_pooling}  # fmt: skip
+                "beta_head_pooling": self.beta_pooling, "flip_prior_mean": self.flip_prior_mean}  # fmt: skip
 
     @classmethod
     def from_heads_config(cls, config: dict[str, Any], names: tuple[str, ...]) -> HeadPlan:
@@ -88,6 +90,7 @@ class HeadPlan:
             "beta_epsilon": config.get("beta_head_epsilon"),
             "beta_centered": config.get("beta_head_centered"),
             "beta_pooling": config.get("beta_head_pooling"),
+            "flip_prior_mean": config.get("flip_prior_mean"),
         }
         return dataclasses.replace(plan, **{k: v for k, v in saved.items() if v is not None})
 
@@ -120,6 +123,11 @@ class RunPlan:
     def needs_prompt_features(self) -> bool:
         """A head the loss uses reads the reference's prompt features (so the reference forward must return them)."""
         return any(spec.reads == "prompt" for spec in HEAD_SPECS if spec.name in self.loss_heads)
+
+    @property
+    def uses_flip_rate(self) -> bool:
+        """The loss is the forward-corrected likelihood with the flip-rate head's e(x) (docs/noisy_labels.md)."""
+        return "flip_head" in self.loss_heads
 
     @property
     def logs_beta(self) -> bool:

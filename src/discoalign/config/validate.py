@@ -11,7 +11,7 @@ from .attention import check_attention_implementation
 from .builtin_models import TINY_MULTIMODAL_ARCHS, TINY_SEQ2SEQ_ARCHS, is_builtin
 from .dataset_info import load_dataset_info, registry_dir
 from .finetuning_groups import PPOArguments
-from .heads import HEAD_SPECS, beta_epsilon_error
+from .heads import HEAD_SPECS, beta_epsilon_error, flip_prior_error
 from .placement import check_quantization, parse_device_map
 from .reference_free import validate_reference_free
 from .schema import DataArguments, FinetuningArguments, ModelArguments
@@ -40,6 +40,7 @@ def validate_combinations(
     validate_deepspeed(ft, training, fail)
     notes += _validate_heads(ft, fail)
     _validate_reward_model(ft, fail)
+    _validate_flip_rate(data, ft, fail)
     _validate_dpo(ft, fail)
     _validate_lora(ft, fail)
     _validate_data(model, data, ft, fail)
@@ -85,6 +86,25 @@ def _validate_heads(ft: FinetuningArguments, fail) -> list[str]:
     if ft.head_init_std is not None and ft.head_init_std <= 0:
         fail(f"`head_init_std` is {ft.head_init_std}; it must be positive (or unset for PyTorch's default init).")
     return notes
+
+
+def _validate_flip_rate(data, ft: FinetuningArguments, fail) -> None:
+    """The flip-rate head's prior, and the losses its forward correction applies to (docs/noisy_labels.md)."""
+    prior_error = flip_prior_error(ft.flip_prior_mean, ft.flip_prior_strength)
+    if prior_error:
+        fail(prior_error)
+    if not ft.use_flip_rate:
+        return
+    if ft.disco_pref:
+        fail("`use_flip_rate: true` and `disco_pref: true` are two models of the same distrust (a flip rate and a "
+             "variance); use one of them.")  # fmt: skip
+    if ft.stage == "rm" and data.pack_pairs:
+        fail("`use_flip_rate: true` with `stage: rm` reads the prompt of each unpacked chosen row; set "
+             "`pack_pairs: false`.")  # fmt: skip
+    if ft.stage == "dpo" and (ft.pref_loss != "sigmoid" or ft.label_smoothing):
+        fail(f"`use_flip_rate: true` corrects the sigmoid loss for a learned flip rate; it replaces `label_smoothing` "
+             f"and `pref_loss: robust`. Set `pref_loss: sigmoid` and `label_smoothing: 0` (now `pref_loss: "
+             f"{ft.pref_loss}`, `label_smoothing: {ft.label_smoothing}`).")  # fmt: skip
 
 
 def _validate_reward_model(ft: FinetuningArguments, fail) -> None:

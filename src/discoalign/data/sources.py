@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
-from .synthetic import noisy_synthetic_pair_rows, synthetic_pair_rows
+from .synthetic import synthetic_pair_rows
 from .synthetic_media import synthetic_audio_rows, synthetic_vl_rows
+from .synthetic_noise import PROFILES, profile_rows
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv")
 BUILTIN_SYNTHETIC = "builtin:synthetic"
@@ -160,12 +161,21 @@ def read_file(path: str) -> RawRows:
 
 def read_spec(spec: str, synthetic_num_pairs: int, synthetic_seed: int) -> list[RawRows]:
     """The raw rows a single spec names: one entry per file (a folder gives several)."""
+    if spec.startswith(BUILTIN_SYNTHETIC_NOISY + ":"):  # `builtin:synthetic-noisy:<profile>`
+        profile = spec[len(BUILTIN_SYNTHETIC_NOISY) + 1 :]
+        if profile not in PROFILES:
+            raise DataError(
+                f"Unknown noise profile {profile!r} in {spec!r}; the profiles of {BUILTIN_SYNTHETIC_NOISY} are "
+                f"{', '.join(PROFILES)} (docs/data.md)."
+            )
+        rows = profile_rows(synthetic_num_pairs, synthetic_seed, profile)
+        return [RawRows(f"{spec} (seed {synthetic_seed})", rows, _columns_of(rows))]
     if spec.startswith("builtin:"):
         if spec not in BUILTINS:
             raise DataError(f"Unknown builtin dataset {spec!r}; the builtins are {', '.join(map(repr, BUILTINS))}.")
         make_rows = {
             BUILTIN_SYNTHETIC: synthetic_pair_rows,
-            BUILTIN_SYNTHETIC_NOISY: noisy_synthetic_pair_rows,
+            BUILTIN_SYNTHETIC_NOISY: profile_rows,  # the default profile, `imbalanced`
             BUILTIN_SYNTHETIC_VL: synthetic_vl_rows,
         }.get(spec, synthetic_audio_rows)
         rows = make_rows(synthetic_num_pairs, synthetic_seed)

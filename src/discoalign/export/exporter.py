@@ -62,7 +62,7 @@ def load_merged(model_dir: str, dtype: str | None = None):
     heads = checkpoint_heads(model_dir)
     # Every head the checkpoint has, built with the settings it was trained with (a PPO policy's uncentred beta head
     # stays uncentred).
-    plan = HeadPlan.from_heads_config(heads, tuple(name for name in HEAD_NAMES if heads[name]))
+    plan = HeadPlan.from_heads_config(heads, tuple(name for name in HEAD_NAMES if heads.get(name)))
     model, tokenizer = load_model_with_heads(
         ModelArguments(model_name_or_path=model_dir), FinetuningArguments(), heads=plan, is_trainable=False,
         torch_dtype=dtype,

@@ -8,6 +8,8 @@
            + lambda/2 [(log var_w)^2 + (log var_l)^2]   (DiscoDPO: the variance prior, `losses.variance`)
            + pref_ftx * (-log pi(y_w) / |y_w|)           (the SFT term on chosen responses, LlamaFactory's `pref_ftx`)
     loss   = mean_i loss_i                  (over the pairs beta-DPO's filter keeps)
+    with `flip_rate` (the flip-rate head's e(x), `losses.flip`), the sigmoid term is the forward-corrected
+    -log((1 - e) sigmoid(beta d) + e sigmoid(-beta d)), and the head's calibration and Beta prior are added.
 
 SimPO / ORPO (`losses.reference_free`) take `reference_free`: length-averaged logps, no reference, a static beta.
 
@@ -24,6 +26,7 @@ import torch
 from .beta_dpo import beta_dpo_batch, update_margin_statistics
 from .dpo import dpo_loss
 from .dpo_metrics import step_metrics
+from .flip import flip_corrected_losses
 from .pair import PairBatch
 from .reference_free import REFERENCE_FREE_LOSS_TYPES, orpo_loss, simpo_loss
 from .variance import log_variance_prior
@@ -45,6 +48,9 @@ class DPOSettings:
     beta_dpo_filter: float = 0.0
     logs_beta: bool = False
     simpo_gamma: float = 0.0  # SimPO's target margin (the trainer passes `simpo_gamma`)
+    flip_rate: bool = False
+    flip_prior_mean: float = 0.0
+    flip_prior_strength: float = 0.0
 
 
 @dataclass
@@ -155,6 +161,8 @@ class DPOObjective:
             chosen_var=batch.chosen_var if use_var else None,
             rejected_var=batch.rejected_var if use_var else None,
         )
+        if s.flip_rate:
+            losses = self.flip_term(scaled, beta, batch.prompt_heads)
         if use_var and s.variance_prior:
             # Anchors the variance scale (losses/variance.py, docs/disco_variance.md).
             losses = (
@@ -173,4 +181,18 @@ class DPOObjective:
             log_beta=s.logs_beta, chosen_var=batch.chosen_var, rejected_var=batch.rejected_var,
             chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
         )  # fmt: skip
+        if s.flip_rate:
+            metrics["flip_rate/mean"] = batch.prompt_heads["flip_head"].detach().float().mean()
+            metrics["flip_rate/scale"] = batch.prompt_heads["flip_head/scale"].detach().float().mean()
         return PairLoss(loss, losses, scaled, beta, chosen_rewards, rejected_rewards, keep, metrics)
+
+    def flip_term(self, scaled: PairBatch, beta: float | torch.Tensor, heads) -> torch.Tensor:
+        """The forward-corrected likelihood of `losses.flip` at z = beta d (the sigmoid loss without smoothing)."""
+        s = self.settings
+        d = (scaled.chosen_logps.float() - scaled.ref_chosen_logps.float()) - (
+            scaled.rejected_logps.float() - scaled.ref_rejected_logps.float()
+        )
+        z = (beta.float() if isinstance(beta, torch.Tensor) else beta) * d
+        return flip_corrected_losses(
+            z, heads["flip_head"], heads["flip_head/scale"], s.flip_prior_mean, s.flip_prior_strength
+        )

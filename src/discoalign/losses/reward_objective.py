@@ -3,6 +3,7 @@
     loss_i = -log sigmoid(mu_c - mu_r - m)                              (Bradley–Terry; `losses.reward`)
            | -log Phi((mu_c - mu_r - m) / sqrt(var_c + var_r))          (Disco, with `uses_variance`)
              + lambda/2 [(log var_c)^2 + (log var_r)^2]                  (the variance prior, `losses.variance`)
+           | -log((1 - e) sigmoid(diff) + e sigmoid(-diff))                (flip-rate head e(x), `losses.flip`)
     loss   = mean_i loss_i + c * mean((mu_c + mu_r)^2)                  (centering, Eisenstein et al. 2023)
 
 Shapes: every per-pair tensor (B,); `m` the optional per-row margin (Llama 2's margin loss).
@@ -14,19 +15,23 @@ from dataclasses import dataclass
 
 import torch
 
-from .reward import bt_reward_loss, center_rewards_penalty, disco_reward_loss
+from .flip import flip_corrected_losses
+from .reward import bt_reward_loss, center_rewards_penalty, disco_reward_loss, reward_difference
 from .variance import log_variance_prior
 
 
 @dataclass(frozen=True)
 class RewardPairs:
-    """One batch of B scored pairs: means (B,), the variance head's outputs (B,) when it exists, the margin (B,)."""
+    """One batch of B scored pairs: means (B,), the variance head's outputs (B,) when it exists, the margin (B,), the
+    flip-rate head's e(x) and calibration scale (B,) when the loss uses it."""
 
     chosen_mean: torch.Tensor
     rejected_mean: torch.Tensor
     chosen_var: torch.Tensor | None = None
     rejected_var: torch.Tensor | None = None
     margin: torch.Tensor | None = None
+    flip_rate: torch.Tensor | None = None
+    flip_scale: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,9 @@ class RewardSettings:
     uses_variance: bool = False
     variance_prior: float = 0.0
     center_coefficient: float | None = None
+    flip_rate: bool = False
+    flip_prior_mean: float = 0.0
+    flip_prior_strength: float = 0.0
 
 
 @dataclass
@@ -62,6 +70,11 @@ class RewardObjective:
                 losses = (
                     losses + log_variance_prior(var_c, s.variance_prior) + log_variance_prior(var_r, s.variance_prior)
                 )
+        elif s.flip_rate:
+            losses = flip_corrected_losses(
+                reward_difference(mu_c, mu_r, pairs.margin), pairs.flip_rate, pairs.flip_scale,
+                s.flip_prior_mean, s.flip_prior_strength,
+            )  # fmt: skip
         else:
             losses = bt_reward_loss(mu_c, mu_r, pairs.margin)
         loss = losses.mean()
@@ -79,6 +92,8 @@ class RewardObjective:
                 "margin": (mu_c - mu_r).mean(),
                 "mean_reward": torch.cat([mu_c, mu_r]).mean(),
             }
+            if pairs.flip_rate is not None:
+                metrics["flip_rate_mean"] = pairs.flip_rate.float().mean()
             if pairs.chosen_var is not None:
                 metrics["variance_chosen"] = pairs.chosen_var.mean()
                 metrics["variance_rejected"] = pairs.rejected_var.mean()

@@ -72,7 +72,47 @@ class VarianceHead(nn.Module):
         return F.softplus(raw) + VARIANCE_FLOOR
 
 
-class BetaHead(nn.Module):
+class FeatureCentring:
+    """Running centring statistics of a prompt-reading head: `feature_mean` (H,) and `feature_count` () buffers (the
+    subclass registers them), a cumulative mean of every feature seen in training, or the exact data mean."""
+
+    feature_mean: torch.Tensor
+    feature_count: torch.Tensor
+    track_statistics: bool
+
+    def register_centring(self, hidden_size: int) -> None:
+        self.register_buffer("feature_mean", torch.zeros(hidden_size, dtype=torch.float32))
+        self.register_buffer("feature_count", torch.zeros((), dtype=torch.float32))
+        # False once `set_statistics` gave the exact data mean: nothing is left to estimate.
+        self.track_statistics = True
+
+    @torch.no_grad()
+    def update_statistics(self, features: torch.Tensor) -> None:
+        """Fold (B, H) features into the cumulative mean `feature_mean` (count in `feature_count`).
+
+        Under data parallelism the sums are all-reduced first, so every rank folds in the global batch and the
+        statistics equal a single process's with the same global batch.
+        """
+        features = features.detach().float().reshape(-1, self.feature_mean.shape[0])
+        sums = _global_sum(torch.cat([features.sum(0), features.new_tensor([features.shape[0]])]))
+        n = sums[-1]
+        if n.item() == 0:
+            return
+        self.feature_count.add_(n)
+        self.feature_mean.add_((sums[:-1] - n * self.feature_mean) / self.feature_count)
+
+    @torch.no_grad()
+    def set_statistics(self, mean: torch.Tensor, count: int) -> None:
+        """Set the centring mean exactly (e.g. over the whole training set, when the reference is precomputed).
+
+        Training then leaves it as it is (no running update).
+        """
+        self.feature_mean.copy_(mean.detach().float().to(self.feature_mean.device))
+        self.feature_count.fill_(float(count))
+        self.track_statistics = False
+
+
+class BetaHead(FeatureCentring, nn.Module):
     """Beta scale `s(x) = 1 + eps * tanh(u(x))`, zero-initialised so s(x) = 1 at step 0.
 
     `h_ref` is the *reference* model's prompt feature (last prompt token, or the mean over the prompt's tokens),
@@ -108,40 +148,12 @@ class BetaHead(nn.Module):
         else:
             self.summary = _constant_linear(hidden_size, 0.0, 0.0)
         # Centring statistics (unused when uncentred, but always present so checkpoints have one layout).
-        self.register_buffer("feature_mean", torch.zeros(hidden_size, dtype=torch.float32))
-        self.register_buffer("feature_count", torch.zeros((), dtype=torch.float32))
+        self.register_centring(hidden_size)
         # The offset c in tanh(u - c) that keeps the data mean of tanh, hence of s(x), at 0 (respectively 1):
         # centring makes E[u] = 0, but tanh is not linear, and a head that saturates on a frequent context would
         # move the mean of s. c is not learned from the loss (that would be the bias again); it follows the
         # root of E[tanh(u - c)] = 0 by stochastic approximation (docs/dynamic_beta.md).
         self.register_buffer("logit_offset", torch.zeros((), dtype=torch.float32))
-        # False once `set_statistics` gave the exact data mean: nothing is left to estimate.
-        self.track_statistics = True
-
-    @torch.no_grad()
-    def update_statistics(self, features: torch.Tensor) -> None:
-        """Fold (B, H) features into the cumulative mean `feature_mean` (count in `feature_count`).
-
-        Under data parallelism the sums are all-reduced first, so every rank folds in the global batch and the
-        statistics equal a single process's with the same global batch.
-        """
-        features = features.detach().float().reshape(-1, self.feature_mean.shape[0])
-        sums = _global_sum(torch.cat([features.sum(0), features.new_tensor([features.shape[0]])]))
-        n = sums[-1]
-        if n.item() == 0:
-            return
-        self.feature_count.add_(n)
-        self.feature_mean.add_((sums[:-1] - n * self.feature_mean) / self.feature_count)
-
-    @torch.no_grad()
-    def set_statistics(self, mean: torch.Tensor, count: int) -> None:
-        """Set the centring mean exactly (e.g. over the whole training set, when the reference is precomputed).
-
-        Training then leaves it as it is (no running update).
-        """
-        self.feature_mean.copy_(mean.detach().float().to(self.feature_mean.device))
-        self.feature_count.fill_(float(count))
-        self.track_statistics = False
 
     def logit(self, ref_hidden: torch.Tensor) -> torch.Tensor:
         """ref_hidden: (B, H) -> u(x) - c: (B,) fp32, centred on the feature mean and offset when `centered`.
@@ -165,10 +177,43 @@ class BetaHead(nn.Module):
         return 1.0 + self.epsilon * torch.tanh(self.logit(ref_hidden))
 
 
+class FlipRateHead(FeatureCentring, nn.Module):
+    """Label-flip rate `e(x) = sigmoid(w . (h_ref - m) + b) / 2` in (0, 1/2), and the calibration scale `gamma`.
+
+    Reads the reference's prompt features like the beta head (centred on their running mean `m`, so `b` alone
+    sets the data-level rate); fp32; built without drawing random numbers (`w = 0`, `e = flip_prior_mean`
+    everywhere at step 0). `gamma = exp(log_scale)` (1 at step 0) is the scale at which the head's own term reads the
+    detached policy margin (docs/noisy_labels.md, section "Identification"). The forward returns both, keyed
+    `flip_head` and `flip_head/scale`, each (B,).
+    """
+
+    centered = True  # the exact data mean is set when the reference is precomputed (`DPOTrainer`)
+    MIN_PRIOR = 1e-3  # a prior mode of 0 starts the head at e = 5e-4 (its logit is finite)
+
+    def __init__(self, hidden_size: int, prior_mean: float) -> None:
+        super().__init__()
+        q = min(max(2.0 * prior_mean, self.MIN_PRIOR), 1.0 - self.MIN_PRIOR)
+        self.summary = _constant_linear(hidden_size, 0.0, math.log(q / (1.0 - q)))
+        self.log_scale = nn.Parameter(torch.zeros((), dtype=torch.float32))
+        self.register_centring(hidden_size)
+
+    def rate(self, ref_hidden: torch.Tensor) -> torch.Tensor:
+        """(B, H) -> e(x): (B,) fp32 in (0, 1/2). In training mode, first folds the features into the mean."""
+        h = ref_hidden.float()
+        if self.training and self.track_statistics:
+            self.update_statistics(h)
+        return 0.5 * torch.sigmoid(self.summary(h - self.feature_mean).squeeze(-1))
+
+    def forward(self, ref_hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        e = self.rate(ref_hidden)
+        return {"flip_head": e, "flip_head/scale": self.log_scale.exp().expand_as(e)}
+
+
 HEAD_MODULES: dict[str, Callable[[int, HeadPlan], nn.Module]] = {
     "value_head": lambda hidden, plan: ValueHead(hidden, plan.dropout, plan.init_std),
     "variance_head": lambda hidden, plan: VarianceHead(hidden, plan.dropout),
     "beta_head": lambda hidden, plan: BetaHead(hidden, plan.beta_epsilon, centered=plan.beta_centered),
+    "flip_head": lambda hidden, plan: FlipRateHead(hidden, plan.flip_prior_mean),
 }
 """Head name -> its builder `(hidden_size, HeadPlan) -> module`; the names are `config.heads.HEAD_NAMES`."""
 
@@ -213,3 +258,19 @@ def gather_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tor
     """hidden: (B, T, H), attention_mask: (B, T) -> (B, H), the hidden state at each row's last real token."""
     index = last_token_index(attention_mask)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+def pool_prompt(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, prompt_last_index: torch.Tensor, pooling: str
+) -> torch.Tensor:
+    """(N, T, H) hidden states whose first B rows hold each pair's prompt -> (B, H) fp32 prompt features: the state at
+    the last prompt token (`last`) or the mean over the prompt's real tokens (`mean`); see
+    `train.dpo.reference.prompt_features`."""
+    batch = prompt_last_index.shape[0]
+    rows = torch.arange(batch, device=hidden.device)
+    if pooling == "last":
+        return hidden[rows, prompt_last_index].float()
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    mask = (positions[None, :] <= prompt_last_index[:, None]) & attention_mask[:batch].bool()
+    weights = mask.float()
+    return (hidden[:batch].float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)

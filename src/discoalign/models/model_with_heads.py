@@ -17,7 +17,7 @@ from torch import nn
 from ..config.attention import PAIR_SDPA
 from ..config.heads import HEAD_NAMES, HEAD_SPECS
 from ..losses.logps import DEFAULT_CHUNK_SIZE, pair_sequence_logps
-from .heads import gather_last_token
+from .heads import gather_last_token, pool_prompt
 from .modality import ActorModality, supported_parameters
 from .pair_attention import pair_attention_mask
 from .quantization import last_hidden_device
@@ -247,6 +247,7 @@ class ModelWithHeads(RewardScoring, nn.Module):
         logps_chunk_size: int = DEFAULT_CHUNK_SIZE,
         prompt_features: torch.Tensor | None = None,
         prompt_heads: tuple[str, ...] | None = None,
+        own_prompt: tuple[torch.Tensor, str] | None = None,
         **model_inputs: Any,
     ) -> HeadsOutput:
         """input_ids, attention_mask: (N, T) -> HeadsOutput (hidden (N, T, H); mean, variance (N,) fp32).
@@ -257,7 +258,9 @@ class ModelWithHeads(RewardScoring, nn.Module):
         `logps_chunk_size`). `prompt_features` (B, H), the reference's features of each pair's prompt: also return
         the outputs of the prompt-reading heads `prompt_heads` (default: every one this model has; the beta head's
         s(x)). Both are computed here, inside the forward, because DDP and FSDP only see (and, for FSDP, only
-        gather) parameters used in it.
+        gather) parameters used in it. `own_prompt` (prompt_last_index (B,), pooling), for a model without a
+        reference (a reward model's flip-rate head): the prompt heads read this forward's own prompt features,
+        detached (`heads.pool_prompt` over rows [0, B)).
         """
         hidden = self.hidden_states(input_ids, attention_mask, **model_inputs)
         out = HeadsOutput(last_hidden_state=hidden)
@@ -279,6 +282,8 @@ class ModelWithHeads(RewardScoring, nn.Module):
                 hidden, self.lm_head, labels.to(hidden.device), logps_chunk_size, self.final_logit_softcap
             )
             out.logps = logps.to(input_ids.device)
+        if own_prompt is not None:
+            prompt_features = pool_prompt(hidden.detach(), attention_mask, *own_prompt)
         if prompt_features is not None:
             out.prompt_heads = self.prompt_head_outputs(prompt_features, prompt_heads)
         return out
@@ -287,13 +292,18 @@ class ModelWithHeads(RewardScoring, nn.Module):
         self, prompt_features: torch.Tensor, names: tuple[str, ...] | None = None
     ) -> dict[str, torch.Tensor]:
         """(B, H) reference prompt features -> {head name: (B,) fp32} for the prompt-reading heads `names` (default:
-        every one this model has). A head run in training mode updates its running statistics."""
+        every one this model has; a head may return several outputs as a dict, e.g. the flip-rate head's
+        `flip_head/scale`). A head run in training mode updates its running statistics."""
         if names is None:
             names = tuple(spec.name for spec in HEAD_SPECS if spec.reads == "prompt" and spec.name in self.heads)
         missing = [n for n in names if getattr(self, n) is None]
         if missing:
             raise RuntimeError(f"prompt features were given for the {', '.join(missing)}, which this model lacks")
-        return {name: getattr(self, name)(prompt_features) for name in names}
+        outputs: dict[str, torch.Tensor] = {}
+        for name in names:
+            value = getattr(self, name)(prompt_features)
+            outputs.update(value if isinstance(value, dict) else {name: value})
+        return outputs
 
     # ---- Trainer / reference-model plumbing ----------------------------------------------------
 

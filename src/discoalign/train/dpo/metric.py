@@ -13,7 +13,7 @@ from ...data.formats import GROUND_TRUTH_COLUMNS
 from ...eval.calibration import spearman
 
 # Columns of the (B, 5) prediction array of `DPOTrainer.prediction_step`; NaN where a value does not exist.
-PREDICTION_COLUMNS = ("implicit_margin", "policy_logp_margin", "beta", "var_chosen", "var_rejected")
+PREDICTION_COLUMNS = ("implicit_margin", "policy_logp_margin", "beta", "var_chosen", "var_rejected", "flip_rate")
 # Columns of its (B, 3) label array.
 LABEL_COLUMNS = GROUND_TRUTH_COLUMNS
 
@@ -43,11 +43,16 @@ def eval_metrics(predictions: np.ndarray, labels: np.ndarray | None) -> dict[str
       others, and their Spearman correlation with the label noise.
     """
     predictions = np.asarray(predictions, dtype=np.float64)
-    d, logp_margin, beta, var_c, var_r = (predictions[:, i] for i in range(len(PREDICTION_COLUMNS)))
+    missing = len(PREDICTION_COLUMNS) - predictions.shape[1]  # arrays of before the flip-rate column: NaN there
+    if missing > 0:
+        predictions = np.concatenate([predictions, np.full((predictions.shape[0], missing), np.nan)], axis=1)
+    d, logp_margin, beta, var_c, var_r, flip = (predictions[:, i] for i in range(len(PREDICTION_COLUMNS)))
     metrics: dict[str, float] = {"implicit_accuracy": _agreement(d, np.ones_like(d))}
     has_var = not np.isnan(var_c).any()
     if not np.isnan(beta).any():
         metrics["beta_mean"] = float(beta.mean())
+    if not np.isnan(flip).any():
+        metrics["flip_rate_mean"] = float(flip.mean())
     if has_var:
         metrics["variance_mean"] = float(np.mean((var_c + var_r) / 2))
     if labels is None:
@@ -64,6 +69,7 @@ def eval_metrics(predictions: np.ndarray, labels: np.ndarray | None) -> dict[str
     clean = noise == noise.min()
     spread = {"beta": beta if not np.isnan(beta).any() else None}
     spread["variance"] = (var_c + var_r) / 2 if has_var else None
+    spread["flip_rate"] = flip if not np.isnan(flip).any() else None
     for name, values in spread.items():
         if values is None:
             continue

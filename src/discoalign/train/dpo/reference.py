@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ...models.heads import pool_prompt
 from ..distributed import gather_rows
 
 # Dataset columns written by `add_reference_columns`, read back by `ReferenceColumnsCollator`.
@@ -46,14 +47,7 @@ def prompt_features(
     Returns:
         (B, H) fp32.
     """
-    batch = prompt_last_index.shape[0]
-    rows = torch.arange(batch, device=hidden.device)
-    if pooling == "last":
-        return hidden[rows, prompt_last_index].float()
-    positions = torch.arange(hidden.shape[1], device=hidden.device)
-    mask = (positions[None, :] <= prompt_last_index[:, None]) & attention_mask[:batch].bool()
-    weights = mask.float()
-    return (hidden[:batch].float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+    return pool_prompt(hidden, attention_mask, prompt_last_index, pooling)
 
 
 def add_reference_columns(

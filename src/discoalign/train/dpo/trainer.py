@@ -103,6 +103,9 @@ class DPOTrainer(DiscoTrainer):
                 beta_dpo_filter=ft.beta_dpo_filter,
                 logs_beta=self.plan.logs_beta,
                 simpo_gamma=ft.simpo_gamma,
+                flip_rate=self.plan.uses_flip_rate,
+                flip_prior_mean=ft.flip_prior_mean,
+                flip_prior_strength=ft.flip_prior_strength,
             )
         )
         disable_dropout(self._policy().backbone)
@@ -181,7 +184,7 @@ class DPOTrainer(DiscoTrainer):
             )
             hidden, prompt_hidden = out.last_hidden_state, None
             if self.plan.needs_prompt_features:
-                prompt_hidden = prompt_features(
+                prompt_hidden = prompt_features(  # one pooling for every prompt head (`beta_head_pooling`)
                     hidden, inputs["attention_mask"], inputs["prompt_last_index"][:batch], self.plan.heads.beta_pooling
                 )
         if prompt_hidden is not None:
@@ -279,7 +282,8 @@ class DPOTrainer(DiscoTrainer):
         return (result.loss, (pairs, result)) if return_outputs else result.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Eval: the loss, and per pair (implicit margin, policy log-prob margin, beta, variances) and ground truth."""
+        """Eval: the loss, and per pair (implicit margin, policy log-prob margin, beta, variances, flip rate) and ground
+        truth."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, (pairs, result) = self.compute_loss(model, inputs, return_outputs=True)
@@ -300,6 +304,8 @@ class DPOTrainer(DiscoTrainer):
             beta_col = nan
         var_c = pairs.chosen_var.float() if pairs.chosen_var is not None else nan
         var_r = pairs.rejected_var.float() if pairs.rejected_var is not None else nan
-        preds = torch.stack([margin, chosen - rejected, beta_col, var_c, var_r], dim=1)
+        flip = pairs.prompt_heads.get("flip_head")
+        flip = flip.detach().float() if flip is not None else nan
+        preds = torch.stack([margin, chosen - rejected, beta_col, var_c, var_r, flip], dim=1)
         labels = torch.stack([inputs[k].float() if k in inputs else nan for k in LABEL_COLUMNS], dim=1)
         return loss, preds, labels

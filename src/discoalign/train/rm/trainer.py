@@ -27,6 +27,7 @@ class RewardTrainer(DiscoTrainer):
         super().__init__(*args, **kwargs)
         # Our loss is a per-pair mean, so let the Trainer scale it for gradient accumulation itself.
         self.model_accepts_loss_kwargs = False
+        self.prompt_heads = ("flip_head",) if self.plan.uses_flip_rate else ()
         self.return_features = False  # `prediction_step` appends the pooled features (the epistemic fit's pass)
         ft = self.finetuning_args
         self.objective = RewardObjective(
@@ -34,6 +35,9 @@ class RewardTrainer(DiscoTrainer):
                 uses_variance=self.plan.uses_variance,
                 variance_prior=ft.disco_variance_prior,
                 center_coefficient=ft.center_rewards_coefficient,
+                flip_rate=self.plan.uses_flip_rate,
+                flip_prior_mean=ft.flip_prior_mean,
+                flip_prior_strength=ft.flip_prior_strength,
             )
         )
 
@@ -86,14 +90,22 @@ class RewardTrainer(DiscoTrainer):
         # A packed batch (`pack_pairs`) adds position/segment ids and where each sequence ends.
         packed = packed_model_inputs(inputs)
         media = self.media_inputs(inputs)  # images / audio of a multimodal model; {} for text
+        own_prompt = None
+        if self.plan.uses_flip_rate:  # the flip-rate head reads this forward's own prompt features, detached
+            own_prompt = (
+                inputs["prompt_last_index"][: inputs["input_ids"].shape[0] // 2],
+                self.plan.heads.beta_pooling,
+            )
         out = model(inputs["input_ids"], inputs["attention_mask"], with_variance=with_variance,
-                    with_features=with_features, **packed, **media)  # fmt: skip
+                    with_features=with_features, own_prompt=own_prompt, prompt_heads=self.prompt_heads, **packed,
+                    **media)  # fmt: skip
         mean, var = out.mean, out.variance
         half = mean.shape[0] // 2
         margin = inputs.get("margin")
+        flips = {"flip_rate": out.prompt_heads.get("flip_head"), "flip_scale": out.prompt_heads.get("flip_head/scale")}
         if var is None:
-            return RewardPairs(mean[:half], mean[half:], margin=margin), out.features
-        return RewardPairs(mean[:half], mean[half:], var[:half], var[half:], margin), out.features
+            return RewardPairs(mean[:half], mean[half:], margin=margin, **flips), out.features
+        return RewardPairs(mean[:half], mean[half:], var[:half], var[half:], margin, **flips), out.features
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pairs, _ = self.pair_scores(model, inputs, with_variance=self.plan.uses_variance)
