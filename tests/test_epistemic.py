@@ -146,7 +146,7 @@ def test_epistemic_key_is_for_stage_rm_only():
     with pytest.raises(ConfigError, match="`epistemic: token_novelty` is a property of a reward model"):
         build_config({"stage": "dpo", "dataset": "builtin:synthetic", "epistemic": "token_novelty"})
     with pytest.raises(ConfigError, match="epistemic"):
-        build_config({"stage": "rm", "dataset": "builtin:synthetic", "epistemic": "laplace"})
+        build_config({"stage": "rm", "dataset": "builtin:synthetic", "epistemic": "bogus"})
 
 
 def test_token_novelty_save_load_roundtrip_and_bad_file(tmp_path):

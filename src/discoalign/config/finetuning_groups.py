@@ -53,7 +53,7 @@ class TowerArguments:
 
 
 # `none` and the names of the epistemic estimator registry (`models/epistemic/registry.py`; a test keeps them equal).
-EPISTEMIC_KINDS = ("none", "token_novelty")
+EPISTEMIC_KINDS = ("none", "token_novelty", "laplace")
 
 
 @dataclass
@@ -70,7 +70,8 @@ class RewardModelArguments:
         default="none",
         metadata={
             "help": "rm: add an epistemic variance term to the reward model: `token_novelty` = prior variance x "
-            "(response tokens + adjacent token pairs never seen in training); `none`: no term."
+            "(response tokens + adjacent token pairs never seen in training); `laplace` = last-layer Laplace "
+            "posterior of the value head on pair differences, read on centred features; `none`: no term."
         },
     )
 

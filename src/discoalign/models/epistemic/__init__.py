@@ -6,6 +6,7 @@ docs/extending.md's second recipe.
 """
 
 from .base import EPISTEMIC_WEIGHTS_NAME, EpistemicEstimator, EpistemicInputs, FitData
+from .laplace import LaplacePosterior
 from .registry import ESTIMATORS, estimator_class
 from .token_novelty import TokenNovelty
 
@@ -15,6 +16,7 @@ __all__ = [
     "EpistemicEstimator",
     "EpistemicInputs",
     "FitData",
+    "LaplacePosterior",
     "TokenNovelty",
     "estimator_class",
 ]

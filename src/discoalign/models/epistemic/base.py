@@ -36,10 +36,11 @@ class EpistemicInputs:
 @dataclass
 class PairPass:
     """The trained reward model over training pairs (chosen first): means (N, 2) fp64, and, when asked for, the pooled
-    features (N, 2, H) fp32 of chosen and rejected."""
+    features (N, 2, H) fp32 of chosen and rejected; variances (N, 2) fp64 of a model with a variance head, else None."""
 
     means: torch.Tensor
     features: torch.Tensor | None = None
+    variances: torch.Tensor | None = None
 
 
 @dataclass
@@ -50,12 +51,16 @@ class FitData:
     responses: a fresh iterable of every training response's token ids.
     pairs: `pairs(max_pairs, with_features)` runs the trained reward model over (up to `max_pairs`, None: all)
         training pairs.
+    value_head: (H,) the trained value head's weight w (mean = w . features + b), when the trainer has one.
+    link: how the training loss forms pair probabilities: `logistic` (BT) or `probit` (Disco).
     """
 
     vocab_size: int
     hidden_size: int
     responses: Callable[[], Iterable[list[int]]]
     pairs: Callable[[int | None, bool], PairPass]
+    value_head: torch.Tensor | None = None
+    link: str = "logistic"
 
 
 class EpistemicEstimator(Protocol):

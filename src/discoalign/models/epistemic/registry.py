@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from ...errors import CheckpointError
 from .base import EpistemicEstimator
+from .laplace import LaplacePosterior
 from .token_novelty import TokenNovelty
 
-ESTIMATORS: dict[str, type[EpistemicEstimator]] = {TokenNovelty.kind: TokenNovelty}
+ESTIMATORS: dict[str, type[EpistemicEstimator]] = {
+    TokenNovelty.kind: TokenNovelty,
+    LaplacePosterior.kind: LaplacePosterior,
+}
 
 
 def estimator_class(kind: str, where: str = "") -> type[EpistemicEstimator]:

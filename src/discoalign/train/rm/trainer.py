@@ -59,6 +59,8 @@ class RewardTrainer(DiscoTrainer):
                 hidden_size=model.config.get_text_config().hidden_size,
                 responses=lambda: (row for col in ("chosen_input_ids", "rejected_input_ids") for row in data[col]),
                 pairs=self.training_pair_pass,
+                value_head=model.value_head.summary.weight.detach().flatten().cpu(),
+                link="probit" if self.plan.uses_variance else "logistic",
             )
         )
         model.epistemic = estimator
@@ -75,12 +77,14 @@ class RewardTrainer(DiscoTrainer):
         finally:
             self.return_features = False
         means = torch.as_tensor(predictions[:, :2], dtype=torch.float64)
+        variances = torch.as_tensor(predictions[:, 2:4], dtype=torch.float64)
+        variances = None if torch.isnan(variances).any() else variances
         features = None
         if with_features:
             hidden = (predictions.shape[1] - len(PREDICTION_COLUMNS)) // 2
             features = torch.as_tensor(predictions[:, len(PREDICTION_COLUMNS) :], dtype=torch.float32)
             features = features.reshape(-1, 2, hidden)
-        return PairPass(means, features)
+        return PairPass(means, features, variances)
 
     def pair_scores(
         self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], with_variance: bool, with_features: bool = False
