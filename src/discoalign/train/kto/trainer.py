@@ -53,6 +53,19 @@ class KTOTrainer(DiscoTrainer):
         if self._signature_columns is None:  # keep our columns even with `remove_unused_columns: true`
             self._signature_columns = ["prompt_input_ids", "response_input_ids", "label"]
 
+    def _get_train_sampler(self, train_dataset=None):
+        """`group_by_length`: rows of similar prompt + completion length together (the z0 rows are made per batch by
+        the collator, so they follow)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        wanted = self.run_config.data.group_by_length or self.args.train_sampling_strategy == "group_by_length"
+        if not (wanted and dataset is not None):
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        lengths = [len(p) + len(r) for p, r in zip(dataset["prompt_input_ids"], dataset["response_input_ids"])]
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    dataset=dataset, lengths=lengths)  # fmt: skip
+
     def _logps(self, model, inputs: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
         """Summed completion log-probs of `rows` of the batch under `model` (called as a module: DDP sees it)."""
         return model(inputs["input_ids"][rows], inputs["attention_mask"][rows], with_heads=False,

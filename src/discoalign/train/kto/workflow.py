@@ -10,7 +10,7 @@ from ...config.loader import RunConfig
 from ...data import get_dataset
 from ...data.kto import KTOCollator
 from ...models.loader import load_model_with_heads
-from ..dpo.workflow import load_reference
+from ..dpo.workflow import load_reference, resolve_eval_reference
 from ..workflow import StageWorkflow
 from .trainer import KTOTrainer
 
@@ -28,6 +28,7 @@ class KTOWorkflow(StageWorkflow):
 
     def build(self, cfg: RunConfig, callbacks: list[TrainerCallback] | None):
         args = cfg.training
+        resolve_eval_reference(cfg)  # `discoalign eval` of a full KTO checkpoint: the reference its run started from
         model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, heads=cfg.plan.heads, is_trainable=True)
         model.train()
         bundle = get_dataset(cfg.data, tokenizer, stage="kto", seed=args.seed)
