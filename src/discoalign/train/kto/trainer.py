@@ -93,8 +93,9 @@ class KTOTrainer(DiscoTrainer):
             kl_logps = self._logps(model, inputs, mismatched)
         ref = self.reference_logps(inputs)
         logps = self._logps(model, inputs, matched)
-        # z0: averaged over processes (as TRL does), then clamped at 0; no gradient.
-        z0 = self.accelerator.gather_for_metrics(kto_reference_point(kl_logps, ref[mismatched])[None]).mean()
+        # z0: averaged over processes (as TRL does; `gather`, not TRL's `gather_for_metrics`, whose end-of-data
+        # truncation counts rows, not these one-per-process values), then clamped at 0; no gradient.
+        z0 = self.accelerator.gather(kto_reference_point(kl_logps, ref[mismatched])[None]).mean()
         z0 = z0.clamp(min=0)
         desirable = inputs["kto_label"].bool()
         losses, rewards = kto_loss(logps, ref[matched], desirable, z0, ft.pref_beta, ft.kto_chosen_weight,
