@@ -33,9 +33,8 @@ def load_reference(cfg: RunConfig, policy) -> Any | None:
     """The frozen reference `ModelWithHeads`, or None when the trainer needs no separate one.
 
     SimPO / ORPO: None, and none is ever run. LoRA: None (the policy with adapters disabled is the reference). Full
-    fine-tuning: the model in
-    `ref_model_name_or_path`, else a frozen copy of the policy, unless `precompute_ref_logps` lets the
-    untrained policy itself serve once before training.
+    fine-tuning: the model in `ref_model_name_or_path`, else a frozen copy of the policy, unless
+    `precompute_ref_logps` lets the untrained policy itself serve once before training.
     """
     ft = cfg.finetuning
     if cfg.plan.reference_free:  # SimPO, ORPO (config.reference_free refuses the keys that would name one)
