@@ -196,6 +196,8 @@ def test_config_rules(tmp_path):
     with pytest.raises(ConfigError, match=r"`add_beta_head`.*stage: kto"):
         _cfg(tmp_path, add_beta_head=True)
     assert _cfg(tmp_path, undesirable_weight=0.5).finetuning.kto_rejected_weight == 0.5  # TRL's name
+    with pytest.raises(ConfigError, match=r"`per_device_train_batch_size` of 2 or more, not 1"):
+        _cfg(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=8)  # LlamaFactory's example
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------------

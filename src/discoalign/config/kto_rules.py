@@ -19,15 +19,15 @@ KTO_KEYS = tuple(f.name for f in dataclasses.fields(KTOArguments))
 DPO_LOSS_KEYS = ("pref_loss", "label_smoothing", "pref_ftx", "pref_beta_mode")
 
 
-def validate_kto(ft, training: dict[str, Any], fail) -> list[str]:
-    """Fail on a KTO key outside `stage: kto` or a DPO loss key inside it; return notes to log."""
+def validate_kto(ft, training: dict[str, Any], fail) -> None:
+    """Fail on a KTO key outside `stage: kto`, a DPO loss key inside it, or a training batch of one row."""
     changed = [k for k in KTO_KEYS if getattr(ft, k) != schema_default(KTOArguments, k)]
     if ft.stage != "kto":
         if changed:
             fail(f"{', '.join(f'`{k}`' for k in changed)} appl{'ies' if len(changed) == 1 else 'y'} to `stage: kto` "
                  f"only, not `stage: {ft.stage}`. Remove {'it' if len(changed) == 1 else 'them'} or set "
                  "`stage: kto`.")  # fmt: skip
-        return []
+        return
     for key in DPO_LOSS_KEYS:
         if getattr(ft, key) != schema_default(DPOArguments, key):
             fail(f"`{key}` is a key of the DPO loss and does not apply to `stage: kto` (its loss is fixed; "
@@ -35,12 +35,10 @@ def validate_kto(ft, training: dict[str, Any], fail) -> list[str]:
     for key in KTO_KEYS:
         if getattr(ft, key) <= 0:
             fail(f"`{key}` is {getattr(ft, key)}; it must be positive.")
-    notes = []
     batch = training.get("per_device_train_batch_size")  # unset: transformers' default, above 1
-    if batch is not None and int(batch) < 2:
-        notes.append(
-            "`stage: kto` with `per_device_train_batch_size: 1`: the reference point z0 is estimated from "
-            "each prompt paired with another row's completion of the same batch, so with one row it pairs "
-            "the row with its own completion. Use a batch of 2 or more (TRL and the paper use 8 to 32)."
-        )
-    return notes
+    if training.get("do_train") and batch is not None and int(batch) < 2:
+        fail(f"`stage: kto` needs `per_device_train_batch_size` of 2 or more, not {batch}: the reference point z0 is "
+             "estimated from each prompt paired with another row's completion of the same batch, so with one row "
+             "it would be the row's own log-ratio (TRL refuses it too). For LlamaFactory's example (1 with "
+             "`gradient_accumulation_steps: 8`) use `per_device_train_batch_size: 8` and "
+             "`gradient_accumulation_steps: 1`, the same effective batch.")  # fmt: skip

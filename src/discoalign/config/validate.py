@@ -37,7 +37,7 @@ def validate_combinations(
     # First, so that a PPO run with `disco_pref` hears about PPO, not about the missing variance head.
     notes = _validate_ppo(ft, fail)
     validate_reference_free(model, ft, fail)
-    notes += validate_kto(ft, training, fail)
+    validate_kto(ft, training, fail)
     _validate_sft(model, data, ft, fail)
     validate_deepspeed(ft, training, fail)
     notes += _validate_heads(ft, fail)
