@@ -72,4 +72,4 @@ def test_stage_ppo_on_pairwise_data_gives_prompts(tokenizer):
 
 def test_unknown_stage(tokenizer):
     with pytest.raises(ValueError, match="stage"):
-        get_dataset(synthetic(), tokenizer, "kto", seed=0)
+        get_dataset(synthetic(), tokenizer, "nope", seed=0)

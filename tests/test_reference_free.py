@@ -246,3 +246,17 @@ def test_tiny_run_trains_and_logs_trl_metrics(tmp_path, loss):
         assert {"nll_loss", "log_odds_ratio", "log_odds_chosen"} <= keys
     assert logs[-1]["loss"] < logs[0]["loss"]
     assert math.isfinite(results["eval"]["eval_loss"]) and "eval_implicit_accuracy" in results["eval"]
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_pack_pairs_gives_the_same_loss(tmp_path, loss):
+    values = []
+    for packed in (False, True):
+        trainer = build_dpo_trainer(dpo_config(tmp_path / str(packed), {"synthetic_num_pairs": 4,
+                                               "per_device_train_batch_size": 4}, pref_loss=loss,
+                                               pack_pairs=packed, attn_implementation="eager"))[0]  # fmt: skip
+        batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+        with torch.no_grad():
+            values.append(trainer.compute_loss(trainer.model, batch).item())
+        assert trainer.reference_forward_calls == 0
+    assert values[0] == pytest.approx(values[1], abs=1e-5)

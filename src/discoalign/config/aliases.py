@@ -25,6 +25,8 @@ EXACT_ALIASES: dict[str, tuple[str, str]] = {
     "num_ppo_epochs": ("ppo_epochs", "TRL"),
     "response_length": ("max_new_tokens", "TRL"),
     "ppo_whiten_rewards": ("whiten_rewards", "LlamaFactory"),
+    "desirable_weight": ("kto_chosen_weight", "TRL"),
+    "undesirable_weight": ("kto_rejected_weight", "TRL"),
 }
 
 # `flash_attn` values (LlamaFactory) -> `attn_implementation` (None: the default choice, sdpa then eager).

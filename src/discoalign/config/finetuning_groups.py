@@ -17,7 +17,9 @@ class StageArguments:
 
     GROUP_TITLE: ClassVar[str] = "Stage and fine-tuning"
 
-    stage: Literal["sft", "rm", "dpo", "ppo"] = field(default="rm", metadata={"help": "sft | rm | dpo | ppo."})
+    stage: Literal["sft", "rm", "dpo", "ppo", "kto"] = field(
+        default="rm", metadata={"help": "sft | rm | dpo | ppo | kto."}
+    )
     finetuning_type: Literal["full", "lora"] = field(default="full", metadata={"help": "full | lora."})
 
 
@@ -113,6 +115,20 @@ class DPOArguments:
     )
     precompute_ref_logps: bool = field(
         default=False, metadata={"help": "Compute reference log-probs (and beta features) once before training."}
+    )
+
+
+@dataclass
+class KTOArguments:
+    """Stage kto (docs/kto.md; LlamaFactory's names, TRL's `desirable_weight` / `undesirable_weight`)."""
+
+    GROUP_TITLE: ClassVar[str] = "KTO"
+
+    kto_chosen_weight: float = field(
+        default=1.0, metadata={"help": "KTO: weight lambda_D of the desirable rows' loss (TRL: desirable_weight)."}
+    )
+    kto_rejected_weight: float = field(
+        default=1.0, metadata={"help": "KTO: weight lambda_U of the undesirable rows' loss (TRL: undesirable_weight)."}
     )
 
 

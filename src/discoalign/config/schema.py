@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 
 from .finetuning_groups import (
     DPOArguments,
+    KTOArguments,
     LoraArguments,
     OutputArguments,
     PPOArguments,
@@ -212,6 +213,7 @@ class FinetuningArguments(
     OutputArguments,
     PPOArguments,
     SpeedArguments,
+    KTOArguments,
     DPOArguments,
     RewardModelArguments,
     HeadArguments,

@@ -12,6 +12,7 @@ from .builtin_models import TINY_MULTIMODAL_ARCHS, TINY_SEQ2SEQ_ARCHS, is_builti
 from .dataset_info import load_dataset_info, registry_dir
 from .finetuning_groups import PPOArguments
 from .heads import HEAD_SPECS, beta_epsilon_error, flip_prior_error
+from .kto_rules import validate_kto
 from .placement import check_quantization, parse_device_map
 from .reference_free import validate_reference_free
 from .schema import DataArguments, FinetuningArguments, ModelArguments
@@ -36,6 +37,7 @@ def validate_combinations(
     # First, so that a PPO run with `disco_pref` hears about PPO, not about the missing variance head.
     notes = _validate_ppo(ft, fail)
     validate_reference_free(model, ft, fail)
+    validate_kto(ft, training, fail)
     _validate_sft(model, data, ft, fail)
     validate_deepspeed(ft, training, fail)
     notes += _validate_heads(ft, fail)

@@ -13,6 +13,7 @@ from ..errors import DataError
 from .checks import OTHER_FORMAT, TRUNCATED, UNREADABLE, RowProblem, check_text
 from .encode import encode_pair, encode_prompt
 from .formats import PAIRWISE_FORMATS, check_columns, detect_rows_format, to_pairwise_row, to_prompt_row
+from .kto import to_kto_rows
 from .media import AUDIO_COLUMN, IMAGE_COLUMN, MEDIA_TRUNCATED, MEDIA_UNSUPPORTED, VIDEO_COLUMN, has_media
 from .registry import read_dataset
 from .sft import encode_sft, to_sft_rows
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("sft", "rm", "dpo", "ppo")
+STAGES = ("sft", "rm", "dpo", "ppo", "kto")
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def _convert(
         fmt, per_row = detect_rows_format(source.columns, raw_rows, source.name)
     else:
         check_columns(fmt, source.columns, source.name)
-    if stage not in ("ppo", "sft") and fmt not in PAIRWISE_FORMATS:
+    if stage not in ("ppo", "sft", "kto") and fmt not in PAIRWISE_FORMATS:
         raise DataError(
             f"{source.name} holds prompts only (format `{fmt}`), but `stage: {stage}` trains on preference pairs. "
             "Use a pairwise dataset (prompt/chosen/rejected, sharegpt, hh-rlhf), or `stage: ppo` for prompts."
@@ -161,8 +162,8 @@ def _convert(
                 )  # fmt: skip
             if isinstance(raw, dict):
                 check_text(raw)
-            if stage == "sft":  # one raw row may give two SFT rows (`sft_responses: both`); text only
-                sft_rows = to_sft_rows(raw, fmt, data_args.sft_responses)
+            if stage in ("sft", "kto"):  # one raw row may give two rows (`sft_responses: both`, KTO's unpairing)
+                sft_rows = to_sft_rows(raw, fmt, data_args.sft_responses) if stage == "sft" else to_kto_rows(raw, fmt)
                 rows += [_with_media(r, raw, None, stage, base_dir) for r in sft_rows]
                 continue
             row = convert(raw, fmt)
@@ -242,7 +243,7 @@ def _encode_rows(
         encoded_prompts = [encode_prompt(tokenizer, row, data_args.cutoff_len, cut) for row in rows]
         _log_cut(cut, len(rows), spec, data_args.cutoff_len)
         return encoded_prompts
-    if stage == "sft":
+    if stage in ("sft", "kto"):
         encoded = [encode_sft(tokenizer, row, data_args.cutoff_len) for row in rows]
     else:
         encoded = [encode_pair(tokenizer, row, data_args.cutoff_len, cut) for row in rows]
@@ -321,7 +322,8 @@ def get_dataset(
     Args:
         data_args: the run's data keys.
         tokenizer: a Hugging Face tokenizer (its chat template is used when it has one).
-        stage: "rm" or "dpo" (pairwise rows), "ppo" (prompt-only rows) or "sft" (prompt + response rows).
+        stage: "rm" or "dpo" (pairwise rows), "ppo" (prompt-only rows), "sft" (prompt + response rows) or "kto"
+            (prompt + response + label rows, `data.kto`).
         seed: seed of the `val_size` split.
         media: the multimodal model's `MediaProcessor` (`model.media_processor`), or None for a text model. With
             it, rows may carry `images` / `audios`; their markers are expanded and the media references kept in

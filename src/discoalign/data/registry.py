@@ -10,7 +10,7 @@ folder works unchanged::
                     "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}
 
 Keys read: `file_name`, `formatting` (alpaca | sharegpt | openai), `ranking`, `columns` (prompt, query, response,
-history, messages, system, chosen, rejected, images, audios), `tags` (role_tag, content_tag, user_tag,
+history, messages, system, chosen, rejected, images, audios, kto_tag), `tags` (role_tag, content_tag, user_tag,
 assistant_tag, system_tag), `num_samples` (the first N rows). Names that are not entries are read as paths, as
 without a registry. Hub entries (`hf_hub_url`, `ms_hub_url`, `script_url`) need a network and are refused.
 """
@@ -127,6 +127,8 @@ def convert_registry_rows(rows: list[Any], formatting: str, ranking: bool, colum
         for media in MEDIA_COLUMNS:
             if columns.get(media) and row.get(columns[media]) is not None:
                 new[media] = row[columns[media]]
+        if columns.get("kto_tag") and columns["kto_tag"] in row:  # KTO's label (LlamaFactory's `kto_tag`)
+            new["label"] = row[columns["kto_tag"]]
         out.append(new)
     return out
 

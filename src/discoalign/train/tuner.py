@@ -12,6 +12,7 @@ from ..config.loader import RunConfig
 from ..config.output_dir import check_resume, prepare_output_dir
 from .distributed import prepare_distributed
 from .dpo.workflow import DPOWorkflow
+from .kto.workflow import KTOWorkflow
 from .ppo.workflow import PPOWorkflow
 from .rm.workflow import RMWorkflow
 from .sft.workflow import SFTWorkflow
@@ -24,6 +25,7 @@ WORKFLOWS: dict[str, type[StageWorkflow]] = {
     "rm": RMWorkflow,
     "dpo": DPOWorkflow,
     "ppo": PPOWorkflow,
+    "kto": KTOWorkflow,
 }
 
 

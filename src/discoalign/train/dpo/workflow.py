@@ -33,9 +33,8 @@ def load_reference(cfg: RunConfig, policy) -> Any | None:
     """The frozen reference `ModelWithHeads`, or None when the trainer needs no separate one.
 
     SimPO / ORPO: None, and none is ever run. LoRA: None (the policy with adapters disabled is the reference). Full
-    fine-tuning: the model in
-    `ref_model_name_or_path`, else a frozen copy of the policy, unless `precompute_ref_logps` lets the
-    untrained policy itself serve once before training.
+    fine-tuning: the model in `ref_model_name_or_path`, else a frozen copy of the policy, unless
+    `precompute_ref_logps` lets the untrained policy itself serve once before training.
     """
     ft = cfg.finetuning
     if cfg.plan.reference_free:  # SimPO, ORPO (config.reference_free refuses the keys that would name one)
@@ -64,7 +63,7 @@ def load_reference(cfg: RunConfig, policy) -> Any | None:
 
 
 def resolve_eval_reference(cfg: RunConfig) -> None:
-    """Evaluation of a full-fine-tuned DPO checkpoint: take its reference from the config saved with the run.
+    """Evaluation of a full-fine-tuned DPO (or KTO) checkpoint: take its reference from the config saved with the run.
 
     A frozen copy of the policy as reference makes every log-ratio 0 (accuracy 0, margins 0, loss log 2), so for
     `do_train: false` without `ref_model_name_or_path` the reference is the saved run's `ref_model_name_or_path`,
@@ -93,7 +92,7 @@ def resolve_eval_reference(cfg: RunConfig) -> None:
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"Cannot read {saved_path!r} to find the DPO reference ({e}); set `ref_model_name_or_path`."
                           ) from None  # fmt: skip
-    if saved.get("stage") != "dpo" or saved.get("finetuning_type") not in (None, "full"):
+    if saved.get("stage") not in ("dpo", "kto") or saved.get("finetuning_type") not in (None, "full"):
         return
     reference = saved.get("ref_model_name_or_path") or saved.get("model_name_or_path")
     if not reference or os.path.abspath(os.path.expanduser(reference)) == os.path.abspath(name):
