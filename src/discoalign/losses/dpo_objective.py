@@ -8,6 +8,7 @@
            + lambda/2 [(log var_w)^2 + (log var_l)^2]   (DiscoDPO: the variance prior, `losses.variance`)
            + pref_ftx * (-log pi(y_w) / |y_w|)           (the SFT term on chosen responses, LlamaFactory's `pref_ftx`)
     loss   = mean_i loss_i                  (over the pairs beta-DPO's filter keeps)
+           + lambda/2 (log s(x))^2       (`beta_head_kind: exp`: the beta head's Gaussian prior)
     with `flip_rate` (the flip-rate head's e(x), `losses.flip`), the sigmoid term is the forward-corrected
     -log((1 - e) sigmoid(beta d) + e sigmoid(-beta d)), and the head's calibration and Beta prior are added.
 
@@ -47,6 +48,7 @@ class DPOSettings:
     flip_rate: bool = False
     flip_prior_mean: float = 0.0
     flip_prior_strength: float = 0.0
+    beta_log_prior: float = 0.0
 
 
 @dataclass
@@ -135,6 +137,9 @@ class DPOObjective:
         )
         if s.flip_rate:
             losses = self.flip_term(scaled, beta, batch.prompt_heads)
+        if s.beta_log_prior and s.beta_source == "head":
+            # `beta_head_kind: exp`: a Gaussian prior on u = log s(x) (docs/dynamic_beta.md §6), interior optimum.
+            losses = losses + 0.5 * s.beta_log_prior * torch.log(batch.beta_scale.float()) ** 2
         if use_var and s.variance_prior:
             # Anchors the variance scale (losses/variance.py, docs/disco_variance.md).
             losses = (
