@@ -72,6 +72,7 @@ def run_one(key: str, setting: dict[str, Any], profile: str, seed: int, ns) -> d
         **BASE, **row.keys, **setting, "dataset": dataset, "eval_dataset": dataset, "seed": seed,
         "synthetic_seed": 1000 * seed, "synthetic_num_pairs": ns.pairs, "num_train_epochs": ns.epochs,
         "output_dir": os.path.join(ns.out, f"{key}_{profile}_seed{seed}"),
+        **dict(kv.split("=", 1) for kv in ns.set),
     }  # fmt: skip
     cfg = build_config(raw, source=f"benchmarks/dpo_noise.py row {row.label!r}")
     start = time.time()
@@ -92,7 +93,7 @@ def run_one(key: str, setting: dict[str, Any], profile: str, seed: int, ns) -> d
     correct = (np.sign(d) == np.sign(truth)).astype(np.float64)
     m: dict[str, Any] = {"row": key, "setting": setting, "profile": profile, "seed": seed, "wall": wall}
     m["acc"] = float(correct.mean())
-    m["contexts"], m["flip_per_context"] = order, per_context(noise, contexts, order)
+    m["contexts"], m["true_flip_per_context"] = order, per_context(noise, contexts, order)
     m["acc_per_context"] = per_context(correct, contexts, order)
     m["true_mean_flip"] = float(noise.mean())
     for name, column in (("beta", cols["beta"]), ("flip", cols["flip_rate"])):
@@ -100,8 +101,8 @@ def run_one(key: str, setting: dict[str, Any], profile: str, seed: int, ns) -> d
             continue
         means = per_context(column, contexts, order)
         m[f"{name}_per_context"], m[f"{name}_mean"] = means, float(column.mean())
-        if len(set(m["flip_per_context"])) > 1 and np.ptp(means) > 0:
-            m[f"{name}_spearman"] = spearman(np.array(means), np.array(m["flip_per_context"]))
+        if len(set(m["true_flip_per_context"])) > 1 and np.ptp(means) > 0:
+            m[f"{name}_spearman"] = spearman(np.array(means), np.array(m["true_flip_per_context"]))
     return m
 
 
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write every run to this file (rewritten after each run)")
     parser.add_argument("--summarise", nargs="*", default=None, help="only summarise these JSON files")
     parser.add_argument("--markdown", default=None)
+    parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run (exploration)")
     parser.add_argument("--worker", default="0/1", help="k/n: run every n-th job from the k-th (parallel processes)")
     parser.add_argument("--plan", action="store_true", help="report split: the jobs of REPORT_PLAN, in its order")
     ns = parser.parse_args()
