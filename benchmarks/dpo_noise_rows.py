@@ -51,7 +51,7 @@ ROWS: dict[str, Row] = {
         ({"beta_head_prior": 0.03}, {"beta_head_prior": 0.1}),
         "ours",
     ),  # fmt: skip
-    "flip": Row("flip-rate head", FLIP, ({"flip_prior_strength": 0.03}, {"flip_prior_strength": 0.3}), "ours"),
+    "flip": Row("flip-rate head", FLIP, ({"flip_prior_mean": 0.1}, {"flip_prior_mean": 0.25}), "ours"),
     "flip_dynamic": Row(
         "flip-rate head + dynamic beta", {**FLIP, **DYNAMIC}, kind="ours", combines=("flip", "dynamic")
     ),

@@ -271,3 +271,15 @@ def test_exp_beta_head_penalty_by_hand():
     # without the prior (the tanh head's setting) the same call has no penalty
     plain = DPOObjective(DPOSettings(pref_beta=beta, beta_source="head"))(batch, training=True)
     assert torch.allclose(plain.losses, -F.logsigmoid(beta * torch.exp(u.detach()) * d))
+
+
+def test_margin_scale_is_a_bias_corrected_running_rms_updated_in_training_only():
+    from discoalign.losses.flip import MarginScale
+
+    scale = MarginScale()
+    assert scale(torch.tensor([3.0, 4.0]), training=False) == 1.0  # nothing seen yet
+    assert scale(torch.tensor([3.0, 4.0]), training=True) == pytest.approx(math.sqrt(12.5))  # first batch: its RMS
+    r = MarginScale.RATE
+    expected = ((1 - r) * r * 12.5 + r * 1.5) / ((1 - r) * r + r)
+    assert scale(torch.tensor([1.0, -1.0, 2.0, 0.0]) * 1.0, training=True) == pytest.approx(math.sqrt(expected))
+    assert scale(torch.tensor([100.0]), training=False) == pytest.approx(math.sqrt(expected))  # eval reads only
