@@ -18,8 +18,8 @@ GRID_SIZE = 2  # the tuning budget on the development split: every tuned row get
 # The report split's jobs in priority order (profiles, rows): everything on the imbalanced profile, then the
 # no-harm profiles, then the two that test what the heads read (margin-dependent and unannounced noise).
 REPORT_PLAN: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
-    (("imbalanced",), ("dpo", "cdpo", "robust", "beta_dpo", "dr_dpo", "oracle_weighted", "oracle_flip", "dynamic",
-                       "dynamic_exp", "flip", "flip_dynamic")),
+    (("imbalanced",), ("dpo", "cdpo", "flip", "dynamic", "robust", "beta_dpo", "dynamic_exp", "oracle_flip",
+                       "flip_dynamic", "dr_dpo", "oracle_weighted")),
     (("mostly_clean", "uniform"), ("dpo", "flip", "dynamic", "dynamic_exp", "flip_dynamic")),
     (("hidden", "margin"), ("dpo", "flip", "oracle_flip")),
 )  # fmt: skip
