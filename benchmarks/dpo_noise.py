@@ -151,6 +151,35 @@ def summarise(files: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def acceptance(files: list[str]) -> str:
+    """Issue 21's targets on the runs in `files` (the report split): per profile, the best of the project's rows
+    against the best baseline and DPO, per seed; the flip-rate head's Spearman and mean e."""
+    runs = [r for path in files for r in json.load(open(path, encoding="utf-8"))["runs"]]
+    acc: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for r in runs:
+        acc[(r["profile"], r["row"])][r["seed"]] = r["acc"]
+    lines = ["\n### Targets\n"]
+    for profile in [p for p in PROFILES if any(k[0] == p for k in acc)]:
+        rows = {k[1]: v for k, v in acc.items() if k[0] == profile}
+
+        def best(kind: str, rows=rows) -> str | None:
+            keys = [k for k in rows if ROWS[k].kind == kind]
+            return max(keys, key=lambda k: statistics.mean(rows[k].values())) if keys else None
+
+        ours, base = best("ours"), best("baseline")
+        for other in [o for o in (base, "dpo") if o in rows and ours and o != ours]:
+            seeds = sorted(set(rows[ours]) & set(rows[other]))
+            diffs = [rows[ours][s] - rows[other][s] for s in seeds]
+            if diffs:
+                lines.append(f"* {profile}: best ours {ROWS[ours].label} minus {ROWS[other].label}: "
+                             f"{statistics.mean(diffs):+.3f} (per seed {' / '.join(f'{d:+.3f}' for d in diffs)}; "
+                             f"ahead on {sum(d > 0 for d in diffs)} of {len(diffs)})")  # fmt: skip
+    for r in sorted((r for r in runs if r["row"] == "flip"), key=lambda r: (r["profile"], r["seed"])):
+        lines.append(f"* flip head, {r['profile']} seed {r['seed']}: Spearman(e, flip) {r.get('flip_spearman', 'n/a')}, "
+                     f"mean e {r.get('flip_mean', float('nan')):.3f} vs true {r['true_mean_flip']:.3f}")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", choices=list(SPLITS), default="dev")
@@ -170,7 +199,7 @@ def main() -> None:
     parser.add_argument("--plan", action="store_true", help="report split: the jobs of REPORT_PLAN, in its order")
     ns = parser.parse_args()
     if ns.summarise is not None:
-        text = summarise(ns.summarise)
+        text = summarise(ns.summarise) + acceptance(ns.summarise)
         print(text)
         if ns.markdown:
             with open(ns.markdown, "w", encoding="utf-8") as f:
