@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import dpo_trainer
+from helpers import dpo_trainer, train_recorded
 
 from discoalign.config import build_config
 from discoalign.config.schema import FinetuningArguments, ModelArguments
@@ -283,3 +283,11 @@ def test_margin_scale_is_a_bias_corrected_running_rms_updated_in_training_only()
     expected = ((1 - r) * r * 12.5 + r * 1.5) / ((1 - r) * r + r)
     assert scale(torch.tensor([1.0, -1.0, 2.0, 0.0]) * 1.0, training=True) == pytest.approx(math.sqrt(expected))
     assert scale(torch.tensor([100.0]), training=False) == pytest.approx(math.sqrt(expected))  # eval reads only
+
+
+def test_unused_flip_head_changes_no_number(tmp_path):
+    plain_losses, plain_weights, _ = train_recorded(dpo_trainer(tmp_path / "plain", RUN))
+    losses, weights, trainer = train_recorded(dpo_trainer(tmp_path / "head", RUN, add_flip_head=True))
+    assert torch.equal(plain_losses, losses)
+    assert all(torch.equal(plain_weights[k], weights[k]) for k in plain_weights)
+    assert torch.equal(trainer.model.flip_head.summary.weight, torch.zeros_like(trainer.model.flip_head.summary.weight))
