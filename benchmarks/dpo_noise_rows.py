@@ -15,12 +15,14 @@ DYNAMIC = {"add_beta_head": True, "use_dynamic_beta": True}
 FLIP = {"add_flip_head": True, "use_flip_rate": True}
 DISCO = {"add_disco_head": True, "disco_pref": True}
 GRID_SIZE = 2  # the tuning budget on the development split: every tuned row gets this many settings
-# The report split's jobs in priority order (profiles, rows): everything on the imbalanced profile, then the
-# no-harm profiles, then the two that test what the heads read (margin-dependent and unannounced noise).
+# The report split's jobs in priority order (profiles, rows): the decisive rows on the imbalanced profile, the
+# no-harm profiles, the reference rows and combinations, then the two profiles that test what the heads read
+# (margin-dependent and unannounced noise).
 REPORT_PLAN: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
-    (("imbalanced",), ("dpo", "cdpo", "flip", "dynamic", "robust", "beta_dpo", "dynamic_exp", "oracle_flip",
-                       "flip_dynamic", "dr_dpo", "oracle_weighted")),
-    (("mostly_clean", "uniform"), ("dpo", "flip", "dynamic", "dynamic_exp", "flip_dynamic")),
+    (("imbalanced",), ("dpo", "cdpo", "flip", "dynamic", "robust", "beta_dpo", "dynamic_exp", "oracle_flip")),
+    (("mostly_clean", "uniform"), ("dpo", "flip", "dynamic")),
+    (("imbalanced",), ("flip_dynamic", "dr_dpo", "oracle_weighted")),
+    (("mostly_clean", "uniform"), ("dynamic_exp", "flip_dynamic")),
     (("hidden", "margin"), ("dpo", "flip", "oracle_flip")),
 )  # fmt: skip
 
