@@ -218,15 +218,17 @@ def main() -> None:
         print(json.dumps({k: v for k, v in runs[-1].items() if not isinstance(v, list)}), flush=True)
         if ns.json:
             os.makedirs(os.path.dirname(ns.json) or ".", exist_ok=True)
-            with open(ns.json, "w", encoding="utf-8") as f:
+            with open(ns.json + ".tmp", "w", encoding="utf-8") as f:  # replaced whole: a killed sweep leaves valid JSON
                 json.dump({"split": ns.split, "args": vars(ns), "chosen": chosen, "runs": runs}, f)
+            os.replace(ns.json + ".tmp", ns.json)
 
 
 def jobs(split, rows, profiles, seeds, chosen, use_plan: bool) -> list[tuple[str, dict, str, int]]:
     """(row, setting, profile, seed) in the order to run: dev, every grid setting of every row; report, the chosen
     setting (a combination row: its parts' settings merged), by `REPORT_PLAN` when `use_plan`."""
     if split == "dev":
-        return [(k, st, p, s) for k in rows for st in ROWS[k].grid for p in profiles for s in seeds]
+        # seed-major, so that a sweep cut short has every row's every setting on the same seeds
+        return [(k, st, p, s) for s in seeds for p in profiles for k in rows for st in ROWS[k].grid]
 
     def setting(key: str) -> dict:
         if ROWS[key].combines:
