@@ -108,7 +108,7 @@ def run_one(key: str, setting: dict[str, Any], profile: str, seed: int, ns) -> d
 
 def chosen_settings(dev_files: list[str]) -> dict[str, dict[str, Any]]:
     """Per row, the grid setting with the best mean true-preference accuracy over the dev runs."""
-    runs = [r for path in dev_files for r in json.load(open(path, encoding="utf-8"))["runs"]]
+    runs = [r for path in dev_files if os.path.exists(path) for r in json.load(open(path, encoding="utf-8"))["runs"]]
     scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         scores[r["row"]][json.dumps(r["setting"], sort_keys=True)].append(r["acc"])
@@ -214,7 +214,11 @@ def main() -> None:
     todo = jobs(ns.split, ns.rows, profiles, seeds, chosen, ns.plan)[worker::workers]
     runs = []
     for key, setting, profile, seed in todo:
-        runs.append(run_one(key, setting, profile, seed, ns))
+        try:
+            runs.append(run_one(key, setting, profile, seed, ns))
+        except Exception as e:  # noqa: BLE001 - one failed run must not cost the sweep; it is reported and skipped
+            print(json.dumps({"row": key, "setting": setting, "profile": profile, "seed": seed, "error": repr(e)}))
+            continue
         print(json.dumps({k: v for k, v in runs[-1].items() if not isinstance(v, list)}), flush=True)
         if ns.json:
             os.makedirs(os.path.dirname(ns.json) or ".", exist_ok=True)
