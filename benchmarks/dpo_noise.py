@@ -1,51 +1,48 @@
-"""Noisy-label benchmark of the DPO family on `builtin:synthetic-noisy` (docs/noisy_labels.md).
+"""Noisy-label benchmark of the DPO family on `builtin:synthetic-noisy:<profile>` (docs/noisy_labels.md).
 
-Eight contexts (topics) with label-flip rates 0 to 0.45, imbalanced so that most pairs come from noisy
-contexts; the true reward of every response is known, so each trained policy is scored by how often its
-implicit reward margin d orders held-out pairs the way the *true* reward does.
+The true reward of every response is known, so each trained policy is scored by how often its implicit reward
+margin d orders held-out pairs the way the *true* reward does. Two splits (issue 21):
 
-    python benchmarks/dpo_noise.py                           # all rows, 3 seeds (the table in docs/noisy_labels.md)
-    python benchmarks/dpo_noise.py --rows dpo dynamic --seeds 0 --epochs 1   # a short check
+* `--split dev`: seeds 0-2 on the development profiles (imbalanced, margin). Every tuned row tries the settings of
+  its grid (the same budget, `dpo_noise_rows.GRID_SIZE`, for baselines and the project's methods); the setting
+  with the best mean true-preference accuracy over the dev runs is chosen.
+* `--split report`: seeds 3-7 on all five profiles, each row at the setting chosen on dev (`--dev-json`); nothing
+  is decided on it.
 
-Rows: DPO, cDPO and robust DPO (label_smoothing tuned for them, see BASELINE_LS), beta-DPO (Wu et al. 2024),
-dynamic beta (the centred beta head, default settings), DiscoDPO (default settings: variance prior 0.03,
-variance-head lr x10),
-DiscoDPO + dynamic beta. Every row starts from the same
-`builtin:tiny-qwen3`, sees the same pairs in the same order for a seed, and trains the same steps.
+    python benchmarks/dpo_noise.py --split dev --json benchmarks/results/dpo_noise_dev.json
+    python benchmarks/dpo_noise.py --split report --dev-json benchmarks/results/dpo_noise_dev.json \\
+        --json benchmarks/results/dpo_noise_report.json
+    python benchmarks/dpo_noise.py --summarise benchmarks/results/dpo_noise_report.json --markdown out.md
+
+`--rows`, `--profiles`, `--seeds` restrict a run (several processes can split the work; `--summarise` merges their
+JSON files). Every row starts from the same `builtin:tiny-qwen3`, sees the same pairs in the same order for a seed
+and profile, and trains the same steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
 import torch
+from dpo_noise_rows import REPORT_PLAN, ROWS, wrap_trainer
 
 from discoalign.config.loader import build_config
-from discoalign.data.synthetic import NOISY_TOPIC_NOISE, NOISY_TOPIC_WEIGHTS
+from discoalign.data.synthetic_noise import PROFILES, profile_rows
 from discoalign.eval.calibration import spearman
-from discoalign.eval.report import print_table
 from discoalign.train.dpo.metric import PREDICTION_COLUMNS
 from discoalign.train.dpo.workflow import build_dpo_trainer
 
-# The data's mean flip rate, what cDPO and robust DPO are told (the most they could know).
-MEAN_FLIP = sum(NOISY_TOPIC_NOISE[t] * w for t, w in NOISY_TOPIC_WEIGHTS.items()) / sum(NOISY_TOPIC_WEIGHTS.values())
-CLEAN_MAX, NOISY_MIN = 0.05, 0.4  # "clean" contexts: flip rate <= 0.05; "noisiest": >= 0.4
-# label_smoothing of the cDPO and robust-DPO rows: the better of {0.1, the true mean flip rate} for both on seed 0
-# (0.859 vs 0.834 for cDPO, 0.845 vs 0.801 for robust DPO), i.e. tuned in the baselines' favour.
-BASELINE_LS = 0.1
-
+SPLITS = {"dev": ((0, 1, 2), ("imbalanced", "margin")), "report": ((3, 4, 5, 6, 7), tuple(PROFILES))}
 BASE: dict[str, Any] = {
     "stage": "dpo",
     "model_name_or_path": "builtin:tiny-qwen3",
-    "dataset": "builtin:synthetic-noisy",
-    "eval_dataset": "builtin:synthetic-noisy",  # held out: synthetic_seed + 1
     "cutoff_len": 64,
     "pref_beta": 0.1,
     "per_device_train_batch_size": 16,
@@ -61,119 +58,65 @@ BASE: dict[str, Any] = {
     "plot_loss": False,
     "report_to": "none",
 }
-DYNAMIC = {"add_beta_head": True, "use_dynamic_beta": True}  # the defaults: mean pooling, lr ratio 10
-DISCO = {"add_disco_head": True, "disco_pref": True}  # the defaults: disco_variance_prior 0.03, variance-head lr x10
-ROWS: dict[str, tuple[str, dict[str, Any]]] = {
-    "dpo": ("DPO", {}),
-    "cdpo": (f"cDPO (ls = {BASELINE_LS})", {"label_smoothing": BASELINE_LS}),
-    "robust": (f"robust DPO (ls = {BASELINE_LS})", {"pref_loss": "robust", "label_smoothing": BASELINE_LS}),
-    "beta_dpo": ("beta-DPO", {"pref_beta_mode": "batch"}),
-    "dynamic": ("dynamic beta", DYNAMIC),
-    "disco": ("DiscoDPO", DISCO),
-    "disco_dynamic": ("DiscoDPO + dynamic beta", {**DISCO, **DYNAMIC}),
-    # not in the default table: the baselines told the data's true mean flip rate (worse than BASELINE_LS here)
-    "cdpo_known": (f"cDPO (ls = {MEAN_FLIP:.2f})", {"label_smoothing": round(MEAN_FLIP, 4)}),
-    "robust_known": (
-        f"robust DPO (ls = {MEAN_FLIP:.2f})",
-        {"pref_loss": "robust", "label_smoothing": round(MEAN_FLIP, 4)},
-    ),
-}
-DEFAULT_ROWS = ("dpo", "cdpo", "robust", "beta_dpo", "dynamic", "disco", "disco_dynamic")
 
 
-def context_means(values: np.ndarray, noise: np.ndarray) -> tuple[list[float], list[float]]:
-    """(flip rates, mean of `values`) per context, contexts sorted by flip rate."""
-    levels = sorted(set(noise.tolist()))
-    return levels, [float(values[noise == level].mean()) for level in levels]
+def per_context(values: np.ndarray, contexts: np.ndarray, order: list[str]) -> list[float]:
+    return [float(values[contexts == c].mean()) for c in order]
 
 
-def run_row(key: str, seed: int, ns: argparse.Namespace) -> dict[str, float]:
-    """Train one row for one seed; return its measurements."""
-    name, overrides = ROWS[key]
+def run_one(key: str, setting: dict[str, Any], profile: str, seed: int, ns) -> dict[str, Any]:
+    """Train row `key` at `setting` on `profile` for `seed`; evaluate on the next seed's pairs."""
+    row = ROWS[key]
+    dataset = f"builtin:synthetic-noisy:{profile}"
     raw = {
-        **BASE,
-        **overrides,
-        "seed": seed,
-        "synthetic_seed": 1000 * seed,
-        "synthetic_num_pairs": ns.pairs,
-        "num_train_epochs": ns.epochs,
-        "output_dir": os.path.join(ns.out, f"{key}_seed{seed}"),
-    }
-    raw.update(dict(kv.split("=", 1) for kv in ns.set))
-    cfg = build_config(raw, source=f"benchmarks/dpo_noise.py row {name!r}")
+        **BASE, **row.keys, **setting, "dataset": dataset, "eval_dataset": dataset, "seed": seed,
+        "synthetic_seed": 1000 * seed, "synthetic_num_pairs": ns.pairs, "num_train_epochs": ns.epochs,
+        "output_dir": os.path.join(ns.out, f"{key}_{profile}_seed{seed}"),
+        **dict(kv.split("=", 1) for kv in ns.set),
+    }  # fmt: skip
+    cfg = build_config(raw, source=f"benchmarks/dpo_noise.py row {row.label!r}")
     start = time.time()
     trainer, _ = build_dpo_trainer(cfg)
+    wrap_trainer(trainer, row.wrap)
     trainer.train()
     wall = time.time() - start
     out = trainer.predict(trainer.eval_dataset)
     pred = np.asarray(out.predictions, dtype=np.float64)
     labels = np.asarray(out.label_ids, dtype=np.float64)
     cols = {c: pred[:, i] for i, c in enumerate(PREDICTION_COLUMNS)}
-    d, truth, noise = cols["implicit_margin"], labels[:, 0] - labels[:, 1], labels[:, 2]
+    eval_rows = profile_rows(ns.pairs, 1000 * seed + 1, profile)  # the eval set, in order: its contexts
+    assert len(eval_rows) == len(pred) and np.allclose([r["noise"] for r in eval_rows], labels[:, 2], atol=1e-6)
+    contexts = np.array([r["topic"] for r in eval_rows])
+    noise = labels[:, 2]
+    order = sorted(set(contexts.tolist()), key=lambda c: (noise[contexts == c].mean(), c))
+    d, truth = cols["implicit_margin"], labels[:, 0] - labels[:, 1]
     correct = (np.sign(d) == np.sign(truth)).astype(np.float64)
-    noisiest = noise >= NOISY_MIN
-    clean = noise <= CLEAN_MAX
-    m = {
-        "acc": float(correct.mean()),
-        "acc_noisiest": float(correct[noisiest].mean()),
-        "acc_clean": float(correct[clean].mean()),
-        "wall": wall,
-    }
-    levels, per_context = context_means(correct, noise)
-    m["flip_rates"], m["acc_per_context"] = levels, per_context
-    history = [e for e in trainer.state.log_history if "beta/mean" in e]
-    beta = cols["beta"]
-    if not np.isnan(beta).all():
-        m["beta_mean"] = float(beta.mean())
-        m["beta_clean"] = float(beta[clean].mean())
-        m["beta_noisy"] = float(beta[noisiest].mean())
-        levels, means = context_means(beta, noise)
-        m["beta_per_context"] = means
-        m["beta_spearman"] = spearman(np.array(means), np.array(levels))
-        if history:  # the logged per-batch mean beta: how far it strayed from pref_beta during training
-            m["beta_max_drift"] = max(abs(e["beta/mean"] / cfg.finetuning.pref_beta - 1.0) for e in history)
-    var = (cols["var_chosen"] + cols["var_rejected"]) / 2
-    if not np.isnan(var).all():
-        m["var_clean"] = float(var[clean].mean())
-        m["var_noisy"] = float(var[noisiest].mean())
-        m["var_min"] = float(np.minimum(cols["var_chosen"], cols["var_rejected"]).min())
-        levels, means = context_means(var, noise)
-        m["var_per_context"] = means
-        m["var_spearman"] = spearman(np.array(means), np.array(levels))
+    m: dict[str, Any] = {"row": key, "setting": setting, "profile": profile, "seed": seed, "wall": wall}
+    m["acc"] = float(correct.mean())
+    m["contexts"], m["true_flip_per_context"] = order, per_context(noise, contexts, order)
+    m["acc_per_context"] = per_context(correct, contexts, order)
+    m["true_mean_flip"] = float(noise.mean())
+    for name, column in (("beta", cols["beta"]), ("flip", cols["flip_rate"])):
+        if np.isnan(column).all() or row.wrap == "oracle_flip":
+            continue
+        means = per_context(column, contexts, order)
+        m[f"{name}_per_context"], m[f"{name}_mean"] = means, float(column.mean())
+        if len(set(m["true_flip_per_context"])) > 1 and np.ptp(means) > 0:
+            m[f"{name}_spearman"] = spearman(np.array(means), np.array(m["true_flip_per_context"]))
     return m
 
 
-def plot(results: dict[str, list[dict[str, Any]]], path: str) -> None:
-    """Three panels: true-preference accuracy per context, beta per context, variance per context (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for key, runs in results.items():
-        name = ROWS[key][0]
-        levels = runs[0]["flip_rates"]
-        for ax, field in zip(axes, ("acc_per_context", "beta_per_context", "var_per_context")):
-            if field in runs[0]:
-                values = np.mean([r[field] for r in runs], axis=0)
-                ax.plot(levels, values, marker="o", label=name)
-    titles = ("true-preference accuracy per context", "beta per context", "DiscoDPO variance per context")
-    for ax, title in zip(axes, titles):
-        ax.set_title(title)
-        ax.set_xlabel("label-flip rate of the context")
-        ax.grid(alpha=0.3)
-    axes[1].axhline(BASE["pref_beta"], color="grey", ls="--", lw=1, label="pref_beta")
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+def chosen_settings(dev_files: list[str]) -> dict[str, dict[str, Any]]:
+    """Per row, the grid setting with the best mean true-preference accuracy over the dev runs."""
+    runs = [r for path in dev_files if os.path.exists(path) for r in json.load(open(path, encoding="utf-8"))["runs"]]
+    scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        scores[r["row"]][json.dumps(r["setting"], sort_keys=True)].append(r["acc"])
+    return {row: json.loads(max(s, key=lambda k: statistics.mean(s[k]))) for row, s in scores.items()}
 
 
-def summarise(values: list[float], digits: int = 3) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
+def mean_sd(values: list[float], digits: int = 3) -> str:
+    values = [v for v in values if v is not None and not np.isnan(v)]
     if not values:
         return "-"
     if len(values) == 1:
@@ -181,63 +124,124 @@ def summarise(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def summarise(files: list[str]) -> str:
+    """Markdown: per profile, per row and setting, accuracy mean ± sd, every seed, the difference to DPO per seed, and
+    the heads' correlations with the true flip rate."""
+    runs = [r for path in files for r in json.load(open(path, encoding="utf-8"))["runs"]]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(r["profile"], r["row"], json.dumps(r["setting"], sort_keys=True))].append(r)
+    lines = []
+    for profile in [p for p in PROFILES if any(k[0] == p for k in groups)]:
+        dpo = {r["seed"]: r["acc"] for k, rs in groups.items() if k[:2] == (profile, "dpo") for r in rs}
+        lines += [f"\n### {profile}\n", "| row | setting | true-pref acc. | per seed | minus DPO per seed | "
+                  "e~flip (Spearman) | mean e / true | beta~flip |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for (p, key, setting), rs in sorted(groups.items(), key=lambda kv: list(ROWS).index(kv[0][1])):
+            if p != profile:
+                continue
+            rs = sorted(rs, key=lambda r: r["seed"])
+            seeds = " / ".join(f"{r['acc']:.3f}" for r in rs)
+            diff = " / ".join(f"{r['acc'] - dpo[r['seed']]:+.3f}" if r["seed"] in dpo else "-" for r in rs)
+            flip = mean_sd([r.get("flip_spearman") for r in rs], 2)
+            e = f"{mean_sd([r.get('flip_mean') for r in rs])} / {mean_sd([r['true_mean_flip'] for r in rs])}"
+            beta = mean_sd([r.get("beta_spearman") for r in rs], 2)
+            label = f"{ROWS[key].label} (seeds {', '.join(str(r['seed']) for r in rs)})"
+            lines.append(f"| {label} | {setting} | {mean_sd([r['acc'] for r in rs])} | {seeds} | {diff} | {flip} | "
+                         f"{e if 'flip_mean' in rs[0] else '-'} | {beta} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def acceptance(files: list[str]) -> str:
+    """Issue 21's targets on the runs in `files` (the report split): per profile, the best of the project's rows
+    against the best baseline and DPO, per seed; the flip-rate head's Spearman and mean e."""
+    runs = [r for path in files for r in json.load(open(path, encoding="utf-8"))["runs"]]
+    acc: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for r in runs:
+        acc[(r["profile"], r["row"])][r["seed"]] = r["acc"]
+    lines = ["\n### Targets\n"]
+    for profile in [p for p in PROFILES if any(k[0] == p for k in acc)]:
+        rows = {k[1]: v for k, v in acc.items() if k[0] == profile}
+
+        def best(kind: str, rows=rows) -> str | None:
+            keys = [k for k in rows if ROWS[k].kind == kind]
+            return max(keys, key=lambda k: statistics.mean(rows[k].values())) if keys else None
+
+        ours, base = best("ours"), best("baseline")
+        for other in [o for o in (base, "dpo") if o in rows and ours and o != ours]:
+            seeds = sorted(set(rows[ours]) & set(rows[other]))
+            diffs = [rows[ours][s] - rows[other][s] for s in seeds]
+            if diffs:
+                lines.append(f"* {profile}: best ours {ROWS[ours].label} minus {ROWS[other].label}: "
+                             f"{statistics.mean(diffs):+.3f} (per seed {' / '.join(f'{d:+.3f}' for d in diffs)}; "
+                             f"ahead on {sum(d > 0 for d in diffs)} of {len(diffs)})")  # fmt: skip
+    for r in sorted((r for r in runs if r["row"] == "flip"), key=lambda r: (r["profile"], r["seed"])):
+        lines.append(f"* flip head, {r['profile']} seed {r['seed']}: Spearman(e, flip) {r.get('flip_spearman', 'n/a')}, "
+                     f"mean e {r.get('flip_mean', float('nan')):.3f} vs true {r['true_mean_flip']:.3f}")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=list(ROWS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--split", choices=list(SPLITS), default="dev")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--profiles", nargs="+", default=None, choices=list(PROFILES), help="default: the split's")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the split's")
+    parser.add_argument("--dev-json", nargs="*", default=[], help="report split: the dev results to choose from")
     parser.add_argument("--pairs", type=int, default=3000, help="training pairs (eval: as many, next seed)")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--out", default="saves/dpo_noise")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every row")
-    parser.add_argument("--json", default=None, help="write every measurement to this file")
-    parser.add_argument("--markdown", default=None, help="write the summary table to this file")
-    parser.add_argument("--plot", default=None, help="write the per-context plot (PNG) to this file")
+    parser.add_argument("--json", default=None, help="write every run to this file (rewritten after each run)")
+    parser.add_argument("--summarise", nargs="*", default=None, help="only summarise these JSON files")
+    parser.add_argument("--markdown", default=None)
+    parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run (exploration)")
+    parser.add_argument("--worker", default="0/1", help="k/n: run every n-th job from the k-th (parallel processes)")
+    parser.add_argument("--plan", action="store_true", help="report split: the jobs of REPORT_PLAN, in its order")
     ns = parser.parse_args()
+    if ns.summarise is not None:
+        text = summarise(ns.summarise) + acceptance(ns.summarise)
+        print(text)
+        if ns.markdown:
+            with open(ns.markdown, "w", encoding="utf-8") as f:
+                f.write(text)
+        return
     torch.set_num_threads(ns.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    seeds, profiles = SPLITS[ns.split]
+    seeds, profiles = ns.seeds or seeds, ns.profiles or profiles
+    chosen = chosen_settings(ns.dev_json) if ns.split == "report" else {}
+    worker, workers = (int(x) for x in ns.worker.split("/"))
+    todo = jobs(ns.split, ns.rows, profiles, seeds, chosen, ns.plan)[worker::workers]
+    runs = []
+    for key, setting, profile, seed in todo:
+        try:
+            runs.append(run_one(key, setting, profile, seed, ns))
+        except Exception as e:  # noqa: BLE001 - one failed run must not cost the sweep; it is reported and skipped
+            print(json.dumps({"row": key, "setting": setting, "profile": profile, "seed": seed, "error": repr(e)}))
+            continue
+        print(json.dumps({k: v for k, v in runs[-1].items() if not isinstance(v, list)}), flush=True)
+        if ns.json:
+            os.makedirs(os.path.dirname(ns.json) or ".", exist_ok=True)
+            with open(ns.json + ".tmp", "w", encoding="utf-8") as f:  # replaced whole: a killed sweep leaves valid JSON
+                json.dump({"split": ns.split, "args": vars(ns), "chosen": chosen, "runs": runs}, f)
+            os.replace(ns.json + ".tmp", ns.json)
 
-    results: dict[str, list[dict[str, float]]] = {}
-    for key in ns.rows:
-        results[key] = []
-        for seed in ns.seeds:
-            results[key].append(run_row(key, seed, ns))
-            print(json.dumps({"row": key, "seed": seed, **results[key][-1]}), flush=True)
-    if ns.json:
-        os.makedirs(os.path.dirname(ns.json) or ".", exist_ok=True)
-        with open(ns.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(ns), "mean_flip": MEAN_FLIP, "results": results}, f, indent=1)
 
-    table = []
-    for key, runs in results.items():
+def jobs(split, rows, profiles, seeds, chosen, use_plan: bool) -> list[tuple[str, dict, str, int]]:
+    """(row, setting, profile, seed) in the order to run: dev, every grid setting of every row; report, the chosen
+    setting (a combination row: its parts' settings merged), by `REPORT_PLAN` when `use_plan`."""
+    if split == "dev":
+        # seed-major, so that a sweep cut short has every row's every setting on the same seeds
+        return [(k, st, p, s) for s in seeds for p in profiles for k in rows for st in ROWS[k].grid]
 
-        def col(k: str, digits: int = 3, runs: list = runs) -> str:
-            return summarise([r.get(k) for r in runs if k in r], digits)
+    def setting(key: str) -> dict:
+        if ROWS[key].combines:
+            return {k: v for part in ROWS[key].combines for k, v in setting(part).items()}
+        return chosen.get(key, ROWS[key].grid[0])
 
-        table.append(
-            {
-                "row": ROWS[key][0],
-                "true-pref acc.": col("acc"),
-                f"acc. noisiest (flip >= {NOISY_MIN})": col("acc_noisiest"),
-                "mean beta": col("beta_mean", 4),
-                "beta clean / noisiest": f"{col('beta_clean', 4)} / {col('beta_noisy', 4)}",
-                "beta~flip": col("beta_spearman", 2),
-                "var clean / noisiest": f"{col('var_clean')} / {col('var_noisy')}",
-                "var~flip": col("var_spearman", 2),
-                "min var": col("var_min", 4),
-                "time (s)": col("wall", 0),
-            }
-        )
-    if ns.plot:
-        plot(results, ns.plot)
-    title = f"builtin:synthetic-noisy, {ns.pairs} pairs, {ns.epochs:g} epochs, seeds {ns.seeds} (mean ± sd)"
-    print_table(title, table)
-    if ns.markdown:
-        header = list(table[0])
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(str(row[k]) for k in header) + " |" for row in table]
-        with open(ns.markdown, "w", encoding="utf-8") as f:
-            f.write(title + "\n\n" + "\n".join(lines) + "\n")
+    plan = REPORT_PLAN if use_plan else ((tuple(profiles), tuple(rows)),)
+    return [(k, setting(k), p, s) for ps, ks in plan for p in ps for k in ks if k in rows and p in profiles
+            for s in seeds]  # fmt: skip
 
 
 if __name__ == "__main__":

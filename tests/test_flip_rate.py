@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import dpo_trainer
+from helpers import dpo_trainer, train_recorded
 
 from discoalign.config import build_config
 from discoalign.config.schema import FinetuningArguments, ModelArguments
@@ -232,3 +232,62 @@ def test_reward_trainer_uses_the_head(tmp_path):
     before = trainer.model.flip_head.summary.bias.detach().clone()
     trainer.train()
     assert not torch.equal(trainer.model.flip_head.summary.bias, before)
+
+
+# ---- the interior beta head (`beta_head_kind: exp`) ----------------------------------------------------------
+
+
+def test_exp_beta_head_centring_gives_zero_mean_log_scale_for_any_weight():
+    from discoalign.models.heads import BetaHead
+
+    torch.manual_seed(0)
+    features = torch.randn(40, 8) * 2 + 3
+    head = BetaHead(8, 0.8, kind="exp")
+    head.train()(features)  # folds the data into the running mean (the offset c stays 0 for this kind)
+    with torch.no_grad():
+        head.summary.weight.normal_()
+    s = head.eval()(features)
+    assert head.logit_offset.item() == 0.0
+    assert abs(torch.log(s).mean().item()) < 1e-5  # E[log s] = E[u] = 0 over the data
+    u = (features - features.mean(0)) @ head.summary.weight.squeeze(0)
+    assert torch.allclose(s, torch.exp(u), rtol=1e-5)  # s = exp(u), unbounded above and below
+
+
+def test_exp_beta_head_penalty_by_hand():
+    torch.manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(5) for _ in range(4))
+    u = torch.tensor([-0.5, 0.0, 0.3, 1.0, -1.2], requires_grad=True)
+    batch = PairBatch(pc, pr, rc, rr, torch.ones(5), torch.ones(5), prompt_heads={"beta_head": torch.exp(u)})
+    lam, beta = 2.0, 0.1
+    out = DPOObjective(DPOSettings(pref_beta=beta, beta_source="head", beta_log_prior=lam))(batch, training=True)
+    out.loss.backward()
+    d = (pc - rc) - (pr - rr)
+    for i in range(5):
+        ui, di = u[i].item(), d[i].item()
+        z = beta * math.exp(ui) * di
+        assert out.losses[i].item() == pytest.approx(-math.log(_sig(z)) + lam / 2 * ui**2, rel=1e-5)
+        # d/du: the likelihood's pull -z s(-z) plus the Gaussian prior's lam u: zero at an interior u
+        assert u.grad[i].item() == pytest.approx((-z * _sig(-z) + lam * ui) / 5, rel=1e-4, abs=1e-7)
+    # without the prior (the tanh head's setting) the same call has no penalty
+    plain = DPOObjective(DPOSettings(pref_beta=beta, beta_source="head"))(batch, training=True)
+    assert torch.allclose(plain.losses, -F.logsigmoid(beta * torch.exp(u.detach()) * d))
+
+
+def test_margin_scale_is_a_bias_corrected_running_rms_updated_in_training_only():
+    from discoalign.losses.flip import MarginScale
+
+    scale = MarginScale()
+    assert scale(torch.tensor([3.0, 4.0]), training=False) == 1.0  # nothing seen yet
+    assert scale(torch.tensor([3.0, 4.0]), training=True) == pytest.approx(math.sqrt(12.5))  # first batch: its RMS
+    r = MarginScale.RATE
+    expected = ((1 - r) * r * 12.5 + r * 1.5) / ((1 - r) * r + r)
+    assert scale(torch.tensor([1.0, -1.0, 2.0, 0.0]) * 1.0, training=True) == pytest.approx(math.sqrt(expected))
+    assert scale(torch.tensor([100.0]), training=False) == pytest.approx(math.sqrt(expected))  # eval reads only
+
+
+def test_unused_flip_head_changes_no_number(tmp_path):
+    plain_losses, plain_weights, _ = train_recorded(dpo_trainer(tmp_path / "plain", RUN))
+    losses, weights, trainer = train_recorded(dpo_trainer(tmp_path / "head", RUN, add_flip_head=True))
+    assert torch.equal(plain_losses, losses)
+    assert all(torch.equal(plain_weights[k], weights[k]) for k in plain_weights)
+    assert torch.equal(trainer.model.flip_head.summary.weight, torch.zeros_like(trainer.model.flip_head.summary.weight))

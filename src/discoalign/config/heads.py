@@ -73,6 +73,17 @@ class HeadArguments:
             "help": "Strength of the Beta prior on 2 e(x): pseudo-pairs per pair (0 turns it off; docs/noisy_labels.md)."
         },
     )
+    beta_head_kind: Literal["tanh", "exp"] = field(
+        default="tanh",
+        metadata={
+            "help": "DPO's beta head: `tanh`, s = 1 + eps * tanh(u - c) (bounded), or `exp`, s = exp(u) with "
+            "E[log s] = 0 and a Gaussian penalty on u (interior optimum; docs/dynamic_beta.md)."
+        },
+    )
+    beta_head_prior: float = field(
+        default=1.0,
+        metadata={"help": "`beta_head_kind: exp`: strength lambda of the penalty lambda/2 * (log s(x))^2 per pair."},
+    )
     disco_variance_prior: float = field(
         default=0.03,
         metadata={

@@ -44,6 +44,7 @@ class HeadPlan:
     beta_centered: bool = True
     beta_pooling: str = field(default_factory=lambda: schema_default(HeadArguments, "beta_head_pooling"))
     flip_prior_mean: float = field(default_factory=lambda: schema_default(HeadArguments, "flip_prior_mean"))
+    beta_kind: str = field(default_factory=lambda: schema_default(HeadArguments, "beta_head_kind"))
 
     def __post_init__(self) -> None:
         order = [spec.name for spec in HEAD_SPECS]
@@ -74,12 +75,13 @@ class HeadPlan:
             beta_centered=ft.stage != "ppo",
             beta_pooling=ft.beta_head_pooling,
             flip_prior_mean=ft.flip_prior_mean,
+            beta_kind=ft.beta_head_kind,
         )
 
     def settings(self) -> dict[str, Any]:
         """What `heads_config.json` records of the settings (read back by `from_heads_config`)."""
         return {"head_dropout": self.dropout, "head_init_std": self.init_std, "beta_head_epsilon": self.beta_epsilon,
-                "beta_head_pooling": self.beta_pooling, "flip_prior_mean": self.flip_prior_mean}  # fmt: skip
+                "beta_head_pooling": self.beta_pooling, "flip_prior_mean": self.flip_prior_mean, "beta_head_kind": self.beta_kind}  # fmt: skip
 
     @classmethod
     def from_heads_config(cls, config: dict[str, Any], names: tuple[str, ...]) -> HeadPlan:
@@ -91,6 +93,7 @@ class HeadPlan:
             "beta_centered": config.get("beta_head_centered"),
             "beta_pooling": config.get("beta_head_pooling"),
             "flip_prior_mean": config.get("flip_prior_mean"),
+            "beta_kind": config.get("beta_head_kind"),
         }
         return dataclasses.replace(plan, **{k: v for k, v in saved.items() if v is not None})
 

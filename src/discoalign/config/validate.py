@@ -77,6 +77,10 @@ def _validate_heads(ft: FinetuningArguments, fail) -> list[str]:
     epsilon_error = beta_epsilon_error(ft.beta_head_epsilon)
     if epsilon_error:
         fail(epsilon_error)
+    if ft.beta_head_kind == "exp" and ft.add_beta_head and ft.stage != "dpo":
+        fail(f"`beta_head_kind: exp` is DPO's centred beta head; `stage: {ft.stage}` uses the bounded `tanh` head.")
+    if ft.beta_head_prior < 0:
+        fail(f"`beta_head_prior` is {ft.beta_head_prior}; it must be 0 (off) or positive.")
     for spec in HEAD_SPECS:
         ratio = getattr(ft, spec.lr_ratio_key) if spec.lr_ratio_key else None
         if ratio is not None and ratio <= 0:

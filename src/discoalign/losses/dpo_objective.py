@@ -8,6 +8,7 @@
            + lambda/2 [(log var_w)^2 + (log var_l)^2]   (DiscoDPO: the variance prior, `losses.variance`)
            + pref_ftx * (-log pi(y_w) / |y_w|)           (the SFT term on chosen responses, LlamaFactory's `pref_ftx`)
     loss   = mean_i loss_i                  (over the pairs beta-DPO's filter keeps)
+           + lambda/2 (log s(x))^2       (`beta_head_kind: exp`: the beta head's Gaussian prior)
     with `flip_rate` (the flip-rate head's e(x), `losses.flip`), the sigmoid term is the forward-corrected
     -log((1 - e) sigmoid(beta d) + e sigmoid(-beta d)), and the head's calibration and Beta prior are added.
 
@@ -26,7 +27,7 @@ import torch
 from .beta_dpo import beta_dpo_batch, update_margin_statistics
 from .dpo import dpo_loss
 from .dpo_metrics import step_metrics
-from .flip import flip_corrected_losses
+from .flip import MarginScale, flip_corrected_losses
 from .pair import PairBatch
 from .reference_free import REFERENCE_FREE_LOSS_TYPES, orpo_loss, simpo_loss
 from .variance import log_variance_prior
@@ -51,6 +52,7 @@ class DPOSettings:
     flip_rate: bool = False
     flip_prior_mean: float = 0.0
     flip_prior_strength: float = 0.0
+    beta_log_prior: float = 0.0
 
 
 @dataclass
@@ -84,6 +86,7 @@ class DPOObjective:
         # beta-DPO's running margin statistics (`losses.beta_dpo`); None until the first training batch.
         self.margin_mean: torch.Tensor | None = None
         self.margin_std: torch.Tensor | None = None
+        self.flip_margin_scale = MarginScale()  # the flip-rate head's running RMS of beta d (`losses.flip`)
 
     def beta(self, batch: PairBatch, training: bool) -> tuple[float | torch.Tensor, torch.Tensor | None]:
         """The batch's beta and, for beta-DPO in training, the mask of the pairs its filter keeps."""
@@ -162,7 +165,10 @@ class DPOObjective:
             rejected_var=batch.rejected_var if use_var else None,
         )
         if s.flip_rate:
-            losses = self.flip_term(scaled, beta, batch.prompt_heads)
+            losses = self.flip_term(scaled, beta, batch.prompt_heads, training)
+        if s.beta_log_prior and s.beta_source == "head":
+            # `beta_head_kind: exp`: a Gaussian prior on u = log s(x) (docs/dynamic_beta.md §6), interior optimum.
+            losses = losses + 0.5 * s.beta_log_prior * torch.log(batch.beta_scale.float()) ** 2
         if use_var and s.variance_prior:
             # Anchors the variance scale (losses/variance.py, docs/disco_variance.md).
             losses = (
@@ -186,13 +192,12 @@ class DPOObjective:
             metrics["flip_rate/scale"] = batch.prompt_heads["flip_head/scale"].detach().float().mean()
         return PairLoss(loss, losses, scaled, beta, chosen_rewards, rejected_rewards, keep, metrics)
 
-    def flip_term(self, scaled: PairBatch, beta: float | torch.Tensor, heads) -> torch.Tensor:
+    def flip_term(self, scaled: PairBatch, beta: float | torch.Tensor, heads, training: bool) -> torch.Tensor:
         """The forward-corrected likelihood of `losses.flip` at z = beta d (the sigmoid loss without smoothing)."""
         s = self.settings
         d = (scaled.chosen_logps.float() - scaled.ref_chosen_logps.float()) - (
             scaled.rejected_logps.float() - scaled.ref_rejected_logps.float()
         )
         z = (beta.float() if isinstance(beta, torch.Tensor) else beta) * d
-        return flip_corrected_losses(
-            z, heads["flip_head"], heads["flip_head/scale"], s.flip_prior_mean, s.flip_prior_strength
-        )
+        slope = heads["flip_head/scale"] / self.flip_margin_scale(z, training)
+        return flip_corrected_losses(z, heads["flip_head"], slope, s.flip_prior_mean, s.flip_prior_strength)

@@ -9,13 +9,16 @@ and the loss is `-log P`, computed as `-logaddexp(log(1 - e) + logsigmoid(z), lo
 train on two terms (the "Identification" section of the docs):
 
 * the policy (reward model) on `-log P(z, stop_grad(e))`;
-* the head on `-log P(gamma * stop_grad(z), e)` plus the Beta prior on `2 e`, with `gamma` the head's calibration
-  scale: e(x) is the lapse rate of a logistic curve fitted to the detached margins, not a free temperature.
+* the head on `-log P(gamma * stop_grad(z) / r, e)` plus the Beta prior on `2 e`, with `gamma` the head's calibration
+  scale and `r` the running root-mean-square of the detached margins (`MarginScale`): e(x) is the lapse rate of a
+  logistic curve fitted to the standardised margins, not a free temperature.
 
 Pure functions over tensors; every per-pair tensor (B,).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,16 +43,37 @@ def flip_prior(e: torch.Tensor, mean: float, strength: float) -> torch.Tensor:
     return strength * kl
 
 
+class MarginScale:
+    """Running root-mean-square `r` of the detached margins z over training batches (an exponential average with
+    rate `RATE`, bias-corrected), so the head's term reads `z / r` whatever scale the policy's margins have reached:
+    its slope `gamma` then only learns the shape of the agreement curve. 1 before the first training batch."""
+
+    RATE = 0.02
+
+    def __init__(self) -> None:
+        self.mean_square, self.weight = 0.0, 0.0
+
+    def __call__(self, z: torch.Tensor, training: bool) -> float:
+        if training:
+            value = float(z.detach().float().pow(2).mean())
+            self.mean_square = (1 - self.RATE) * self.mean_square + self.RATE * value
+            self.weight = (1 - self.RATE) * self.weight + self.RATE
+        if self.weight == 0 or self.mean_square <= 0:
+            return 1.0
+        return math.sqrt(self.mean_square / self.weight)
+
+
 def flip_corrected_losses(
     z: torch.Tensor, e: torch.Tensor, scale: torch.Tensor | float = 1.0, prior_mean: float = 0.0, prior_strength=0.0
 ) -> torch.Tensor:
     """Per-pair loss of the module docstring. Its value is the forward-corrected `-log P(z, e)`; its gradient is the
-    policy's term's (in z, e fixed) plus the head's term's (in e and `scale`, z detached), prior included.
+    policy's term's (in z, e fixed) plus the head's term's (in e and `scale`, z detached), prior included. `scale`
+    already holds gamma / r.
 
     Args:
         z: (B,) logits with gradient (beta d, or the reward margin).
         e: (B,) flip rates in [0, 1/2) with gradient (the head's output).
-        scale: the head's calibration scale gamma (a (B,) tensor or a float).
+        scale: the head's calibration slope over the margins' scale, gamma / r (a (B,) tensor or a float).
     """
     policy = forward_corrected_nll(z, e.detach())
     head = forward_corrected_nll(scale * z.detach().float(), e) + flip_prior(e, prior_mean, prior_strength)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flip import flip_corrected_losses
+from .flip import MarginScale, flip_corrected_losses
 from .reward import bt_reward_loss, center_rewards_penalty, disco_reward_loss, reward_difference
 from .variance import log_variance_prior
 
@@ -59,8 +59,9 @@ class RewardObjective:
 
     def __init__(self, settings: RewardSettings) -> None:
         self.settings = settings
+        self.flip_margin_scale = MarginScale()  # the flip-rate head's running RMS of the reward margin
 
-    def __call__(self, pairs: RewardPairs) -> RewardLoss:
+    def __call__(self, pairs: RewardPairs, training: bool = False) -> RewardLoss:
         s = self.settings
         mu_c, mu_r, var_c, var_r = pairs.chosen_mean, pairs.rejected_mean, pairs.chosen_var, pairs.rejected_var
         if s.uses_variance:
@@ -71,10 +72,9 @@ class RewardObjective:
                     losses + log_variance_prior(var_c, s.variance_prior) + log_variance_prior(var_r, s.variance_prior)
                 )
         elif s.flip_rate:
-            losses = flip_corrected_losses(
-                reward_difference(mu_c, mu_r, pairs.margin), pairs.flip_rate, pairs.flip_scale,
-                s.flip_prior_mean, s.flip_prior_strength,
-            )  # fmt: skip
+            diff = reward_difference(mu_c, mu_r, pairs.margin)
+            slope = pairs.flip_scale / self.flip_margin_scale(diff, training)
+            losses = flip_corrected_losses(diff, pairs.flip_rate, slope, s.flip_prior_mean, s.flip_prior_strength)
         else:
             losses = bt_reward_loss(mu_c, mu_r, pairs.margin)
         loss = losses.mean()

@@ -134,11 +134,12 @@ class BetaHead(FeatureCentring, nn.Module):
     # a centred head has no bias. A missing one keeps its fresh value (bias 0, no statistics yet).
     OPTIONAL_STATE_KEYS = ("summary.bias", "feature_mean", "feature_count", "logit_offset")
 
-    def __init__(self, hidden_size: int, epsilon: float, centered: bool = True) -> None:
+    def __init__(self, hidden_size: int, epsilon: float, centered: bool = True, kind: str = "tanh") -> None:
         # epsilon in (0, 1) is checked where heads are planned (`config.plan.HeadPlan`, `config.heads`)
         super().__init__()
         self.epsilon = epsilon
         self.centered = centered
+        self.kind = kind  # `exp`: s = exp(u), E[log s] = E[u] = 0 by the centring alone (docs/dynamic_beta.md §6)
         if centered:
             layer = nn.Linear(hidden_size, 1, bias=False, device="meta", dtype=torch.float32)
             layer.to_empty(device="cpu")
@@ -167,13 +168,16 @@ class BetaHead(FeatureCentring, nn.Module):
         if self.training and self.track_statistics:
             self.update_statistics(h)
         logit = self.summary(h - self.feature_mean).squeeze(-1) - self.logit_offset
-        if self.training:
+        if self.training and self.kind == "tanh":
             with torch.no_grad():
                 self.logit_offset.add_(OFFSET_RATE * _global_sum(torch.tanh(logit.detach()).sum()))
         return logit
 
     def forward(self, ref_hidden: torch.Tensor) -> torch.Tensor:
-        """ref_hidden: (B, H) -> s(x): (B,) fp32 in (1 - eps, 1 + eps). In training mode, also updates statistics."""
+        """ref_hidden: (B, H) -> s(x): (B,) fp32 in (1 - eps, 1 + eps) (`tanh`), or exp(u) > 0 (`exp`). In training
+        mode, also updates statistics."""
+        if self.kind == "exp":
+            return torch.exp(self.logit(ref_hidden))
         return 1.0 + self.epsilon * torch.tanh(self.logit(ref_hidden))
 
 
@@ -212,7 +216,9 @@ class FlipRateHead(FeatureCentring, nn.Module):
 HEAD_MODULES: dict[str, Callable[[int, HeadPlan], nn.Module]] = {
     "value_head": lambda hidden, plan: ValueHead(hidden, plan.dropout, plan.init_std),
     "variance_head": lambda hidden, plan: VarianceHead(hidden, plan.dropout),
-    "beta_head": lambda hidden, plan: BetaHead(hidden, plan.beta_epsilon, centered=plan.beta_centered),
+    "beta_head": lambda hidden, plan: BetaHead(
+        hidden, plan.beta_epsilon, centered=plan.beta_centered, kind=plan.beta_kind
+    ),
     "flip_head": lambda hidden, plan: FlipRateHead(hidden, plan.flip_prior_mean),
 }
 """Head name -> its builder `(hidden_size, HeadPlan) -> module`; the names are `config.heads.HEAD_NAMES`."""

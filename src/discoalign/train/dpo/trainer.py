@@ -106,6 +106,7 @@ class DPOTrainer(DiscoTrainer):
                 flip_rate=self.plan.uses_flip_rate,
                 flip_prior_mean=ft.flip_prior_mean,
                 flip_prior_strength=ft.flip_prior_strength,
+                beta_log_prior=ft.beta_head_prior if self.plan.heads.beta_kind == "exp" else 0.0,
             )
         )
         disable_dropout(self._policy().backbone)

@@ -113,7 +113,7 @@ class RewardTrainer(DiscoTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pairs, _ = self.pair_scores(model, inputs, with_variance=self.plan.uses_variance)
-        result = self.objective(pairs)
+        result = self.objective(pairs, training=model.training)
         if model.training:
             self.store_metrics(result.metrics, "train")
         if return_outputs:
