@@ -50,7 +50,7 @@ TRAP_VALUE = -1.0
 TRAP_FRACTION = 0.3
 KINDS = ("unseen-pieces", "seen-pieces", "rare-items")
 ENSEMBLE_K = 4
-KAPPA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # risk aversion, chosen per selector on the dev seeds
+KAPPA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # risk aversion, chosen per selector on the dev seeds
 REPORT_N = 256  # the N kappa is chosen at and the acceptance bar is read at
 
 

@@ -37,7 +37,7 @@ from discoalign.models.epistemic.laplace import curvature, evidence_precision, f
 
 MODEL = "/root/.cache/discoalign/models/smollm2-135m-instruct"
 DATA = "/work/shared/data"
-KAPPA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+KAPPA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 SYSTEM = [{"role": "system", "content": ""}]
 
 
@@ -246,6 +246,38 @@ def bon_curve(scores: np.ndarray, gold: np.ndarray, ns_list: list[int]) -> np.nd
     return np.array(out)
 
 
+def bucket_check(sizes=(10_000, 100_000, 1_000_000, 4_000_000), fresh: int = 20_000) -> dict[str, float]:
+    """Fraction of never-seen token pairs `TokenNovelty` still flags as unseen after `n` distinct training pairs went
+    into its 2^18 hashed buckets (exp(-n / 2^18) for a uniform hash)."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 49_152
+    out = {}
+    for n in sizes:
+        term = TokenNovelty(vocab)
+        pairs = torch.randint(0, vocab, (n + fresh, 2), generator=g)
+        term.bigram += torch.bincount(term._pair_bucket(pairs[:n, 0], pairs[:n, 1]), minlength=term.buckets)
+        new = pairs[n:]
+        flagged = term.bigram[term._pair_bucket(new[:, 0], new[:, 1])] == 0
+        out[str(n)] = float(flagged.float().mean())
+    return out
+
+
+def data_size_check(train_resp: list[list[int]], held: list[list[int]], vocab: int) -> dict[str, float]:
+    """Mean novelty (unseen tokens + pairs) and fraction of held-out responses with any, by training-set size."""
+    out = {}
+    for n in (25, 50, 100, len(train_resp) // 2):
+        term = TokenNovelty(vocab).fit(train_resp[: 2 * n])
+        width = max(len(r) for r in held)
+        ids = torch.zeros(len(held), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(held):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        nov = term.novelty(ids, mask)
+        out[str(n)] = [float(nov.mean()), float((nov > 0).float().mean())]
+    return out
+
+
 def proxy_data(seed: int, o: argparse.Namespace, feats: torch.Tensor, chosen, rejected, train_idx: list[int]):
     rng = random.Random(seed)
     idx = rng.sample(train_idx, o.proxy_pairs)
@@ -321,6 +353,9 @@ def main(rest: list[str], ns: argparse.Namespace) -> dict[str, Any]:
         seeds.append(res)
     summary = summarise(seeds, ns_list, o, gold_lambda, bb.tokens_run, time.time() - t0, t_pairs)
     summary["generation_feature_rel_error"] = feature_check
+    summary["novelty_buckets_fresh_pair_flagged"] = bucket_check()
+    train_resp = [r for i in train_idx for r in (chosen[i], rejected[i])]
+    summary["novelty_by_training_pairs"] = data_size_check(train_resp, held_resp, len(bb.tok))
     summary["candidate_lengths"] = [
         float(np.mean([len(r) for rs in cands for r in rs])),
         float(np.mean([len(r) == o.new_tokens - 1 for rs in cands for r in rs])),
