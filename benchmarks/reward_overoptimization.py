@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rmo_rare import RARE_WORDS, novelty_checker, rare_pair_rows, rare_pool, rare_windows, write_rows
 
 from discoalign.cli.demo.rm import RM_DEMO_CONFIG
 from discoalign.config.loader import build_config
@@ -47,9 +48,10 @@ from discoalign.train.tuner import run_exp
 
 TRAP_VALUE = -1.0
 TRAP_FRACTION = 0.3
-KINDS = ("unseen-pieces", "seen-pieces")
+KINDS = ("unseen-pieces", "seen-pieces", "rare-items")
 ENSEMBLE_K = 4
-KAPPAS = (1.0, 4.0)
+KAPPA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # risk aversion, chosen per selector on the dev seeds
+REPORT_N = 256  # the N kappa is chosen at and the acceptance bar is read at
 
 
 # ---- candidates ------------------------------------------------------------------------------------------
@@ -180,15 +182,19 @@ def p_correct(p: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 # ---- one seed --------------------------------------------------------------------------------------------
 
+# Reward models per seed: name -> (Disco, epistemic kind). A model with another epistemic kind is the same run bit
+# for bit (the term is fitted after training), so each estimator is read off its own copy.
+MODELS = {"bt": (False, "token_novelty"), "bt_laplace": (False, "laplace"),
+          "disco": (True, "token_novelty"), "disco_laplace": (True, "laplace")}  # fmt: skip
 
-def train_rm(out: str, seed: int, data_seed: int, pairs: int, epochs: float, disco: bool, epistemic: bool) -> float:
-    raw = dict(RM_DEMO_CONFIG, output_dir=out, seed=seed, synthetic_seed=data_seed, synthetic_num_pairs=pairs,
-               num_train_epochs=epochs, do_eval=False, eval_strategy="no", eval_dataset=None, plot_loss=False,
-               logging_steps=1000, disable_tqdm=True, report_to="none")  # fmt: skip
+
+def train_rm(out: str, seed: int, data_seed: int, ns: argparse.Namespace, disco: bool, epistemic: str) -> float:
+    raw = dict(RM_DEMO_CONFIG, output_dir=out, seed=seed, synthetic_seed=data_seed, synthetic_num_pairs=ns.pairs,
+               num_train_epochs=ns.epochs, do_eval=False, eval_strategy="no", eval_dataset=None, plot_loss=False,
+               logging_steps=1000, disable_tqdm=True, report_to="none", epistemic=epistemic,
+               dataset=f"builtin:synthetic,{ns.rare_file}")  # fmt: skip
     if disco:
         raw.update(add_disco_head=True, disco_pref=True)
-    if epistemic:
-        raw["epistemic"] = "token_novelty"
     if os.path.isdir(out):
         shutil.rmtree(out)
     t0 = time.time()
@@ -203,164 +209,210 @@ def score_all(path: str, items: list[tuple[list[int], list[int]]], disco: bool) 
     return {k: np.array([l[k] for l in lines]) for k in keys if k in lines[0]}
 
 
-def run_seed(seed: int, ns: argparse.Namespace, tokenizer) -> dict[str, Any]:
-    root = os.path.join(ns.out, f"seed{seed}")
-    data_seed = seed
-    costs: dict[str, float] = {}
-    paths = {"bt": os.path.join(root, "bt"), "disco": os.path.join(root, "disco")}
-    costs["bt"] = train_rm(paths["bt"], seed, data_seed, ns.pairs, ns.epochs, disco=False, epistemic=True)
-    costs["disco"] = train_rm(paths["disco"], seed, data_seed, ns.pairs, ns.epochs, disco=True, epistemic=True)
+def train_all(root: str, seed: int, ns: argparse.Namespace) -> tuple[dict[str, str], list[str], dict[str, float]]:
+    paths = {name: os.path.join(root, name) for name in MODELS}
+    costs = {name: train_rm(paths[name], seed, seed, ns, *spec) for name, spec in MODELS.items()}
     members = [paths["bt"]]
     costs["ensemble"] = costs["bt"]
     for k in range(1, ENSEMBLE_K):
         path = os.path.join(root, f"bt_member{k}")
-        costs["ensemble"] += train_rm(path, seed + 100 * k, data_seed, ns.pairs, ns.epochs, disco=False,
-                                      epistemic=False)  # fmt: skip
+        costs["ensemble"] += train_rm(path, seed + 100 * k, seed, ns, False, "none")
         members.append(path)
+    return paths, members, costs
 
-    train_rows = synthetic_pair_rows(ns.pairs, data_seed)
-    seen = training_pieces(tokenizer, train_rows)
+
+def selectors(scored: dict[str, dict[str, np.ndarray]], member_means: list[np.ndarray]):
+    """Plain selectors (name -> scores) and risk-averse ones (name -> (mean, sigma)); the ensemble's members are
+    standardised over the texts (Coste et al. 2024)."""
+    z = np.stack([(m - m.mean()) / m.std() for m in member_means])
+    bt, btl, dc, dcl = (scored[k] for k in MODELS)
+    plain = {"BT mean": bt["mean"], "Disco mean": dc["mean"], "ensemble K=4 mean": z.mean(0)}
+    risk = {
+        "BT + token_novelty": (bt["mean"], np.sqrt(bt["epistemic_variance"])),
+        "BT + laplace": (btl["mean"], np.sqrt(btl["epistemic_variance"])),
+        "Disco aleatoric": (dc["mean"], np.sqrt(dc["aleatoric_variance"])),
+        "Disco + token_novelty (total)": (dc["mean"], np.sqrt(dc["aleatoric_variance"] + dc["epistemic_variance"])),
+        "Disco + laplace (total)": (dcl["mean"], np.sqrt(dcl["aleatoric_variance"] + dcl["epistemic_variance"])),
+        "ensemble K=4": (z.mean(0), z.std(0)),
+    }
+    return plain, risk
+
+
+def build_texts(seed: int, ns: argparse.Namespace, tokenizer):
+    """Every (prompt, response) to score: a pool per kind and prompt, then held-out pairs; and each kind's pools."""
+    train_rows = synthetic_pair_rows(ns.pairs, seed)
+    rare_rows = rare_pair_rows(seed)
+    seen = training_pieces(tokenizer, train_rows + rare_rows)
+    checker = novelty_checker(tokenizer, train_rows + rare_rows)
+    windows = rare_windows(rare_rows)
     rng = random.Random(10_000 + seed)
     prompts = [[{"role": "user", "content": f"Topic: {rng.choice(TOPICS)}. Describe a {rng.choice(NOUNS)}."}]
                for _ in range(ns.prompts)]  # fmt: skip
-
-    # every text to score: pools of both kinds, held-out pairs
     texts: list[tuple[list[dict[str, str]], str]] = []
     pools = {}
     for kind in KINDS:
-        traps = trap_words(tokenizer, seen, kind)
+        traps = list(RARE_WORDS) if kind == "rare-items" else trap_words(tokenizer, seen, kind)
         pools[kind] = {"traps": traps, "gold": [], "trap": [], "start": len(texts)}
         for prompt in prompts:
-            pool = candidate_pool(rng, traps, ns.pool)
+            if kind == "rare-items":
+                pool = rare_pool(rng, prompt, windows, checker, tokenizer, ns.pool, TRAP_FRACTION)
+            else:
+                pool = candidate_pool(rng, traps, ns.pool)
             pools[kind]["gold"].append([g for _, g, _ in pool])
             pools[kind]["trap"].append([t for _, _, t in pool])
             texts += [(prompt, text) for text, _, _ in pool]
-    eval_rows = synthetic_pair_rows(ns.eval_pairs, data_seed + 1000)
     eval_start = len(texts)
-    for row in eval_rows:
+    for row in synthetic_pair_rows(ns.eval_pairs, seed + 1000):
         texts += [(row["prompt"], row["chosen"][0]["content"]), (row["prompt"], row["rejected"][0]["content"])]
-    items = []
-    for prompt, text in texts:
-        encoded = encode_prompt_response(tokenizer, prompt, [{"role": "assistant", "content": text}], 64)
-        items.append(encoded)
+    return texts, pools, eval_start
 
-    t0 = time.time()
-    scored = {"bt": score_all(paths["bt"], items, False), "disco": score_all(paths["disco"], items, True)}
-    member_means = [scored["bt"]["mean"]] + [score_all(p, items, False)["mean"] for p in members[1:]]
-    score_time = time.time() - t0
 
-    # selectors over all texts (the ensemble's members are standardised over the texts, Coste et al.)
-    z = np.stack([(m - m.mean()) / m.std() for m in member_means])
-    ens_mean, ens_std = z.mean(0), z.std(0)
-    bt, dc = scored["bt"], scored["disco"]
-    bt_sigma_epi = np.sqrt(bt["epistemic_variance"])
-    dc_total = dc["aleatoric_variance"] + dc["epistemic_variance"]
-    selectors = {
-        "BT mean": bt["mean"],
-        "Disco mean": dc["mean"],
-        "Disco mean - 1 sigma (aleatoric)": dc["mean"] - np.sqrt(dc["aleatoric_variance"]),
-        "BT + novelty: mean - 1 sigma": bt["mean"] - bt_sigma_epi,
-        "Disco + novelty: mean - 1 sigma (total)": dc["mean"] - np.sqrt(dc_total),
-        "ensemble K=4 mean": ens_mean,
-    }
-    for kappa in KAPPAS:
-        selectors[f"ensemble K=4 mean - {kappa:g} std"] = ens_mean - kappa * ens_std
+def kind_result(pool, ns, ns_list, scored, plain, risk, seed: int) -> dict[str, Any]:
+    """Best-of-n curves (and trap picks at the largest N) of every selector on one kind's pools; sigma on trap and
+    other candidates; pair metrics on pairs of candidates (gold labels)."""
+    start = pool["start"]
+    sl = slice(start, start + ns.prompts * ns.pool)
+    gold = np.array(pool["gold"])
+    trap = np.array(pool["trap"])
 
-    ns_list = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if n <= ns.pool]
-    result: dict[str, Any] = {"seed": seed, "costs_s": costs, "score_time_s": score_time, "n": ns_list, "kinds": {}}
-    for kind in KINDS:
-        start = pools[kind]["start"]
-        stop = start + ns.prompts * ns.pool
-        gold = np.array(pools[kind]["gold"])
-        trap = np.array(pools[kind]["trap"])
-        kind_result: dict[str, Any] = {"traps": pools[kind]["traps"], "best_possible": float(gold.max(1).mean()),
-                                       "curves": {}, "trap_pick_rate_at_max_n": {}}  # fmt: skip
-        for name, values in selectors.items():
-            s = values[start:stop].reshape(ns.prompts, ns.pool)
-            kind_result["curves"][name] = bon_curve(s, gold, ns_list).tolist()
-            kind_result["trap_pick_rate_at_max_n"][name] = float(trap[np.arange(ns.prompts), s.argmax(1)].mean())
-        # uncertainty on trap vs ordinary candidates
-        sl = slice(start, stop)
-        flat_trap = trap.reshape(-1)
-        kind_result["sigma_trap_vs_rest"] = {
-            "Disco aleatoric": [float(np.sqrt(dc["aleatoric_variance"][sl])[flat_trap].mean()),
-                                float(np.sqrt(dc["aleatoric_variance"][sl])[~flat_trap].mean())],
-            "novelty (BT)": [float(bt_sigma_epi[sl][flat_trap].mean()), float(bt_sigma_epi[sl][~flat_trap].mean())],
-            "ensemble std": [float(ens_std[sl][flat_trap].mean()), float(ens_std[sl][~flat_trap].mean())],
-        }  # fmt: skip
-        kind_result["mean_trap_vs_rest"] = {
-            "BT": [float(bt["mean"][sl][flat_trap].mean()), float(bt["mean"][sl][~flat_trap].mean())],
-        }
-        # pairs of candidates (gold labels): calibration and selective prediction where unseen content occurs
-        prng = np.random.default_rng(seed)
-        a = prng.integers(start, stop, size=ns.eval_pairs)
-        b = prng.integers(start, stop, size=ns.eval_pairs)
-        g = gold.reshape(-1)
-        keep = g[a - start] != g[b - start]
-        a, b = a[keep], b[keep]
-        y = (g[a - start] > g[b - start]).astype(float)
-        kind_result["pairs"] = pair_table(bt, dc, a, b, y)
-        result["kinds"][kind] = kind_result
+    def curve(values: np.ndarray) -> tuple[list[float], float]:
+        s = values[sl].reshape(ns.prompts, ns.pool)
+        return bon_curve(s, gold, ns_list).tolist(), float(trap[np.arange(ns.prompts), s.argmax(1)].mean())
 
-    a = np.arange(eval_start, len(texts), 2)
-    b = a + 1
-    y = np.ones(len(a))  # observed labels: chosen wins
-    result["heldout_pairs"] = pair_table(bt, dc, a, b, y)
+    kr: dict[str, Any] = {"traps": pool["traps"], "best_possible": float(gold.max(1).mean()),
+                          "curves": {}, "trap_picks": {}, "risk_curves": {}, "risk_trap_picks": {}}  # fmt: skip
+    for name, values in plain.items():
+        kr["curves"][name], kr["trap_picks"][name] = curve(values)
+    for name, (mean, sigma) in risk.items():
+        runs = {f"{k:g}": curve(mean - k * sigma) for k in KAPPA_GRID}
+        kr["risk_curves"][name] = {k: v[0] for k, v in runs.items()}
+        kr["risk_trap_picks"][name] = {k: v[1] for k, v in runs.items()}
+    flat = trap.reshape(-1)
+    kr["sigma_trap_vs_rest"] = {name: [float(sig[sl][flat].mean()), float(sig[sl][~flat].mean())]
+                                for name, (_, sig) in risk.items()}  # fmt: skip
+    bt = scored["bt"]["mean"][sl]
+    kr["mean_trap_vs_rest"] = {"BT": [float(bt[flat].mean()), float(bt[~flat].mean())]}
+    prng = np.random.default_rng(seed)
+    a, b = prng.integers(sl.start, sl.stop, size=(2, ns.eval_pairs))
+    g = gold.reshape(-1)
+    keep = g[a - start] != g[b - start]
+    a, b = a[keep], b[keep]
+    kr["pairs"] = pair_table(scored, a, b, (g[a - start] > g[b - start]).astype(float))
+    return kr
+
+
+def run_seed(seed: int, ns: argparse.Namespace, tokenizer) -> dict[str, Any]:
+    root = os.path.join(ns.out, f"seed{seed}")
+    saved = os.path.join(ns.out, f"seed{seed}.json")  # a finished seed is read back (rerun: delete it)
+    if os.path.exists(saved):
+        return json.load(open(saved))
+    result = measure_seed(seed, ns, tokenizer, root)
+    with open(saved, "w") as f:
+        json.dump(result, f)
     return result
 
 
-def pair_table(bt, dc, a, b, y) -> dict[str, dict[str, float]]:
+def measure_seed(seed: int, ns: argparse.Namespace, tokenizer, root: str) -> dict[str, Any]:
+    ns.rare_file = os.path.join(ns.out, f"rare_pairs_seed{seed}.jsonl")
+    write_rows(rare_pair_rows(seed), ns.rare_file)
+    paths, members, costs = train_all(root, seed, ns)
+    texts, pools, eval_start = build_texts(seed, ns, tokenizer)
+    items = [encode_prompt_response(tokenizer, p, [{"role": "assistant", "content": t}], 64) for p, t in texts]
+    t0 = time.time()
+    scored = {name: score_all(paths[name], items, MODELS[name][0]) for name in MODELS}
+    member_means = [scored["bt"]["mean"]] + [score_all(p, items, False)["mean"] for p in members[1:]]
+    score_time = time.time() - t0
+    plain, risk = selectors(scored, member_means)
+    ns_list = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if n <= ns.pool]
+    laplace = {k: json.load(open(os.path.join(paths[k], "heads_config.json")))["epistemic"]
+               for k in ("bt_laplace", "disco_laplace")}  # fmt: skip
+    result: dict[str, Any] = {"seed": seed, "costs_s": costs, "score_time_s": score_time, "n": ns_list, "kinds": {},
+                              "laplace": laplace}  # fmt: skip
+    for kind in KINDS:
+        result["kinds"][kind] = kind_result(pools[kind], ns, ns_list, scored, plain, risk, seed)
+    a = np.arange(eval_start, len(texts), 2)
+    result["heldout_pairs"] = pair_table(scored, a, a + 1, np.ones(len(a)))  # observed labels: chosen wins
+    return result
+
+
+def pair_table(scored, a, b, y) -> dict[str, dict[str, float]]:
     """Pair metrics for BT, BT + temperature (fitted on the first half, all rows tested on the second), Disco,
-    and the novelty models."""
+    and the models with an epistemic term."""
     half = len(a) // 2
     fit, test = slice(0, half), slice(half, None)
+    bt, btl, dc, dcl = (scored[k] for k in MODELS)
     d_bt = bt["mean"][a] - bt["mean"][b]
     d_dc = dc["mean"][a] - dc["mean"][b]
-    v_epi = bt["epistemic_variance"][a] + bt["epistemic_variance"][b]
+    v_nov = bt["epistemic_variance"][a] + bt["epistemic_variance"][b]
+    v_lap = btl["epistemic_variance"][a] + btl["epistemic_variance"][b]
     v_dc = dc["aleatoric_variance"][a] + dc["aleatoric_variance"][b]
-    v_dc_total = v_dc + dc["epistemic_variance"][a] + dc["epistemic_variance"][b]
     temperature = fit_temperature(d_bt[fit], y[fit])
     rows = {
         "BT": pair_probability(d_bt, None, False),
         "BT + temperature": pair_probability(d_bt, None, False, temperature),
         "Disco": pair_probability(d_dc, v_dc, True),
-        "BT + novelty": pair_probability(d_bt, v_epi, False),
-        "BT + temperature + novelty": pair_probability(d_bt, v_epi, False, temperature),
-        "Disco + novelty": pair_probability(d_dc, v_dc_total, True),
-    }
+        "BT + novelty": pair_probability(d_bt, v_nov, False),
+        "BT + laplace": pair_probability(d_bt, v_lap, False),
+        "Disco + novelty": pair_probability(d_dc, v_dc + dc["epistemic_variance"][a] + dc["epistemic_variance"][b],
+                                            True),
+        "Disco + laplace": pair_probability(d_dc, v_dc + dcl["epistemic_variance"][a] + dcl["epistemic_variance"][b],
+                                            True),
+    }  # fmt: skip
     return {name: pair_metrics(p[test], y[test]) for name, p in rows.items()} | {"_temperature": {"T": temperature}}
 
 
 # ---- report ----------------------------------------------------------------------------------------------
 
 
-def summarise(results: list[dict[str, Any]], out: str) -> dict[str, Any]:
+def at_n(ns_list: list[int]) -> int:
+    return ns_list.index(REPORT_N) if REPORT_N in ns_list else len(ns_list) - 1
+
+
+def choose_kappas(dev: list[dict[str, Any]]) -> dict[str, str]:
+    """Per risk-averse selector, the kappa of the grid with the best mean gold at N = REPORT_N over the dev seeds
+    and all kinds (one kappa for every kind: the kind of shift is not known in advance)."""
+    i = at_n(dev[0]["n"])
+    names = dev[0]["kinds"][KINDS[0]]["risk_curves"]
+    score = {name: {k: np.mean([r["kinds"][kind]["risk_curves"][name][k][i] for r in dev for kind in KINDS])
+                    for k in names[name]} for name in names}  # fmt: skip
+    return {name: max(vals, key=vals.get) for name, vals in score.items()}
+
+
+def summarise(results: list[dict[str, Any]], dev: list[dict[str, Any]], out: str) -> dict[str, Any]:
     ns_list = results[0]["n"]
-    kl = [math.log(n) - (n - 1) / n for n in ns_list]
-    summary: dict[str, Any] = {"n": ns_list, "kl": kl, "seeds": [r["seed"] for r in results], "kinds": {}}
-    cost = {k: float(np.mean([r["costs_s"][k] for r in results])) for k in results[0]["costs_s"]}
-    summary["train_cost_s"] = cost
+    kappas = choose_kappas(dev)
+    summary: dict[str, Any] = {"n": ns_list, "kl": [math.log(n) - (n - 1) / n for n in ns_list],
+                               "seeds": [r["seed"] for r in results], "dev_seeds": [r["seed"] for r in dev],
+                               "kappa": {k: float(v) for k, v in kappas.items()}, "kinds": {}}  # fmt: skip
+    summary["train_cost_s"] = {k: float(np.mean([r["costs_s"][k] for r in results])) for k in results[0]["costs_s"]}
+    summary["laplace_prior_precision"] = {
+        k: [r["laplace"][k]["prior_precision"] for r in results] for k in results[0]["laplace"]
+    }
+    i = at_n(ns_list)
     for kind in KINDS:
-        curves = {name: np.array([r["kinds"][kind]["curves"][name] for r in results])
-                  for name in results[0]["kinds"][kind]["curves"]}  # fmt: skip
+        rs = [r["kinds"][kind] for r in results]
+        curves = {name: np.array([r["curves"][name] for r in rs]) for name in rs[0]["curves"]}
+        picks = {name: float(np.mean([r["trap_picks"][name] for r in rs])) for name in rs[0]["curves"]}
+        for name, k in kappas.items():
+            label = f"{name}: mean - {float(k):g} sigma"
+            curves[label] = np.array([r["risk_curves"][name][k] for r in rs])
+            picks[label] = float(np.mean([r["risk_trap_picks"][name][k] for r in rs]))
+        bt = curves["BT mean"][:, i].mean()
         summary["kinds"][kind] = {
-            "traps": results[0]["kinds"][kind]["traps"],
-            "best_possible": float(np.mean([r["kinds"][kind]["best_possible"] for r in results])),
+            "traps": rs[0]["traps"],
+            "best_possible": float(np.mean([r["best_possible"] for r in rs])),
             "mean": {k: v.mean(0).tolist() for k, v in curves.items()},
             "std": {k: v.std(0).tolist() for k, v in curves.items()},
-            "per_seed_at_max_n": {k: v[:, -1].tolist() for k, v in curves.items()},
-            "trap_pick_rate_at_max_n": {
-                k: float(np.mean([r["kinds"][kind]["trap_pick_rate_at_max_n"][k] for r in results])) for k in curves
-            },  # fmt: skip
+            "per_seed": {k: v.tolist() for k, v in curves.items()},
+            "gain_over_bt_mean_at_report_n": {k: float(v[:, i].mean() - bt) for k, v in curves.items()},
+            "trap_pick_rate_at_max_n": picks,
             "sigma_trap_vs_rest": {
-                k: np.mean([r["kinds"][kind]["sigma_trap_vs_rest"][k] for r in results], 0).tolist()
-                for k in results[0]["kinds"][kind]["sigma_trap_vs_rest"]
+                k: np.mean([r["sigma_trap_vs_rest"][k] for r in rs], 0).tolist() for k in rs[0]["sigma_trap_vs_rest"]
             },  # fmt: skip
             "mean_trap_vs_rest": {
-                k: np.mean([r["kinds"][kind]["mean_trap_vs_rest"][k] for r in results], 0).tolist()
-                for k in results[0]["kinds"][kind]["mean_trap_vs_rest"]
+                k: np.mean([r["mean_trap_vs_rest"][k] for r in rs], 0).tolist() for k in rs[0]["mean_trap_vs_rest"]
             },  # fmt: skip
-            "pairs": average_tables([r["kinds"][kind]["pairs"] for r in results]),
+            "pairs": average_tables([r["pairs"] for r in rs]),
         }
     summary["heldout_pairs"] = average_tables([r["heldout_pairs"] for r in results])
     plot(summary, os.path.join(out, "overoptimization.png"))
@@ -377,7 +429,7 @@ def plot(summary: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(KINDS), figsize=(13, 5.6), sharey=True)
+    fig, axes = plt.subplots(1, len(KINDS), figsize=(17, 5.6), sharey=True)
     for ax, kind in zip(axes, KINDS):
         data = summary["kinds"][kind]
         for name, mean in data["mean"].items():
@@ -385,31 +437,39 @@ def plot(summary: dict[str, Any], path: str) -> None:
             ax.plot(summary["kl"], mean, marker="o", markersize=3, label=name)
             ax.fill_between(summary["kl"], np.array(mean) - std, np.array(mean) + std, alpha=0.1)
         ax.axhline(data["best_possible"], color="gray", linestyle=":", label="best in pool")
-        ax.set_title(f"trap words: {kind}")
+        ax.set_title(f"traps: {kind}")
         ax.set_xlabel("KL(best-of-n || base) = log N - (N-1)/N")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("gold reward of best-of-n")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=5)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(path, dpi=120)
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def report(summary: dict[str, Any]) -> str:
     ns_list = summary["n"]
-    show = [i for i, n in enumerate(ns_list) if n in (1, 4, 16, 64, 256) or n == ns_list[-1]]
-    show = sorted(set(show))
-    lines = [f"seeds {summary['seeds']}; training cost (s, mean per seed): "
-             + ", ".join(f"{k} {v:.1f}" for k, v in summary["train_cost_s"].items()), ""]  # fmt: skip
+    show = sorted({i for i, n in enumerate(ns_list) if n in (1, 16, 64, 256)} | {len(ns_list) - 1})
+    i = at_n(ns_list)
+    lines = [f"report seeds {summary['seeds']}; kappa chosen on dev seeds {summary['dev_seeds']}: "
+             + ", ".join(f"{k} {v:g}" for k, v in summary["kappa"].items()),
+             "training cost (s, mean per seed): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                              summary["train_cost_s"].items()),
+             "laplace prior precision (evidence) per seed: " + "; ".join(
+                 f"{k} {', '.join(f'{x:.3g}' for x in v)}" for k, v in summary["laplace_prior_precision"].items()),
+             ""]  # fmt: skip
     for kind, data in summary["kinds"].items():
-        lines += [f"### {kind} (traps: {', '.join(data['traps'][:6])}, ...; best in pool {data['best_possible']:.3f})",
-                  "", "| selector | " + " | ".join(f"N={ns_list[i]}" for i in show) + " | trap picks at max N |",
-                  "|---|" + "---|" * (len(show) + 1)]  # fmt: skip
+        lines += [f"### {kind} (traps: {', '.join(data['traps'][:6])}; best in pool {data['best_possible']:.3f})",
+                  "", "| selector | " + " | ".join(f"N={ns_list[j]}" for j in show)
+                  + f" | N={ns_list[i]} per seed | gain over BT mean | trap picks at max N |",
+                  "|---|" + "---|" * (len(show) + 3)]  # fmt: skip
         for name, mean in data["mean"].items():
             std = data["std"][name]
-            cells = " | ".join(f"{mean[i]:.3f} ± {std[i]:.3f}" for i in show)
-            lines.append(f"| {name} | {cells} | {data['trap_pick_rate_at_max_n'][name]:.2f} |")
+            cells = " | ".join(f"{mean[j]:.3f} ± {std[j]:.3f}" for j in show)
+            seeds = ", ".join(f"{c[i]:.3f}" for c in data["per_seed"][name])
+            gain = data["gain_over_bt_mean_at_report_n"][name]
+            lines.append(f"| {name} | {cells} | {seeds} | {gain:+.3f} | {data['trap_pick_rate_at_max_n'][name]:.2f} |")
         sig = data["sigma_trap_vs_rest"]
         lines += ["", "sigma on trap / other candidates: " + "; ".join(f"{k} {v[0]:.3f} / {v[1]:.3f}"
                                                                        for k, v in sig.items()),
@@ -437,7 +497,8 @@ def table(title: str, rows: dict[str, dict[str, float]]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated report seeds")
+    parser.add_argument("--dev-seeds", default="10,11", help="comma-separated seeds kappa is chosen on")
     parser.add_argument("--pairs", type=int, default=2000, help="training pairs per reward model")
     parser.add_argument("--epochs", type=float, default=2.0, help="epochs per reward model")
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts, one candidate pool each")
@@ -445,19 +506,25 @@ def main() -> None:
     parser.add_argument("--eval-pairs", type=int, default=1000, help="held-out pairs for calibration")
     parser.add_argument("--out", default="saves/reward_overoptimization", help="output folder")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ns = parser.parse_args()
+    parser.add_argument("--real", action="store_true", help="the real-model mode (benchmarks/rmo_real.py)")
+    ns, rest = parser.parse_known_args()
+    if ns.real:
+        from rmo_real import main as real_main
+
+        return real_main(rest, ns)
     torch.set_num_threads(ns.threads)
     os.makedirs(ns.out, exist_ok=True)
     from discoalign.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     t0 = time.time()
+    dev = [run_seed(int(s), ns, tokenizer) for s in ns.dev_seeds.split(",")]
     results = [run_seed(int(s), ns, tokenizer) for s in ns.seeds.split(",")]
-    summary = summarise(results, ns.out)
+    summary = summarise(results, dev, ns.out)
     summary["wall_s"] = time.time() - t0
-    summary["args"] = vars(ns)
+    summary["args"] = {k: v for k, v in vars(ns).items() if k != "rare_file"}
     with open(os.path.join(ns.out, "summary.json"), "w") as f:
-        json.dump({"summary": summary, "per_seed": results}, f, indent=1)
+        json.dump({"summary": summary, "per_seed": results, "dev_seeds": dev}, f, indent=1)
     text = report(summary)
     with open(os.path.join(ns.out, "report.md"), "w") as f:
         f.write(text + "\n")

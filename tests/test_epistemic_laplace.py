@@ -166,3 +166,25 @@ def test_rm_with_laplace_is_fitted_saved_and_read_by_score_and_bon(tmp_path, dis
     objective = [s["mean"] - 2 * s["variance"] ** 0.5 for s in scores]
     assert best["response"] == texts[max(range(4), key=lambda i: objective[i])]
     assert best["objective"] == pytest.approx(max(objective), abs=1e-5)
+
+
+def test_ppo_reward_model_reads_the_laplace_term_by_hand(tmp_path):
+    from discoalign.config.schema import FinetuningArguments, ModelArguments
+    from discoalign.models.reward_model import load_reward_model, score_responses_detailed
+    from discoalign.models.tiny import build_tiny_tokenizer
+
+    config = tmp_path / "rm.yaml"
+    config.write_text(yaml.safe_dump(TINY_RM))
+    out = str(tmp_path / "rm")
+    assert main(["train", str(config), f"output_dir={out}"]) == 0
+    ft = FinetuningArguments(stage="ppo", reward_model=out, disco_risk_coef=1.0)
+    rm = load_reward_model(ModelArguments(model_name_or_path="builtin:tiny-qwen2"), ft, build_tiny_tokenizer())
+    assert isinstance(rm.epistemic, LaplacePosterior)
+    q, r = torch.tensor([[5, 6, 7], [5, 6, 8]]), torch.tensor([[900, 901, 2], [30, 31, 2]])
+    scores = score_responses_detailed(rm, q, torch.ones_like(q), r, torch.ones_like(r))
+    features = rm.score_detailed(torch.cat([q, r], 1), torch.ones(2, 6, dtype=torch.long), with_features=True).features
+    z = features.double() - rm.epistemic.feature_mean
+    by_hand = torch.einsum("bi,ij,bj->b", z, rm.epistemic.covariance, z)
+    assert torch.allclose(scores.epistemic.double(), by_hand, rtol=1e-5) and torch.equal(
+        scores.variance, scores.epistemic
+    )
