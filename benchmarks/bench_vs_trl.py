@@ -19,7 +19,8 @@ What is compared (docs/performance.md explains the choices):
   `--steps` steps, after `--warmup` steps each. Tokens/s counts the real tokens of the pairs as two padded
   sequences hold them, 2 x B x seq-len, for both sides alike. The ratio of process CPU times is printed too: it
   moves less than wall time when other jobs share the cores.
-* Peak memory: each side runs alone in a fresh child process (warm-up + 2 steps) and reports its peak resident
+* Peak memory: each side runs alone in a fresh child process (2 steps: the second runs with the optimizer's
+  state allocated) and reports its peak resident
   set (CPU) or peak allocated GPU memory; in one process the allocator's high-water mark would be shared.
 * Model-FLOPs utilisation of a step: the nominal FLOPs (6 x params x tokens for full fine-tuning, 4 x for LoRA,
   plus 2 x params x tokens for a live reference forward) / step time / the matmul throughput measured here at
@@ -347,7 +348,7 @@ def measure_memory(pair: str, side: str, setup: Setup, batches, workdir: str) ->
 
 
 def memory_child(pair: str, side: str, spec: str) -> None:
-    """Entry of the child process: build one side, run 3 steps, print its peak memory as JSON.
+    """Entry of the child process: build one side, run 2 steps, print its peak memory as JSON.
 
     Peak resident set is the kernel's high-water mark of this process (VmHWM; `ru_maxrss` would carry the
     parent's over the exec). Both sides import the same modules and hold the same rows, so the difference of
@@ -366,7 +367,7 @@ def memory_child(pair: str, side: str, spec: str) -> None:
     with tempfile.TemporaryDirectory() as out:
         runner = Runner(side, pair, setup, batches, out)
         after_setup = _proc_status_mib("VmRSS")
-        for _ in range(3):
+        for _ in range(2):
             runner.step()
     result = {"peak_rss_mib": _proc_status_mib("VmHWM"), "before_build_mib": before, "after_setup_mib": after_setup}
     if setup.device == "cuda":
@@ -453,7 +454,7 @@ def compare_case(args, pair: str, setup: Setup, plain_batches, workdir: str) -> 
     return entry
 
 
-def compare(args, cases: list[tuple[str, str, Setup]], workdir: str, peak_flops: float) -> dict[str, Any]:
+def compare(args, cases: list[tuple[str, str, Setup]], workdir: str, peak_flops: float, save=None) -> dict[str, Any]:
     """Ours vs TRL for each case (name, pair, shape): tokens/s, ratio (median, min-max), peak memory, step-0
     loss, MFU."""
     results: dict[str, Any] = {}
@@ -473,6 +474,8 @@ def compare(args, cases: list[tuple[str, str, Setup]], workdir: str, peak_flops:
             entry[f"{side}_tokens_per_s"] = setup.tokens_per_step / median
             entry[f"{side}_mfu"] = flops / median / peak_flops
         results[name] = entry
+        if save is not None:
+            save(results)  # a long run keeps what it measured so far
     return results
 
 
@@ -601,8 +604,8 @@ def build_cases(args, base: Setup) -> list[tuple[str, str, Setup]]:
     """(name, pair, shape) for each pair x fine-tuning x cutoff: `dpo_smollm2_135m_lora_256`."""
     cases = []
     tag = MODEL_TAGS[args.preset]
-    for finetuning in args.finetuning:
-        for seq_len in args.cutoffs:
+    for seq_len in args.cutoffs:
+        for finetuning in args.finetuning:
             prompt_len = args.prompt_len or seq_len // 2
             if not 1 <= prompt_len <= seq_len - 2:
                 raise SystemExit(f"--prompt-len must lie in [1, seq_len - 2]; got {prompt_len} for {seq_len}")
@@ -630,6 +633,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import transformers
     import trl
 
+    default_dir = tempfile.gettempdir() if args.quick else RESULTS_DIR
+    path = args.json or os.path.join(default_dir, f"bench_{args.mode}_{device}_{MODEL_TAGS[args.preset]}.json")
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as workdir:
         real = real_weights_available(args.preset) and not args.random_weights
         policy_dir, ref_dir = build_models(workdir, args.preset, real=real)
@@ -655,20 +660,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"({params['body'] / 1e6:.1f}M body + {params['lm_head'] / 1e6:.1f}M LM-head params); cutoffs "
               f"{args.cutoffs}, batch {args.batch} pairs, {args.finetuning}; ours: {base.ours_keys}", flush=True)  # fmt: skip
         if args.mode == "compare":
-            results = compare(args, cases, workdir, peak)
+            results = compare(args, cases, workdir, peak, save=lambda partial: write_json(path, meta, partial))
             print_compare(results, device)
         else:
             results = sweep(args, cases[0][2], workdir)
             print_sweep(results)
     meta["load_average_end"] = load_average()
     print(f"\nload average at the end: {meta['load_average_end']}")
-    out = {"meta": meta, "results": results}
-    default_dir = tempfile.gettempdir() if args.quick else RESULTS_DIR
-    path = args.json or os.path.join(default_dir, f"bench_{args.mode}_{device}_{MODEL_TAGS[args.preset]}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
+    out = write_json(path, meta, results)
     print(f"wrote {path}")
+    return out
+
+
+def write_json(path: str, meta: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    out = {"meta": meta, "results": results}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(path + ".tmp", path)
     return out
 
 

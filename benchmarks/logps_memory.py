@@ -3,7 +3,8 @@
     python benchmarks/logps_memory.py                      # SmolLM2-135M's head: H 576, V 49,152
     python benchmarks/logps_memory.py --pairs 2 --seq 512
 
-Methods, each in a fresh child process (peak resident set, VmHWM, minus the set after its inputs exist):
+Methods, each in a fresh child process (peak resident set, VmHWM, minus the set after its inputs exist; on a GPU
+the peak allocated CUDA memory minus what the inputs hold):
 * `full_all_positions`: TRL 1.16's CPU path: every position (prompt and padding too) through the LM head, one
   fp32 `(2B, T, V)` logits tensor and its log-softmax, then gather;
 * `full_response_only`: the same full log-softmax over the response positions only;
@@ -48,14 +49,20 @@ def run(method: str, args, pairs: int, seq: int) -> dict:
 
     g = torch.Generator().manual_seed(0)
     rows, response = 2 * pairs, seq // 2
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
     head = torch.nn.Linear(args.hidden, args.vocab, bias=False)
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=g) * args.hidden**-0.5)
-    hidden = torch.randn(rows, seq, args.hidden, generator=g).requires_grad_(True)
-    labels = torch.randint(0, args.vocab, (rows, seq), generator=g)
+    head = head.to(device)
+    hidden = torch.randn(rows, seq, args.hidden, generator=g).to(device).requires_grad_(True)
+    labels = torch.randint(0, args.vocab, (rows, seq), generator=g).to(device)
     labels[:, : seq - response] = -100
-    upstream = torch.randn(rows, generator=g)
-    before = _rss("VmRSS")
+    upstream = torch.randn(rows, generator=g).to(device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() / 2**20 if cuda else _rss("VmRSS")
     start = time.perf_counter()
     if method == "full_all_positions":
         logits = head(hidden[:, :-1]).float()
@@ -66,19 +73,22 @@ def run(method: str, args, pairs: int, seq: int) -> dict:
         mask = labels[:, 1:] != -100
         logits = head(hidden[:, :-1][mask]).float()
         picked = logits.log_softmax(-1).gather(-1, labels[:, 1:][mask][:, None]).squeeze(-1)
-        out = torch.zeros(rows).index_add(0, mask.nonzero(as_tuple=True)[0], picked)
+        out = torch.zeros(rows, device=device).index_add(0, mask.nonzero(as_tuple=True)[0], picked)
     elif method == "chunked_checkpoint":
         out = sequence_logps(hidden, head, labels, args.chunk)
     else:
         mask = labels[:, 1:] != -100
         picked = fused_token_logps(hidden[:, :-1][mask], head.weight, labels[:, 1:][mask], args.chunk)
-        out = torch.zeros(rows).index_add(0, mask.nonzero(as_tuple=True)[0], picked)
+        out = torch.zeros(rows, device=device).index_add(0, mask.nonzero(as_tuple=True)[0], picked)
     (out * upstream).sum().backward()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss("VmHWM")
     return {
         "method": method,
         "seconds": seconds,
-        "peak_extra_mib": _rss("VmHWM") - before,
+        "peak_extra_mib": peak - before,
         "value": out.sum().item(),
         "grad_hidden_norm": hidden.grad.norm().item(),
         "grad_weight_norm": head.weight.grad.norm().item(),

@@ -37,10 +37,13 @@ class OpCount(TorchDispatchMode):
         super().__init__()
         self.ops = 0
         self.largest = 0
+        self.by_name: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops += 1
+        name = str(func)
+        self.by_name[name] = self.by_name.get(name, 0) + 1
         inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
@@ -84,6 +87,7 @@ def measure(pair: str, side: str, setup: Setup, batches, workdir: str, args) -> 
         "gflops": flops.get_total_flops() / 1e9,
         "aten_ops": ops.ops,
         "largest_alloc_mib": ops.largest / 2**20,
+        **({"op_counts": ops.by_name} if args.op_counts else {}),
     }
 
 
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--ours", nargs="*", default=["pack_pairs=true"], help="our config keys (key=value)")
     p.add_argument("--json", default=None, help="append the JSON lines to this file")
+    p.add_argument("--op-counts", action="store_true", help="also list how often each aten op ran")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     import discoalign
