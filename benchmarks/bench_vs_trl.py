@@ -447,7 +447,7 @@ def compare_case(args, pair: str, setup: Setup, plain_batches, workdir: str) -> 
         "ratio_max": max(ratios),
         "cpu_ratio_median": statistics.median(cpu_ratios),
     }
-    if not args.no_memory:
+    if not args.no_memory and (not args.memory_at or setup.seq_len in args.memory_at):
         for side in SIDES:
             print(f"   measuring peak memory of {side} in a child process", flush=True)
             entry[f"{side}_memory"] = measure_memory(pair, side, setup, batches, workdir)
@@ -565,6 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--ours", nargs="*", default=["pack_pairs=true"], help="our config keys (key=value)")
     p.add_argument("--no-memory", action="store_true", help="skip the child processes that measure peak memory")
+    p.add_argument("--memory-at", type=int, nargs="*", default=None, help="measure peak memory at these cutoffs only")
     p.add_argument("--sweep-seq", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--sweep-batch", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--with-trl", action="store_true", help="sweep: time TRL too")
