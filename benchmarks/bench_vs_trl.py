@@ -1,27 +1,34 @@
 """discoalign vs TRL 1.16, side by side: training throughput, peak memory and step-0 loss on the same work.
 
-    python benchmarks/bench_vs_trl.py                    # compare: rm, dpo (live reference), dpo (precomputed)
-    python benchmarks/bench_vs_trl.py --mode sweep       # ours: how time per step grows with length and batch
-    python benchmarks/bench_vs_trl.py --quick            # a short run to check that everything works
+    python benchmarks/bench_vs_trl.py                    # real shapes (make bench): SmolLM2-135M, rm / dpo /
+                                                         #   dpo_precomputed x lora / full x cutoff 256 / 512
+    python benchmarks/bench_vs_trl.py --tiny             # the 5.2M-parameter model of earlier sessions
+    python benchmarks/bench_vs_trl.py --quick            # --tiny, short: the ratios in about a minute (make bench-quick)
+    python benchmarks/bench_vs_trl.py --mode sweep --tiny  # ours: how time per step grows with length and batch
 
 What is compared (docs/performance.md explains the choices):
-* One random-weight model, saved once and loaded by both sides: Qwen3 layout, hidden 256, 4 layers, 8k vocab by
-  default (`--preset qwen-0.5b` for a ~0.5B model on a GPU). The DPO reference is a second random model.
-* The same synthetic pairs at a fixed length: prompt `--prompt-len` tokens, chosen and rejected
-  `--seq-len - --prompt-len` tokens each, random ids, EOS last. Same batch of `--batch` pairs, same precision
-  (fp32 on CPU, bf16 autocast on GPU), same optimizer (each Trainer's default AdamW, lr 1e-5).
+* One model, saved once and loaded by both sides (bench_shapes.py): by default SmolLM2-135M-Instruct's shape (the
+  real weights when pulled, else random), `--tiny` a random Qwen3-layout model with 8k vocab. The DPO reference of
+  full fine-tuning is a second model (the same real weights, or a second random model); with LoRA it is the base
+  model with the adapters off, on both sides. LoRA: rank 8, alpha 16, every linear layer but the LM head.
+* The same synthetic pairs at a fixed length: prompt half the sequence (`--prompt-len`), chosen and rejected the
+  rest each, random ids, EOS last. Same batch of `--batch` pairs, same precision (fp32 on CPU, bf16 autocast on
+  GPU), same optimizer (each Trainer's default AdamW, lr 1e-5).
 * One timed step = collate the rows + `trainer.training_step` (forward, loss, backward) + optimizer step, the
   same harness for both. Sides alternate A/B (the first side alternates too) over `--reps` repetitions of
   `--steps` steps, after `--warmup` steps each. Tokens/s counts the real tokens of the pairs as two padded
-  sequences hold them, 2 x B x seq-len, for both sides alike.
-* Peak memory: each side runs alone in a fresh child process (warm-up + 2 steps) and reports its peak resident
+  sequences hold them, 2 x B x seq-len, for both sides alike. The ratio of process CPU times is printed too: it
+  moves less than wall time when other jobs share the cores.
+* Peak memory: each side runs alone in a fresh child process (2 steps: the second runs with the optimizer's
+  state allocated) and reports its peak resident
   set (CPU) or peak allocated GPU memory; in one process the allocator's high-water mark would be shared.
-* Model-FLOPs utilisation of a step: (6 x params x tokens, plus 2 x params x tokens for a live reference forward)
-  / step time / the matmul throughput measured here at start. `params` excludes the input embedding (a lookup),
-  and for `rm` the LM head (a reward model has none). These are the FLOPs of the nominal work (every token of
-  both sequences); packed pairs compute the shared prompt once, so ours can do the nominal work in fewer FLOPs.
+* Model-FLOPs utilisation of a step: the nominal FLOPs (6 x params x tokens for full fine-tuning, 4 x for LoRA,
+  plus 2 x params x tokens for a live reference forward) / step time / the matmul throughput measured here at
+  start. `params` excludes the input embedding (a lookup), and for `rm` the LM head (a reward model has none).
+  Packed pairs compute the shared prompt once and our DPO projects only response tokens through the LM head, so
+  ours does the nominal work with fewer FLOPs and its "MFU" can pass 100%.
 
-Writes everything printed as JSON (`--json`, default benchmarks/results/bench_<mode>_<device>.json).
+Writes everything printed as JSON (`--json`, default benchmarks/results/bench_<mode>_<device>_<model>.json).
 """
 
 from __future__ import annotations
@@ -49,16 +56,19 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_shapes import (  # noqa: E402
+    MODEL_TAGS,
+    PRESETS,
+    build_models,
+    param_counts,
+    real_weights_available,
+    trl_lora_config,
+)
+
 PAIRS = ("rm", "dpo", "dpo_precomputed")
 SIDES = ("ours", "trl")
-PRESETS = {
-    # hidden, layers, heads, kv heads, head dim, intermediate, vocab
-    "cpu-small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=64, intermediate_size=768, vocab_size=8192),
-    # Qwen2.5-0.5B's shape in the Qwen3 layout: 494M parameters besides the input embedding
-    "qwen-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                      head_dim=64, intermediate_size=4864, vocab_size=151936),
-}  # fmt: skip
+FINETUNING = ("lora", "full")
 LEARNING_RATE = 1e-5
 BETA = 0.1
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -80,37 +90,11 @@ class Setup:
     prompt_len: int
     pool: int  # distinct batches cycled through
     ours_keys: dict[str, Any] = field(default_factory=dict)
+    finetuning: str = "full"  # or "lora" (rank 8, every linear layer but the LM head, on both sides)
 
     @property
     def tokens_per_step(self) -> int:
         return 2 * self.batch * self.seq_len
-
-
-def build_models(workdir: str, preset: str) -> tuple[str, str]:
-    """Save a random policy (seed 0) and reference (seed 1) with our tiny tokenizer; return both directories."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    from discoalign.models.tiny import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    dirs = []
-    for seed, name in ((0, "policy"), (1, "reference")):
-        config = Qwen3Config(
-            **PRESETS[preset],
-            max_position_embeddings=4096,
-            tie_word_embeddings=False,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-        out = os.path.join(workdir, name)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        dirs.append(out)
-        del model
-    return dirs[0], dirs[1]
 
 
 def make_rows(setup: Setup, vocab_size: int, eos_id: int, seed: int = 0) -> list[list[dict[str, Any]]]:
@@ -203,7 +187,9 @@ def build_ours(pair: str, setup: Setup, output_dir: str):
         "pref_beta": BETA,
         **_training_keys(setup, output_dir),
     }
-    if pair == "dpo":
+    if setup.finetuning == "lora":
+        raw["finetuning_type"] = "lora"  # the reference is the base model with the adapters off
+    elif pair == "dpo":
         raw["ref_model_name_or_path"] = setup.ref_dir
     if pair == "dpo_precomputed":
         raw["precompute_ref_logps"] = True
@@ -233,6 +219,7 @@ def build_trl(pair: str, setup: Setup, output_dir: str, value_weight: torch.Tens
 
     tokenizer = AutoTokenizer.from_pretrained(setup.policy_dir)
     keys = _training_keys(setup, output_dir)
+    peft = trl_lora_config(pair) if setup.finetuning == "lora" else None
     if pair == "rm":
         from trl import RewardConfig, RewardTrainer
 
@@ -245,17 +232,21 @@ def build_trl(pair: str, setup: Setup, output_dir: str, value_weight: torch.Tens
                 model.score.weight.copy_(value_weight)
         args = RewardConfig(**keys, max_length=None)
         dummy = Dataset.from_dict({"chosen": ["a"], "rejected": ["b"]})
-        trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=dummy)
+        trainer = RewardTrainer(
+            model=model, args=args, processing_class=tokenizer, train_dataset=dummy, peft_config=peft
+        )
     else:
         from trl import DPOConfig, DPOTrainer
 
         model = AutoModelForCausalLM.from_pretrained(setup.policy_dir, attn_implementation="sdpa")
         ref = None
-        if pair == "dpo":
+        if pair == "dpo" and peft is None:
             ref = AutoModelForCausalLM.from_pretrained(setup.ref_dir, attn_implementation="sdpa")
         args = DPOConfig(**keys, beta=BETA, max_length=None, precompute_ref_log_probs=pair == "dpo_precomputed")
         dummy = Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]})
-        trainer = DPOTrainer(model=model, ref_model=ref, args=args, processing_class=tokenizer, train_dataset=dummy)
+        trainer = DPOTrainer(
+            model=model, ref_model=ref, args=args, processing_class=tokenizer, train_dataset=dummy, peft_config=peft
+        )
     return trainer, trainer.data_collator
 
 
@@ -286,34 +277,19 @@ class Runner:
         value = loss.item()  # also a device sync
         return value
 
-    def timed(self, steps: int) -> float:
-        start = time.perf_counter()
+    def timed(self, steps: int) -> tuple[float, float]:
+        """(wall seconds, process CPU seconds) per step over `steps` steps. CPU time moves much less than wall time
+        when other jobs share the cores (docs/performance.md, Noise)."""
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             self.step()
         if self.device == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - start) / steps
+        return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
     def value_weight(self) -> torch.Tensor | None:
         head = getattr(self.trainer.model, "value_head", None)
         return head.summary.weight.detach().clone() if head is not None else None
-
-
-def lm_head_params(model_dir: str) -> int:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    return config.vocab_size * config.hidden_size
-
-
-def non_embedding_params(model_dir: str) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())
-    return total - model.get_input_embeddings().weight.numel()
 
 
 # ---- measurements ---------------------------------------------------------------------------------------
@@ -372,7 +348,7 @@ def measure_memory(pair: str, side: str, setup: Setup, batches, workdir: str) ->
 
 
 def memory_child(pair: str, side: str, spec: str) -> None:
-    """Entry of the child process: build one side, run 3 steps, print its peak memory as JSON.
+    """Entry of the child process: build one side, run 2 steps, print its peak memory as JSON.
 
     Peak resident set is the kernel's high-water mark of this process (VmHWM; `ru_maxrss` would carry the
     parent's over the exec). Both sides import the same modules and hold the same rows, so the difference of
@@ -391,7 +367,7 @@ def memory_child(pair: str, side: str, spec: str) -> None:
     with tempfile.TemporaryDirectory() as out:
         runner = Runner(side, pair, setup, batches, out)
         after_setup = _proc_status_mib("VmRSS")
-        for _ in range(3):
+        for _ in range(2):
             runner.step()
     result = {"peak_rss_mib": _proc_status_mib("VmHWM"), "before_build_mib": before, "after_setup_mib": after_setup}
     if setup.device == "cuda":
@@ -423,69 +399,100 @@ def _eos(model_dir: str) -> int:
 # ---- the two modes --------------------------------------------------------------------------------------
 
 
-def compare(args, setup: Setup, workdir: str, peak_flops: float) -> dict[str, Any]:
-    """Ours vs TRL for each pair: tokens/s (median), ratio (min-max), peak memory, step-0 loss, MFU."""
-    plain_batches = make_rows(setup, _vocab(setup.policy_dir), _eos(setup.policy_dir))
-    params = non_embedding_params(setup.policy_dir)
-    results: dict[str, Any] = {}
-    for pair in args.pairs:
-        print(f"\n== {pair}: building both sides", flush=True)
-        batches = copy.deepcopy(plain_batches)  # only the precomputed pair's rows carry reference columns
-        if pair == "dpo_precomputed":
-            reference_logps(setup.ref_dir, batches, setup.device)
-        ours = Runner("ours", pair, setup, batches, os.path.join(workdir, f"{pair}_ours"))
-        trl = Runner("trl", pair, setup, batches, os.path.join(workdir, f"{pair}_trl"), ours.value_weight())
-        step0 = {"ours": ours.step(), "trl": trl.step()}  # the first step of each is step 0 (then warm-up)
-        for runner in (ours, trl):
-            for _ in range(max(0, args.warmup - 1)):
-                runner.step()
-        times: dict[str, list[float]] = {"ours": [], "trl": []}
-        for rep in range(args.reps):
-            order = (ours, trl) if rep % 2 == 0 else (trl, ours)
-            for runner in order:
-                times[runner.side].append(runner.timed(args.steps))
-            print(f"   rep {rep}: ours {times['ours'][-1]:.3f} s/step, trl {times['trl'][-1]:.3f} s/step", flush=True)
-        del ours, trl
-        gc.collect()
-        tokens = setup.tokens_per_step
-        # A reward model has no LM head (TRL's has a 1-wide score layer instead); DPO uses it.
-        model_params = params - (lm_head_params(setup.policy_dir) if pair == "rm" else 0)
-        flops = (6 + (2 if pair == "dpo" else 0)) * model_params * tokens
-        ratios = [t / o for o, t in zip(times["ours"], times["trl"])]
-        entry: dict[str, Any] = {
-            "tokens_per_step": tokens,
-            "model_params": model_params,
-            "step_seconds": times,
-            "step0_loss": step0,
-            "ratio_median": statistics.median(ratios),
-            "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
-        }
+def nominal_flops(pair: str, setup: Setup, params: dict[str, int]) -> float:
+    """FLOPs of the nominal work of one step (every token of both sequences; see the module docstring): forward 2,
+    backward 4 per parameter and token (2 with LoRA: no weight gradients for frozen weights), a live reference
+    forward 2 more. A reward model has no LM head."""
+    n = params["body"] + (0 if pair == "rm" else params["lm_head"])
+    per_token = (6 if setup.finetuning == "full" else 4) + (2 if pair == "dpo" else 0)
+    return per_token * n * setup.tokens_per_step
+
+
+def compare_case(args, pair: str, setup: Setup, plain_batches, workdir: str) -> dict[str, Any]:
+    """Ours vs TRL on one (pair, shape): step times, ratios, step-0 losses, peak memory."""
+    batches = copy.deepcopy(plain_batches)  # only the precomputed pair's rows carry reference columns
+    if pair == "dpo_precomputed":
+        # The reference of a LoRA run is the base model (the policy's weights), else the reference model.
+        reference_logps(setup.policy_dir if setup.finetuning == "lora" else setup.ref_dir, batches, setup.device)
+    ours = Runner("ours", pair, setup, batches, os.path.join(workdir, "ours"))
+    trl = Runner("trl", pair, setup, batches, os.path.join(workdir, "trl"), ours.value_weight())
+    step0 = {"ours": ours.step(), "trl": trl.step()}  # the first step of each is step 0 (then warm-up)
+    for runner in (ours, trl):
+        for _ in range(max(0, args.warmup - 1)):
+            runner.step()
+    times: dict[str, list[float]] = {"ours": [], "trl": []}
+    cpu: dict[str, list[float]] = {"ours": [], "trl": []}
+    for rep in range(args.reps):
+        order = (ours, trl) if rep % 2 == 0 else (trl, ours)
+        for runner in order:
+            wall, cpu_s = runner.timed(args.steps)
+            times[runner.side].append(wall)
+            cpu[runner.side].append(cpu_s)
+        print(f"   rep {rep}: ours {times['ours'][-1]:.3f} s/step, trl {times['trl'][-1]:.3f} s/step "
+              f"(CPU {cpu['ours'][-1]:.2f} / {cpu['trl'][-1]:.2f} s)", flush=True)  # fmt: skip
+    del ours, trl
+    gc.collect()
+    ratios = [t / o for o, t in zip(times["ours"], times["trl"])]
+    cpu_ratios = [t / o for o, t in zip(cpu["ours"], cpu["trl"])]
+    entry: dict[str, Any] = {
+        "pair": pair,
+        "finetuning": setup.finetuning,
+        "seq_len": setup.seq_len,
+        "tokens_per_step": setup.tokens_per_step,
+        "step_seconds": times,
+        "step_cpu_seconds": cpu,
+        "step0_loss": step0,
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "cpu_ratio_median": statistics.median(cpu_ratios),
+    }
+    if not args.no_memory and (not args.memory_at or setup.seq_len in args.memory_at):
         for side in SIDES:
-            median = statistics.median(times[side])
-            entry[f"{side}_tokens_per_s"] = tokens / median
+            print(f"   measuring peak memory of {side} in a child process", flush=True)
+            entry[f"{side}_memory"] = measure_memory(pair, side, setup, batches, workdir)
+    return entry
+
+
+def compare(args, cases: list[tuple[str, str, Setup]], workdir: str, peak_flops: float, save=None) -> dict[str, Any]:
+    """Ours vs TRL for each case (name, pair, shape): tokens/s, ratio (median, min-max), peak memory, step-0
+    loss, MFU."""
+    results: dict[str, Any] = {}
+    params = param_counts(cases[0][2].policy_dir)
+    rows: dict[tuple[int, int], Any] = {}
+    for name, pair, setup in cases:
+        print(f"\n== {name}: building both sides", flush=True)
+        key = (setup.seq_len, setup.batch)
+        if key not in rows:
+            rows[key] = make_rows(setup, _vocab(setup.policy_dir), _eos(setup.policy_dir))
+        entry = compare_case(args, pair, setup, rows[key], os.path.join(workdir, name))
+        flops = nominal_flops(pair, setup, params)
+        entry["model_params"] = params
+        entry["nominal_flops"] = flops
+        for side in SIDES:
+            median = statistics.median(entry["step_seconds"][side])
+            entry[f"{side}_tokens_per_s"] = setup.tokens_per_step / median
             entry[f"{side}_mfu"] = flops / median / peak_flops
-        if not args.no_memory:
-            for side in SIDES:
-                print(f"   measuring peak memory of {side} in a child process", flush=True)
-                entry[f"{side}_memory"] = measure_memory(pair, side, setup, batches, workdir)
-        results[pair] = entry
+        results[name] = entry
+        if save is not None:
+            save(results)  # a long run keeps what it measured so far
     return results
 
 
 def print_compare(results: dict[str, Any], device: str) -> None:
     mem_key = "peak_gpu_mib" if device == "cuda" else "peak_rss_mib"
-    header = (f"{'pair':<16} {'ours tok/s':>10} {'TRL tok/s':>10} {'ours/TRL':>9} {'(min-max)':>13} "
+    width = max(16, *(len(name) for name in results))
+    header = (f"{'case':<{width}} {'ours tok/s':>10} {'TRL tok/s':>10} {'ours/TRL':>9} {'(min-max)':>13} {'CPU-time':>8} "
               f"{'ours MiB':>9} {'TRL MiB':>9} {'ours loss0':>11} {'TRL loss0':>11} "
               f"{'ours MFU':>8} {'TRL MFU':>8}")  # fmt: skip
     print("\n" + header + "\n" + "-" * len(header))
-    for pair, e in results.items():
+    for name, e in results.items():
         mem = {s: e.get(f"{s}_memory", {}).get(mem_key, float("nan")) for s in SIDES}
         print(
-            f"{pair:<16} {e['ours_tokens_per_s']:>10.0f} {e['trl_tokens_per_s']:>10.0f} {e['ratio_median']:>8.2f}x "
-            f"({e['ratio_min']:.2f}-{e['ratio_max']:.2f}) {mem['ours']:>9.0f} {mem['trl']:>9.0f} "
-            f"{e['step0_loss']['ours']:>11.6f} {e['step0_loss']['trl']:>11.6f} {100 * e['ours_mfu']:>7.1f}% "
-            f"{100 * e['trl_mfu']:>7.1f}%"
+            f"{name:<{width}} {e['ours_tokens_per_s']:>10.0f} {e['trl_tokens_per_s']:>10.0f} "
+            f"{e['ratio_median']:>8.2f}x ({e['ratio_min']:.2f}-{e['ratio_max']:.2f}) {e['cpu_ratio_median']:>7.2f}x "
+            f"{mem['ours']:>9.0f} {mem['trl']:>9.0f} {e['step0_loss']['ours']:>11.6f} {e['step0_loss']['trl']:>11.6f} "
+            f"{100 * e['ours_mfu']:>7.1f}% {100 * e['trl_mfu']:>7.1f}%"
         )
 
 
@@ -504,7 +511,7 @@ def sweep(args, setup: Setup, workdir: str) -> dict[str, Any]:
                     value_weight = runner.value_weight()
                     for _ in range(args.warmup):
                         runner.step()
-                    seconds = statistics.median(runner.timed(args.steps) for _ in range(args.reps))
+                    seconds = statistics.median(runner.timed(args.steps)[0] for _ in range(args.reps))
                     results.setdefault(pair, {}).setdefault(side, []).append(
                         {
                             "seq_len": seq_len,
@@ -543,22 +550,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("compare", "sweep"), default="compare")
     p.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated subset of {', '.join(PAIRS)}")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="default: cpu-small on CPU, qwen-0.5b on GPU")  # fmt: skip
-    p.add_argument("--seq-len", type=int, default=None, help="prompt + response tokens (default 512 CPU, 1024 GPU)")
-    p.add_argument("--prompt-len", type=int, default=None, help="default: half of --seq-len")
-    p.add_argument("--batch", type=int, default=4, help="pairs per step")
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--steps", type=int, default=2, help="steps per repetition")
-    p.add_argument("--warmup", type=int, default=2, help="steps per side before timing (the first is step 0)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: smollm2-135m")
+    p.add_argument("--tiny", action="store_true", help="the 5.2M-parameter cpu-small model of earlier sessions")
+    p.add_argument("--random-weights", action="store_true", help="smollm2-135m: random weights even when pulled")
+    p.add_argument("--finetuning", default=None, help="comma-separated lora,full (default both; --tiny: full)")
+    p.add_argument("--cutoffs", default=None, help="comma-separated sequence lengths (default 256,512)")
+    p.add_argument("--seq-len", type=int, default=None, help="one sequence length (prompt + response) instead")
+    p.add_argument("--prompt-len", type=int, default=None, help="default: half of the sequence length")
+    p.add_argument("--batch", type=int, default=None, help="pairs per step (default 2; --tiny: 4)")
+    p.add_argument("--reps", type=int, default=None, help="default 3; --tiny: 7")
+    p.add_argument("--steps", type=int, default=None, help="steps per repetition (default 1; --tiny: 2)")
+    p.add_argument("--warmup", type=int, default=None, help="steps per side before timing, the first is step 0 "
+                   "(default 1; --tiny: 2)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--ours", nargs="*", default=["pack_pairs=true"], help="our config keys (key=value)")
     p.add_argument("--no-memory", action="store_true", help="skip the child processes that measure peak memory")
+    p.add_argument("--memory-at", type=int, nargs="*", default=None, help="measure peak memory at these cutoffs only")
     p.add_argument("--sweep-seq", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--sweep-batch", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--with-trl", action="store_true", help="sweep: time TRL too")
-    p.add_argument("--quick", action="store_true", help="seq 128, 2 reps of 1 step, no memory: a smoke run")
-    p.add_argument("--json", default=None, help="output file (default benchmarks/results/bench_<mode>_<device>.json)")
+    p.add_argument(
+        "--quick", action="store_true", help="--tiny, seq 128, 2 reps of 1 step, no memory (make bench-quick)"
+    )
+    p.add_argument("--json", default=None, help="output file (default benchmarks/results/bench_<mode>_<device>_<model>"
+                   ".json; --quick: in the temporary directory)")  # fmt: skip
     p.add_argument("--memory-child", nargs=3, metavar=("PAIR", "SIDE", "SPEC"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.pairs = [x for x in args.pairs.split(",") if x]
@@ -566,9 +581,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown pair(s) {unknown}; choose from {PAIRS}")
     if args.quick:
-        args.seq_len, args.reps, args.steps, args.warmup, args.no_memory = 128, 2, 1, 1, True
+        args.tiny, args.seq_len, args.no_memory = True, args.seq_len or 128, True
+        args.reps, args.steps, args.warmup = args.reps or 2, args.steps or 1, args.warmup or 1
         args.sweep_seq, args.sweep_batch = [64, 128], [1, 2]
+    tiny = args.tiny or args.preset == "cpu-small"
+    args.preset = args.preset or ("cpu-small" if args.tiny else "smollm2-135m")
+    defaults = dict(batch=4, reps=7, steps=2, warmup=2) if tiny else dict(batch=2, reps=3, steps=1, warmup=1)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.finetuning = [x for x in (args.finetuning or ("full" if tiny else "lora,full")).split(",") if x]
+    if any(x not in FINETUNING for x in args.finetuning):
+        p.error(f"--finetuning takes {FINETUNING}; got {args.finetuning}")
+    if args.seq_len:
+        args.cutoffs = [args.seq_len]
+    else:
+        args.cutoffs = [int(x) for x in (args.cutoffs or "256,512").split(",")] if not tiny else [512]
+    args.named_by_pair = tiny  # the tiny model's results keep their old names: rm, dpo, dpo_precomputed
     return args
+
+
+def build_cases(args, base: Setup) -> list[tuple[str, str, Setup]]:
+    """(name, pair, shape) for each pair x fine-tuning x cutoff: `dpo_smollm2_135m_lora_256`."""
+    cases = []
+    tag = MODEL_TAGS[args.preset]
+    for seq_len in args.cutoffs:
+        for finetuning in args.finetuning:
+            prompt_len = args.prompt_len or seq_len // 2
+            if not 1 <= prompt_len <= seq_len - 2:
+                raise SystemExit(f"--prompt-len must lie in [1, seq_len - 2]; got {prompt_len} for {seq_len}")
+            setup = Setup(**{**asdict(base), "seq_len": seq_len, "prompt_len": prompt_len, "finetuning": finetuning})
+            for pair in args.pairs:
+                if args.named_by_pair:
+                    name = pair if finetuning == "full" else f"{pair}_{finetuning}"
+                else:
+                    name = f"{pair}_{tag}_{finetuning}_{seq_len}"
+                cases.append((name, pair, setup))
+    return cases
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -581,48 +630,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     os.environ["BENCH_THREADS"] = str(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    preset = args.preset or ("qwen-0.5b" if device == "cuda" else "cpu-small")
-    seq_len = args.seq_len or (1024 if device == "cuda" else 512)
-    prompt_len = args.prompt_len or seq_len // 2
-    if not 1 <= prompt_len <= seq_len - 2:
-        raise SystemExit(f"--prompt-len must lie in [1, seq_len - 2]; got {prompt_len} for seq_len {seq_len}")
 
     import transformers
     import trl
 
+    default_dir = tempfile.gettempdir() if args.quick else RESULTS_DIR
+    path = args.json or os.path.join(default_dir, f"bench_{args.mode}_{device}_{MODEL_TAGS[args.preset]}.json")
     with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as workdir:
-        policy_dir, ref_dir = build_models(workdir, preset)
-        setup = Setup(policy_dir, ref_dir, device, device == "cuda", args.batch, seq_len, prompt_len, pool=2,
-                      ours_keys=parse_overrides(args.ours))  # fmt: skip
+        real = real_weights_available(args.preset) and not args.random_weights
+        policy_dir, ref_dir = build_models(workdir, args.preset, real=real)
+        base = Setup(policy_dir, ref_dir, device, device == "cuda", args.batch, args.cutoffs[0], 1, pool=2,
+                     ours_keys=parse_overrides(args.ours))  # fmt: skip
+        cases = build_cases(args, base)
         peak = matmul_flops(device)
+        params = param_counts(policy_dir)
         meta = {
             "command": " ".join(["python", "benchmarks/bench_vs_trl.py", *(argv or sys.argv[1:])]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
-            "threads": args.threads, "preset": preset, "model": PRESETS[preset],
-            "non_embedding_params": non_embedding_params(policy_dir), "seq_len": seq_len, "prompt_len": prompt_len,
+            "threads": args.threads, "preset": args.preset, "model": PRESETS[args.preset],
+            "weights": "real (pulled SmolLM2-135M-Instruct)" if real else "random", "params": params,
+            "cutoffs": args.cutoffs, "finetuning": args.finetuning, "prompt_len": args.prompt_len or "half",
             "batch": args.batch, "reps": args.reps, "steps": args.steps, "warmup": args.warmup,
-            "precision": "bf16" if device == "cuda" else "fp32", "ours_keys": setup.ours_keys,
+            "precision": "bf16" if device == "cuda" else "fp32", "ours_keys": base.ours_keys,
             "matmul_tflops": peak / 1e12, "load_average_start": load_average(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         }  # fmt: skip
         print(f"{meta['device']} ({device}, {args.threads} threads), matmul {peak / 1e9:.0f} GFLOP/s, "
-              f"load average {meta['load_average_start']}; model {preset} "
-              f"({meta['non_embedding_params'] / 1e6:.1f}M non-embedding params); seq {seq_len} "
-              f"(prompt {prompt_len}), batch {args.batch} pairs; ours: {setup.ours_keys}", flush=True)  # fmt: skip
+              f"load average {meta['load_average_start']}; model {args.preset}, {meta['weights']} weights "
+              f"({params['body'] / 1e6:.1f}M body + {params['lm_head'] / 1e6:.1f}M LM-head params); cutoffs "
+              f"{args.cutoffs}, batch {args.batch} pairs, {args.finetuning}; ours: {base.ours_keys}", flush=True)  # fmt: skip
         if args.mode == "compare":
-            results = compare(args, setup, workdir, peak)
+            results = compare(args, cases, workdir, peak, save=lambda partial: write_json(path, meta, partial))
             print_compare(results, device)
         else:
-            results = sweep(args, setup, workdir)
+            results = sweep(args, cases[0][2], workdir)
             print_sweep(results)
     meta["load_average_end"] = load_average()
     print(f"\nload average at the end: {meta['load_average_end']}")
-    out = {"meta": meta, "results": results}
-    path = args.json or os.path.join(RESULTS_DIR, f"bench_{args.mode}_{device}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
+    out = write_json(path, meta, results)
     print(f"wrote {path}")
+    return out
+
+
+def write_json(path: str, meta: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    out = {"meta": meta, "results": results}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(path + ".tmp", path)
     return out
 
 
