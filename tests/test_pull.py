@@ -126,3 +126,14 @@ def test_pin_memory_follows_the_accelerator():
         {"stage": "rm", "dataset": "builtin:synthetic", "output_dir": "x", "dataloader_pin_memory": True}
     )
     assert kept.training.dataloader_pin_memory
+
+
+@pytest.mark.parametrize("name", ["sft_lora", "rm_bt", "rm_disco", "dpo", "ppo"])
+def test_real_model_examples_are_valid_and_point_at_the_pulled_folder(name, tmp_path):
+    from pathlib import Path
+
+    from discoalign.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "real" / f"{name}.yaml"
+    cfg = load_config(str(path), [f"output_dir={tmp_path}"])
+    assert cfg.model.model_name_or_path.endswith(f"/models/{NAME}")
