@@ -94,3 +94,46 @@ def test_cached_folder_is_checked_file_by_file(tmp_path):
     assert verify_cached(str(folder), spec) is None
     (folder / "config.json").write_text('{"changed": 1}')
     assert verify_cached(str(folder), spec) == "config.json is missing or changed"
+
+
+def test_gguf_file_key_errors_name_the_file_and_belongs_to_the_model_only(tmp_path):
+    """`gguf_file:` on a folder without that file, and a GGUF folder without the key, are one-paragraph errors;
+    a reference or reward model (`for_model`) does not inherit the key."""
+    from discoalign.config.schema import FinetuningArguments, ModelArguments
+    from discoalign.errors import CheckpointError
+    from discoalign.models.loader import load_model_with_heads
+
+    (tmp_path / "mine.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match=r"gguf_file: other.gguf.*there is no file"):
+        load_model_with_heads(ModelArguments(model_name_or_path=str(tmp_path), gguf_file="other.gguf"),
+                              FinetuningArguments())  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"has no tokenizer.*set `gguf_file:`"):
+        load_model_with_heads(ModelArguments(model_name_or_path=str(tmp_path)), FinetuningArguments())
+    args = ModelArguments(model_name_or_path=str(tmp_path), gguf_file="mine.gguf")
+    assert args.for_model("builtin:tiny-qwen3").gguf_file is None
+
+
+def test_pin_memory_follows_the_accelerator():
+    """Real runs on CPU printed torch's "'pin_memory' argument is set as true but no accelerator is found" for
+    every DataLoader: unless set, `dataloader_pin_memory` is on only with an accelerator."""
+    import torch
+
+    from discoalign.config import build_config
+
+    cfg = build_config({"stage": "rm", "dataset": "builtin:synthetic", "output_dir": "unused"})
+    assert cfg.training.dataloader_pin_memory == torch.accelerator.is_available()
+    kept = build_config(
+        {"stage": "rm", "dataset": "builtin:synthetic", "output_dir": "x", "dataloader_pin_memory": True}
+    )
+    assert kept.training.dataloader_pin_memory
+
+
+@pytest.mark.parametrize("name", ["sft_lora", "rm_bt", "rm_disco", "dpo", "ppo"])
+def test_real_model_examples_are_valid_and_point_at_the_pulled_folder(name, tmp_path):
+    from pathlib import Path
+
+    from discoalign.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "real" / f"{name}.yaml"
+    cfg = load_config(str(path), [f"output_dir={tmp_path}"])
+    assert cfg.model.model_name_or_path.endswith(f"/models/{NAME}")

@@ -22,7 +22,12 @@ LOG_NOISE: tuple[tuple[str, str, str], ...] = (
 )  # fmt: skip
 
 # (category, message pattern, why it is dropped): Python warnings raised inside third-party code.
-WARNING_NOISE: tuple[tuple[type[Warning], str, str], ...] = ()
+WARNING_NOISE: tuple[tuple[type[Warning], str, str], ...] = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated",
+     "peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model in LoRA "
+     "(`getattr(model, 'is_gradient_checkpointing', True)` in PeftModel.__init__); every LoRA run printed it, and "
+     "nothing of ours reads it"),
+)  # fmt: skip
 
 
 class _DropNoise(logging.Filter):

@@ -62,6 +62,13 @@ class BaseModelArguments:
         default=None, metadata={"help": "eager | sdpa | flash_attention_2; falls back to sdpa/eager when missing."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Hub cache directory."})
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A GGUF file inside `model_name_or_path` (or an absolute path): its weights are de-quantised to "
+            "float32 (a Q4_1 file's values, not the bf16 release; docs/real_model.md); its tokenizer is used."
+        },
+    )
 
 
 @dataclass
@@ -198,6 +205,7 @@ class ModelArguments(QuantizationArguments, ProcessorArguments, BaseModelArgumen
         other = copy.copy(self)
         other.model_name_or_path = name
         other.adapter_name_or_path = None
+        other.gguf_file = None  # the GGUF file belongs to `model_name_or_path`
         if not keep_template:
             other.template = None
         return other

@@ -40,6 +40,11 @@ def build_training_arguments(training: dict[str, Any], source: str) -> Any:
     if args.learning_rate < 0:
         fail(f"`learning_rate` is {args.learning_rate}; it must be non-negative.")
     _check_report_to(args.report_to, fail)
+    if args.dataloader_pin_memory and "dataloader_pin_memory" not in training:
+        import torch
+
+        # Pinned memory speeds copies to an accelerator; without one torch warns on every DataLoader it builds.
+        args.dataloader_pin_memory = torch.accelerator.is_available()
     if args.push_to_hub:
         from huggingface_hub import constants
 

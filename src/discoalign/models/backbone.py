@@ -17,6 +17,7 @@ import torch
 from ..config.builtin_models import TINY_ARCHS, TINY_MULTIMODAL_ARCHS, TINY_SEQ2SEQ_ARCHS
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import ADAPTER_CONFIG_NAME, read_heads_config
+from .gguf import load_gguf_causal_lm
 from .interop import is_sequence_classification
 from .multimodal_loader import multimodal_auto_class
 from .quantization import (
@@ -200,13 +201,16 @@ def _from_pretrained(name: str, model_args, dtype, load_kwargs: dict | None = No
     CausalLM). `load_kwargs`: `quantization_config` / `device_map` for `from_pretrained`."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    if getattr(model_args, "gguf_file", None):
+        return _from_gguf(name, model_args, dtype, load_kwargs)
     cache_dir = getattr(model_args, "cache_dir", None)
     config_path = locate_file(name, "config.json", cache_dir)
     if os.path.isdir(name) and config_path is None:
         present = ", ".join(sorted(os.listdir(name))) or "nothing"
+        hint = " For a GGUF file, set `gguf_file:` to its name." if ".gguf" in present else ""
         raise CheckpointError(
             f"`model_name_or_path: {name}` is not a model checkpoint: config.json is missing (the directory holds "
-            f"{present})."
+            f"{present}).{hint}"
         )
     config_json = read_json(config_path) if config_path is not None else {}
     # Vision-language / audio-language configs are not in AutoModelForCausalLM's mapping.
@@ -249,6 +253,23 @@ def _from_pretrained(name: str, model_args, dtype, load_kwargs: dict | None = No
     if os.path.isdir(name):
         model.name_or_path = os.path.abspath(name)
     return model
+
+
+def _from_gguf(name: str, model_args, dtype, load_kwargs: dict | None) -> torch.nn.Module:
+    """`gguf_file` of the folder `name`, de-quantised into a plain model (`models.gguf`; the log says so)."""
+    if load_kwargs:
+        raise ConfigError(
+            f"`gguf_file: {model_args.gguf_file}` cannot be combined with `quantization_bit` or `device_map`: the GGUF "
+            "weights are de-quantised to a plain model. Convert it once (`discoalign pull`, or load and save it), "
+            "then use the saved folder with those keys."
+        )
+    if dtype == "auto":
+        dtype = torch.float32
+
+    def load(impl: str | None):
+        return load_gguf_causal_lm(name, model_args.gguf_file, dtype, **({"attn_implementation": impl} if impl else {}))
+
+    return _with_attn_fallback(load, model_args.attn_implementation)
 
 
 def load_backbone(

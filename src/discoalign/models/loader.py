@@ -31,6 +31,7 @@ from .backbone import (
     split_adapters,
 )
 from .checkpoint import load_heads, read_heads_config
+from .gguf import load_gguf_tokenizer
 from .heads import build_heads
 from .lora import apply_lora
 from .modality import ActorModality, detect_modality
@@ -75,6 +76,8 @@ def _load_tokenizer(model_args):
     cache_dir = getattr(model_args, "cache_dir", None)
     has_own = any(locate_file(name, f, cache_dir) for f in TOKENIZER_FILES)
     base = adapter_base(name, cache_dir)
+    if getattr(model_args, "gguf_file", None) and not has_own and base is None:
+        return _with_pad(load_gguf_tokenizer(name, model_args.gguf_file), name)
     if not has_own and base is not None:
         base_args = copy.copy(model_args)
         base_args.model_name_or_path = base
@@ -84,6 +87,11 @@ def _load_tokenizer(model_args):
         raise CheckpointError(
             f"`model_name_or_path: {name}` has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is in the folder. "
             "Copy the tokenizer files of the model it was trained from into it (`tokenizer.save_pretrained(folder)`)."
+            + (
+                " For a GGUF file, set `gguf_file:` to its name."
+                if any(f.endswith(".gguf") for f in os.listdir(name))
+                else ""
+            )
         )
 
     from transformers import AutoTokenizer
@@ -100,6 +108,10 @@ def _load_tokenizer(model_args):
     if len(tokenizer) == 0:
         raise CheckpointError(f"The tokenizer of `model_name_or_path: {name}` has an empty vocabulary; its tokenizer "
                               "files are incomplete.")  # fmt: skip
+    return _with_pad(tokenizer, name)
+
+
+def _with_pad(tokenizer, name: str):
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("Tokenizer of %s has no pad token; using eos %r as pad.", name, tokenizer.eos_token)
