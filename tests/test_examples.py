@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from discoalign.config import load_config
+from discoalign.train.tuner import WORKFLOWS
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
@@ -14,7 +15,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yam
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_config_is_valid(path, tmp_path):
     cfg = load_config(str(path), [f"output_dir={tmp_path}"])
-    assert cfg.finetuning.stage in ("sft", "rm", "dpo", "ppo")
+    assert cfg.finetuning.stage in WORKFLOWS
     assert cfg.model.model_name_or_path
 
 

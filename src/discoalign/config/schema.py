@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 
 from .finetuning_groups import (
     DPOArguments,
+    GRPOArguments,
     LoraArguments,
     OutputArguments,
     PPOArguments,
@@ -210,6 +211,7 @@ class DataArguments(SFTArguments, MediaArguments, DataSpeedArguments, DatasetArg
 @dataclass
 class FinetuningArguments(
     OutputArguments,
+    GRPOArguments,
     PPOArguments,
     SpeedArguments,
     DPOArguments,
