@@ -118,6 +118,10 @@ def test_kl_is_k1_logged_and_starts_at_zero(tmp_path, disco_rm):
     rollout = trainer.make_rollout(prompt_rows(trainer.train_dataset, [0, 1]))
     assert float(rollout.kl.abs().max()) < 1e-5
     assert trainer.ref_model is not None
+    # evaluation answers every prompt once, as PPO's does (3 prompts: not a multiple of num_generations)
+    metrics = trainer.evaluate_rollouts(trainer.train_dataset.select(range(3)))
+    assert math.isfinite(metrics["eval_objective/scores"]) and "eval_reward_std" not in metrics
+    assert trainer.make_rollout(prompt_rows(trainer.train_dataset, [0])).query_ids.shape[0] == 4
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,7 @@ class GRPOTrainer(PPOTrainer):
     ) -> None:
         super().__init__(model, run_config, reward_model, ref_model, true_reward, **kwargs)
         ft = self.finetuning_args
-        self.num_generations = ft.num_generations
+        self.num_generations = self._generations = ft.num_generations
         self.rollout_batch_size = self.mini_batch_size // self.num_generations  # prompts per step and process
         self.update_epochs = ft.num_iterations
         self.reward_funcs = resolve_reward_funcs(ft.reward_funcs) if reward_funcs is None else list(reward_funcs)
@@ -76,8 +76,17 @@ class GRPOTrainer(PPOTrainer):
 
     @torch.no_grad()
     def make_rollout(self, rows: list[dict[str, Any]]) -> Rollout:
-        """`num_generations` completions of each prompt, consecutive (row g * G + j is completion j of prompt g)."""
-        return super().make_rollout([row for row in rows for _ in range(self.num_generations)])
+        """`num_generations` completions of each prompt, consecutive (row g * G + j is completion j of prompt g);
+        one per prompt during evaluation."""
+        return super().make_rollout([row for row in rows for _ in range(self._generations)])
+
+    def evaluate_rollouts(self, dataset, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """PPO's evaluation: every eval prompt answered once (as PPO's, so the two compare on equal terms)."""
+        self._generations = 1
+        try:
+            return super().evaluate_rollouts(dataset, metric_key_prefix)
+        finally:
+            self._generations = self.num_generations
 
     def sequence_rewards(self, rollout: Rollout, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, K) rewards per source (the reward model's risk-adjusted, clipped score first, then each reward
@@ -91,7 +100,7 @@ class GRPOTrainer(PPOTrainer):
             ids = [r[m.bool()].tolist() for r, m in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu())]
             parts.append(call_reward_funcs(self.reward_funcs, rows, completions, ids, self.state))
         per_source = torch.cat(parts, dim=1)
-        total = combine_rewards(per_source, self.reward_weights, self.num_generations).to(rollout.scores.device)
+        total = combine_rewards(per_source, self.reward_weights, self._generations).to(rollout.scores.device)
         if ft.missing_eos_penalty is not None:
             total = total - ft.missing_eos_penalty * (~rollout.ended).float()
         return per_source, total
@@ -104,6 +113,12 @@ class GRPOTrainer(PPOTrainer):
         rollout.kl = torch.zeros_like(rollout.logprobs)
         if rollout.ref_logprobs is not None:
             rollout.kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, mask, "k1")
+        rollout.kl_coef = torch.full_like(rollout.scores, ft.pref_beta)
+        self._reward_stats = {f"rewards/{name}/mean": float(per_source[:, j].nanmean())
+                              for j, name in enumerate(self.reward_names)}  # fmt: skip
+        if self._generations == 1:  # evaluation: no groups, no update
+            rollout.advantages = torch.zeros_like(rollout.scores)
+            return
         rewards = rollout.scores
         if ft.advantage_estimator == "rloo" and rollout.ref_logprobs is not None:
             rewards = rewards - ft.pref_beta * sequence_kl_penalty(rollout.logprobs, rollout.ref_logprobs, mask)
@@ -118,7 +133,6 @@ class GRPOTrainer(PPOTrainer):
             ft.uncertainty_shrinkage, batch_std,
         )  # fmt: skip
         rollout.advantages = adv.advantages
-        rollout.kl_coef = torch.full_like(rollout.scores, ft.pref_beta)
         # dapo: the generation batch's tokens over all processes, per process; times the accumulation steps, which
         # the update loop divides every micro-batch loss by (TRL does not divide dapo's).
         tokens = mask.sum()
@@ -126,16 +140,13 @@ class GRPOTrainer(PPOTrainer):
             tokens = self.accelerator.gather(tokens.reshape(1)).sum()
         self._num_items = float(tokens) / self.accelerator.num_processes / self.args.gradient_accumulation_steps
         grouped = rewards.float().view(-1, self.num_generations)
-        stats = {
+        self._reward_stats.update({
             "reward": float(rewards.mean()),
             "reward_std": float(adv.group_std.mean()),
             "frac_reward_zero_std": float((grouped.std(dim=1) < 1e-6).float().mean()),
             "advantage/weight_mean": float(adv.weights.mean()),
             "advantage/abs_mean": float(adv.advantages.abs().mean()),
-        }
-        for j, name in enumerate(self.reward_names):
-            stats[f"rewards/{name}/mean"] = float(per_source[:, j].nanmean())
-        self._reward_stats = stats
+        })  # fmt: skip
 
     def rollout_report(self, rollout: Rollout) -> tuple[dict[str, float], list[dict[str, Any]]]:
         metrics, samples = super().rollout_report(rollout)
