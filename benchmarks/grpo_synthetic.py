@@ -8,7 +8,7 @@ reward model on 1,500 synthetic pairs) with the epistemic term (`epistemic: toke
 aleatoric + epistemic, and the demo's SFT-warmed tiny policy (`cli/demo/ppo.py`). Every method then trains from
 that policy for `--steps` steps of 32 sampled responses each (PPO: 32 prompts x 1; the GRPO family: 8 prompts x
 `num_generations` 4), the same learning rate and KL coefficient (`pref_beta` 0.05), and is evaluated every
-`--eval-steps` steps on 64 held-out prompts (`synthetic_seed + 1`): the *true* reward of its responses (the task's
+`--eval-steps` steps on 256 held-out prompt rows (`synthetic_seed + 1`): the *true* reward of its responses (the task's
 hidden word values, which neither policy nor reward model sees), the proxy (the reward model's mean) and the KL to
 the reference (k1, summed per response, the same estimator for every method).
 
@@ -38,7 +38,7 @@ BASE: dict[str, Any] = {
     "dataset": "builtin:synthetic",
     "eval_dataset": "builtin:synthetic",
     "synthetic_num_pairs": 1000,
-    "max_samples": 64,
+    "max_samples": 256,  # of the eval prompts too: 256 responses per evaluation (48 distinct prompts)
     "cutoff_len": 64,
     "max_new_tokens": 12,
     "pref_beta": 0.05,
@@ -95,7 +95,7 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
     run_exp(build_config(spec["config"]))
     with open(os.path.join(spec["config"]["output_dir"], "trainer_state.json")) as f:
         history = json.load(f)["log_history"]
-    evals = [e for e in history if "eval_objective/true_reward" in e]
+    evals = list({e["step"]: e for e in history if "eval_objective/true_reward" in e}.values())  # final eval once
     curve = [{"step": e["step"], "true": e["eval_objective/true_reward"], "kl": e.get("eval_objective/kl", 0.0),
               "proxy": e.get("eval_reward/mean", float("nan"))} for e in evals]  # fmt: skip
     return {"curve": curve, "seconds": time.time() - start,
@@ -152,7 +152,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                     "per_seed": [round(v, 4) for v in values]}  # fmt: skip
 
+        pair = [r for r in runs if r["method"] in ("grpo", "grpo_disco")]
+        pair_kl = min(max(p["kl"] for p in r["curve"]) for r in pair) if pair else common_kl
+        summary["grpo_pair_kl"] = pair_kl
         summary["methods"][m] = {
+            "true_at_grpo_pair_kl": stat([true_at_kl(r["curve"], pair_kl) for r in rs]),
             "extra": rs[0]["extra"],
             "true_start": stat([r["curve"][0]["true"] for r in rs]),
             "true_final": stat([final_true(r["curve"]) for r in rs]),
@@ -168,16 +172,18 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def report(summary: dict[str, Any], ns) -> str:
     lines = [f"Report seeds {ns.seeds} (dev seeds {ns.dev_seeds}), {ns.steps} steps of 32 responses; equal-KL point "
-             f"KL = {summary['common_kl']:.3f} nats/response.", "",
+             f"KL = {summary['common_kl']:.3f} nats/response (GRPO vs Disco-aware GRPO: {summary['grpo_pair_kl']:.3f}).",
+             "",
              "| method | tuned | true reward start | true reward final | KL final | true reward @ equal KL | "
-             "proxy gain | true gain | time (s) | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "true reward @ GRPO-pair KL | proxy gain | true gain | time (s) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def f(s, digits=3):
         return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f} ({', '.join(f'{v:.{digits}f}' for v in s['per_seed'])})"
 
     for m, s in summary["methods"].items():
         lines.append(f"| {m} | {json.dumps(s['extra'])} | {f(s['true_start'])} | {f(s['true_final'])} | "
-                     f"{f(s['kl_final'])} | {f(s['true_at_common_kl'])} | {f(s['proxy_gain'])} | {f(s['true_gain'])} | "
+                     f"{f(s['kl_final'])} | {f(s['true_at_common_kl'])} | {f(s['true_at_grpo_pair_kl'])} | {f(s['proxy_gain'])} | {f(s['true_gain'])} | "
                      f"{s['seconds']['mean']:.0f} | {s['peak_rss_mib']['mean']:.0f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
