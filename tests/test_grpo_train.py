@@ -160,3 +160,32 @@ def test_scalar_rm_with_shrinkage_is_refused(tmp_path):
     scalar = save_checkpoint(model, str(tmp_path / "scalar"), tok)
     with pytest.raises(ConfigError, match="`uncertainty_shrinkage: 1.0` weights advantages"):
         build_grpo_trainer(grpo_config(tmp_path / "s", reward_model=scalar, uncertainty_shrinkage=1.0))
+
+
+def test_lora_policy_with_a_lora_reward_adapter_on_its_base(tmp_path):
+    """LoRA policy, reference = adapters off (KL 0 at the first rollout), the reward model a LoRA adapter + Disco
+    heads loaded on the policy's own base (`reward_model_type: lora`), as PPO does."""
+    from discoalign.models.reward_adapter import SharedBaseRewardModel
+
+    torch.manual_seed(11)
+    model, tok = load_model_with_heads(
+        ModelArguments(model_name_or_path="builtin:tiny-qwen3"),
+        FinetuningArguments(finetuning_type="lora", lora_rank=4, add_disco_head=True), add_value_head=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "variance_head" in name:
+                param.normal_(0, 0.1)
+    adapter = save_checkpoint(model, str(tmp_path / "rm_adapter"), tok)
+    cfg = grpo_config(
+        tmp_path / "l", finetuning_type="lora", lora_rank=4, reward_model=adapter, reward_model_type="lora",
+        uncertainty_shrinkage=1.0, pref_beta=0.05,
+    )  # fmt: skip
+    trainer, _ = build_grpo_trainer(cfg)
+    assert isinstance(trainer.accelerator.unwrap_model(trainer.reward_model), SharedBaseRewardModel)
+    assert trainer.ref_model is None and trainer.uses_reference  # the base with adapters disabled
+    rollout = trainer.make_rollout(prompt_rows(trainer.train_dataset, [0, 1]))
+    assert float(rollout.kl.abs().max()) < 1e-5 and rollout.reward_variance is not None
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(math.isfinite(e["loss"]) and math.isfinite(e["objective/kl"]) for e in logs)
