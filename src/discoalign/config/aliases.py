@@ -29,6 +29,12 @@ EXACT_ALIASES: dict[str, tuple[str, str]] = {
     "undesirable_weight": ("kto_rejected_weight", "TRL"),
 }
 
+# stage -> {name: (our key, where the name comes from)}: TRL's names whose meaning depends on the stage; they
+# take precedence over `EXACT_ALIASES` in that stage (`loss_type` is DPO's `pref_loss` elsewhere).
+STAGE_ALIASES: dict[str, dict[str, tuple[str, str]]] = {
+    "grpo": {"loss_type": ("grpo_loss_type", "TRL's GRPO")},
+}
+
 # `flash_attn` values (LlamaFactory) -> `attn_implementation` (None: the default choice, sdpa then eager).
 FLASH_ATTN = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2", "fa3": "flash_attention_3"}
 

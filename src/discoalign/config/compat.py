@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from .aliases import CONVERTED, EXACT_ALIASES, IGNORED, NO_EQUIVALENT
+from .aliases import CONVERTED, EXACT_ALIASES, IGNORED, NO_EQUIVALENT, STAGE_ALIASES
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,12 @@ def translate_keys(
     out: dict[str, Any] = {}
     notes: list[KeyNote] = []
     problems: list[tuple[str, str]] = []  # (key, what is wrong)
+    stage = merged.get("stage")
+    aliases = {**EXACT_ALIASES, **(STAGE_ALIASES.get(stage, {}) if isinstance(stage, str) else {})}
 
     for key, value in merged.items():
-        if key in EXACT_ALIASES:
-            ours, origin = EXACT_ALIASES[key]
+        if key in aliases:
+            ours, origin = aliases[key]
             if ours in merged:
                 problems.append((key, f"`{key}` is {origin}'s name for `{ours}`, which is set too; keep `{ours}`."))
                 continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from ..losses.grpo import ADVANTAGE_ESTIMATORS, GRPO_LOSS_TYPES
 from ..losses.reference_free import PREF_LOSS_TYPES
 
 
@@ -17,8 +18,8 @@ class StageArguments:
 
     GROUP_TITLE: ClassVar[str] = "Stage and fine-tuning"
 
-    stage: Literal["sft", "rm", "dpo", "ppo", "kto"] = field(
-        default="rm", metadata={"help": "sft | rm | dpo | ppo | kto."}
+    stage: Literal["sft", "rm", "dpo", "ppo", "kto", "grpo"] = field(
+        default="rm", metadata={"help": "sft | rm | dpo | ppo | kto | grpo."}
     )
     finetuning_type: Literal["full", "lora"] = field(default="full", metadata={"help": "full | lora."})
 
@@ -194,6 +195,76 @@ class PPOArguments:
     )
     target_kl: float = field(
         default=6.0, metadata={"help": "PPO + use_dynamic_beta: per-response KL the beta head steers each prompt to."}
+    )
+
+
+# Stages that sample from the policy and score the samples (the PPO stage's rollout code); `grpo` reads the PPO keys
+# of sampling and reward (`GRPO_SHARED_PPO_KEYS`) and its own group.
+ONLINE_STAGES = ("ppo", "grpo")
+GRPO_SHARED_PPO_KEYS = (
+    "reward_model", "reward_model_type", "max_new_tokens", "temperature", "top_p", "top_k", "reward_clip",
+    "missing_eos_penalty", "disco_risk_coef",
+)  # fmt: skip
+
+
+@dataclass
+class GRPOArguments:
+    """Stage grpo (TRL's names; docs/grpo.md); `config.validate` refuses them with any other stage. The KL
+    coefficient is `pref_beta` (TRL's `beta`), the reward and sampling keys are PPO's."""
+
+    GROUP_TITLE: ClassVar[str] = "GRPO"
+
+    num_generations: int = field(
+        default=8, metadata={"help": "GRPO: completions sampled per prompt (the group); divides the rollout batch."}
+    )
+    advantage_estimator: Literal[ADVANTAGE_ESTIMATORS] = field(
+        default="grpo",
+        metadata={
+            "help": "GRPO: `grpo` = reward minus the group mean (Shao et al. 2024); `rloo` = minus the mean of the "
+            "other completions, with the KL in the reward (Ahmadian et al. 2024, TRL's RLOOTrainer)."
+        },
+    )
+    scale_rewards: str | bool = field(
+        default="group",
+        metadata={
+            "help": "GRPO: divide advantages by the group's std (`group`/true), the batch's (`batch`) or not "
+            "(`none`/false)."
+        },  # fmt: skip
+    )
+    grpo_loss_type: Literal[GRPO_LOSS_TYPES] = field(
+        default="dapo",
+        metadata={
+            "help": "GRPO (TRL's `loss_type`): token losses averaged per completion (`grpo`), per micro-batch "
+            "(`bnpo`), over completions x max_new_tokens (`dr_grpo`), or over the generation batch (`dapo`)."
+        },
+    )
+    epsilon: float = field(default=0.2, metadata={"help": "GRPO: clip range of the ratio (lower side)."})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "GRPO: upper clip range; unset: `epsilon` (DAPO recommends 0.28)."}
+    )
+    num_iterations: int = field(
+        default=1, metadata={"help": "GRPO: optimisation steps per generation batch (TRL's mu)."}
+    )
+    reward_funcs: str | list | None = field(
+        default=None,
+        metadata={
+            "help": "GRPO: Python reward functions `module:function` (a list, or comma-separated), TRL's signature "
+            "f(prompts, completions, **columns) -> list[float]; summed with the reward model's score."
+        },
+    )
+    reward_weights: list | None = field(
+        default=None,
+        metadata={
+            "help": "GRPO: one weight per reward: the reward model's first (when set), then each of "
+            "`reward_funcs`; default all 1."
+        },  # fmt: skip
+    )
+    uncertainty_shrinkage: float = field(
+        default=0.0,
+        metadata={
+            "help": "GRPO with a Disco / epistemic reward model: advantages weighted by s_g^2 / (s_g^2 + c * "
+            "sigma_i^2) (shrinkage of an uncertain reward toward its group); 0: off (docs/grpo.md)."
+        },
     )
 
 

@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 
 from .finetuning_groups import (
     DPOArguments,
+    GRPOArguments,
     KTOArguments,
     LoraArguments,
     OutputArguments,
@@ -219,6 +220,7 @@ class DataArguments(SFTArguments, MediaArguments, DataSpeedArguments, DatasetArg
 @dataclass
 class FinetuningArguments(
     OutputArguments,
+    GRPOArguments,
     PPOArguments,
     SpeedArguments,
     KTOArguments,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from .finetuning_groups import ONLINE_STAGES
 from .schema import FinetuningArguments
 
 
@@ -114,9 +115,9 @@ def validate_deepspeed(ft: FinetuningArguments, training: dict[str, Any], fail) 
     if not isinstance(config, dict):
         fail(f"`deepspeed` must name a JSON file (or be a mapping), not {type(config).__name__}.")
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
-    if ft.stage == "ppo" and stage == 3:
+    if ft.stage in ONLINE_STAGES and stage == 3:
         fail(
-            "`stage: ppo` does not run under DeepSpeed ZeRO-3: ZeRO-3 keeps a shard of every weight on each "
+            f"`stage: {ft.stage}` does not run under DeepSpeed ZeRO-3: ZeRO-3 keeps a shard of every weight on each "
             "process, and PPO's rollouts generate token by token, which would have to gather the whole policy "
             "for every token (and keep all processes generating in lockstep). Use ZeRO-2 "
             "(examples/deepspeed/ds_z2_config.json), plain data parallelism (no `deepspeed`), or LoRA to fit the "
@@ -133,11 +134,11 @@ def validate_deepspeed(ft: FinetuningArguments, training: dict[str, Any], fail) 
             "the output loads anywhere (examples/deepspeed/ds_z3_config.json sets it)."
         )
     accumulation = training.get("gradient_accumulation_steps", 1)
-    if ft.stage == "ppo" and isinstance(accumulation, int) and accumulation > 1:
+    if ft.stage in ONLINE_STAGES and isinstance(accumulation, int) and accumulation > 1:
         # PPO's own update loop scales and steps per mini-batch; the DeepSpeed engine would scale the loss by
         # 1/gradient_accumulation_steps again and step on its own count of micro-batches (tested: other updates).
         fail(
-            f"`stage: ppo` under DeepSpeed needs `gradient_accumulation_steps: 1` (got {accumulation}): PPO "
+            f"`stage: {ft.stage}` under DeepSpeed needs `gradient_accumulation_steps: 1` (got {accumulation}): PPO "
             "accumulates over its mini-batches itself and the DeepSpeed engine would scale and step a second "
             "time. Raise `per_device_train_batch_size` instead, or train PPO without `deepspeed`."
         )

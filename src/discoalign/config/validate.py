@@ -10,13 +10,14 @@ from ..errors import ConfigError, DataError
 from .attention import check_attention_implementation
 from .builtin_models import TINY_MULTIMODAL_ARCHS, TINY_SEQ2SEQ_ARCHS, is_builtin
 from .dataset_info import load_dataset_info, registry_dir
-from .finetuning_groups import PPOArguments
+from .finetuning_groups import GRPO_SHARED_PPO_KEYS, ONLINE_STAGES, PPOArguments
 from .heads import HEAD_SPECS, beta_epsilon_error, flip_prior_error
 from .kto_rules import validate_kto
 from .placement import check_quantization, parse_device_map
 from .reference_free import validate_reference_free
 from .schema import DataArguments, FinetuningArguments, ModelArguments
 from .training_args import validate_deepspeed
+from .validate_grpo import validate_grpo
 
 
 def validate_combinations(
@@ -38,6 +39,7 @@ def validate_combinations(
     notes = _validate_ppo(ft, fail)
     validate_reference_free(model, ft, fail)
     validate_kto(ft, training, fail)
+    validate_grpo(ft, training, fail)
     _validate_sft(model, data, ft, fail)
     validate_deepspeed(ft, training, fail)
     notes += _validate_heads(ft, fail)
@@ -129,7 +131,7 @@ def _validate_dpo(ft: FinetuningArguments, fail) -> None:
             f"`pref_loss: {ft.pref_loss}` cannot be combined with `disco_pref: true`: DiscoDPO is the probit member "
             "of the sigmoid family. Use `pref_loss: sigmoid` or set `disco_pref: false`."
         )
-    if ft.pref_beta <= 0:
+    if ft.pref_beta <= 0 and ft.stage != "grpo":  # GRPO: 0 is TRL's "no KL, no reference" (`validate_grpo`)
         fail(f"`pref_beta` is {ft.pref_beta}; it must be positive.")
     if not 0.0 <= ft.label_smoothing < 0.5:
         fail(f"`label_smoothing` is {ft.label_smoothing}; it must lie in [0, 0.5).")
@@ -206,7 +208,7 @@ def _validate_outputs(
     if not model.model_name_or_path:
         fail("`model_name_or_path` is empty; give a local directory, a hub name or builtin:tiny-<arch>.")
     if training.get("do_train") and not data.dataset:
-        what = "prompts" if ft.stage == "ppo" else "preference pairs"
+        what = "prompts" if ft.stage in ONLINE_STAGES else "preference pairs"
         fail(f"`do_train` is true but no training data is given: set `dataset` to a file or folder of {what}, or "
              "builtin:synthetic.")  # fmt: skip
     strategy = str(training.get("eval_strategy") or "no").lower()
@@ -289,17 +291,22 @@ PPO_ONLY_KEYS = tuple(f.name for f in dataclasses.fields(PPOArguments))
 
 
 def _validate_ppo(ft: FinetuningArguments, fail) -> list[str]:
-    """The PPO keys: only with `stage: ppo`, in range, and a reward model named."""
+    """The PPO keys: only with `stage: ppo` (their sampling and reward keys also with `grpo`), in range, and a
+    reward model named (`grpo`: `validate_grpo` says what it needs)."""
     if ft.stage != "ppo":
         defaults = PPOArguments()
-        changed = [k for k in PPO_ONLY_KEYS if getattr(ft, k) != getattr(defaults, k)]
+        allowed = GRPO_SHARED_PPO_KEYS if ft.stage in ONLINE_STAGES else ()
+        changed = [k for k in PPO_ONLY_KEYS if k not in allowed and getattr(ft, k) != getattr(defaults, k)]
         if changed:
+            also = " (`stage: grpo` reads the sampling and reward keys; its own are num_iterations, epsilon, ...)"
             fail(
                 f"{', '.join(f'`{k}`' for k in changed)} appl{'ies' if len(changed) == 1 else 'y'} to `stage: ppo` "
-                f"only, not `stage: {ft.stage}`. Remove {'it' if len(changed) == 1 else 'them'} or set `stage: ppo`."
+                f"only, not `stage: {ft.stage}`{also if allowed else ''}. Remove {'it' if len(changed) == 1 else 'them'}"
+                " or set `stage: ppo`."
             )
-        return []
-    if not ft.reward_model:
+        if not allowed:
+            return []
+    if ft.stage == "ppo" and not ft.reward_model:
         fail(
             "`stage: ppo` needs `reward_model`: the directory of a trained reward model (for example the output "
             "of `discoalign train examples/rm_bt.yaml`)."
@@ -310,7 +317,7 @@ def _validate_ppo(ft: FinetuningArguments, fail) -> list[str]:
         if value < 1:
             fail(f"`{key}` is {value}; it must be a positive integer.")
     if ft.temperature <= 0:
-        fail(f"`temperature` is {ft.temperature}; it must be positive (PPO samples its responses).")
+        fail(f"`temperature` is {ft.temperature}; it must be positive ({ft.stage.upper()} samples its responses).")
     if not 0.0 < ft.top_p <= 1.0:
         fail(f"`top_p` is {ft.top_p}; it must lie in (0, 1] (1 disables nucleus sampling).")
     if ft.top_k < 0:

@@ -128,13 +128,15 @@ def load_reward_model(
     reward_dir = _check_reward_dir(ft.reward_model)
     cache_dir = getattr(model_args, "cache_dir", None)
     has_value, has_variance = check_reward_heads(reward_dir, "`reward_model: {}`", cache_dir)
-    if ft.disco_risk_coef > 0 and not (has_variance or has_epistemic(reward_dir, cache_dir)):
-        raise ConfigError(
-            f"`disco_risk_coef: {ft.disco_risk_coef}` subtracts the reward model's standard deviation, but "
-            f"`reward_model: {reward_dir}` is a scalar reward model (no variance head, no epistemic term). Use a "
-            "Disco reward model (trained with `add_disco_head: true`, `disco_pref: true`) or one trained with "
-            "`epistemic: token_novelty`, or set `disco_risk_coef: 0`."
-        )
+    uses_variance = {"disco_risk_coef": "subtracts the reward model's standard deviation",
+                     "uncertainty_shrinkage": "weights advantages by the reward model's variance"}  # fmt: skip
+    for key, what in uses_variance.items():
+        if getattr(ft, key, 0.0) > 0 and not (has_variance or has_epistemic(reward_dir, cache_dir)):
+            raise ConfigError(
+                f"`{key}: {getattr(ft, key)}` {what}, but `reward_model: {reward_dir}` is a scalar reward model (no "
+                "variance head, no epistemic term). Use a Disco reward model (trained with `add_disco_head: true`, "
+                f"`disco_pref: true`) or one trained with `epistemic: token_novelty`, or set `{key}: 0`."
+            )
     adapter_config = os.path.join(reward_dir, ADAPTER_CONFIG_NAME)
     is_adapter = os.path.isfile(adapter_config)
     if ft.reward_model_type == "lora" and not is_adapter:

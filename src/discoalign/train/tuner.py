@@ -8,10 +8,12 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..config.compat import KeyNote, notice
+from ..config.finetuning_groups import ONLINE_STAGES
 from ..config.loader import RunConfig
 from ..config.output_dir import check_resume, prepare_output_dir
 from .distributed import prepare_distributed
 from .dpo.workflow import DPOWorkflow
+from .grpo.workflow import GRPOWorkflow
 from .kto.workflow import KTOWorkflow
 from .ppo.workflow import PPOWorkflow
 from .rm.workflow import RMWorkflow
@@ -26,6 +28,7 @@ WORKFLOWS: dict[str, type[StageWorkflow]] = {
     "dpo": DPOWorkflow,
     "ppo": PPOWorkflow,
     "kto": KTOWorkflow,
+    "grpo": GRPOWorkflow,
 }
 
 
@@ -67,7 +70,7 @@ def limit_cutoff_len(cfg: RunConfig) -> None:
            "(learned positions) or run on positions it never saw (RoPE)")  # fmt: skip
     ft, data = cfg.finetuning, cfg.data
     new = {"cutoff_len": min(data.cutoff_len, positions)}
-    if ft.stage == "ppo" and data.cutoff_len + ft.max_new_tokens > positions:
+    if ft.stage in ONLINE_STAGES and data.cutoff_len + ft.max_new_tokens > positions:
         new["cutoff_len"] = min(data.cutoff_len, max(positions - ft.max_new_tokens, positions // 2))
         new["max_new_tokens"] = min(ft.max_new_tokens, positions - new["cutoff_len"])
         why += ", and a PPO sequence is the prompt and the sampled response together"

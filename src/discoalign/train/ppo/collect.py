@@ -16,9 +16,17 @@ from .metric import rollout_metrics
 from .rollout import Rollout, pad_columns
 
 
+def reward_model_scores(mean: torch.Tensor, variance: torch.Tensor | None, ft) -> torch.Tensor:
+    """The reward model's sequence score: `mean - disco_risk_coef * sqrt(variance)`, clipped to `reward_clip`."""
+    scores = disco_risk_adjusted_reward(mean, variance, ft.disco_risk_coef)
+    if ft.reward_clip is not None:
+        scores = scores.clamp(-ft.reward_clip, ft.reward_clip)
+    return scores
+
+
 class RolloutCollector:
     """Rollout methods of `PPOTrainer`. They read the trainer's `finetuning_args`, `args`, `accelerator`,
-    `_policy()`, `_reference()`, `reward_model`, `generation_config`, `stop_ids`, `turn_suffix`, `pad_token_id`,
+    `_policy()`, `_reference()`, `uses_critic`, `uses_reference`, `reward_model` (None: no reward model), `generation_config`, `stop_ids`, `turn_suffix`, `pad_token_id`,
     `processing_class` and `true_reward`, all set in `PPOTrainer.__init__`."""
 
     @torch.no_grad()
@@ -33,26 +41,30 @@ class RolloutCollector:
             "prompt_length": query_ids.shape[1],
             "temperature": self.finetuning_args.temperature,
         }
-        policy_out = self._policy()(**inputs)
-        reference, adapters_off = self._reference()
-        with adapters_off:
-            ref_out = reference(**inputs, with_values=False)
-        # Left padding puts every prompt's last token at P - 1: the beta head's input.
-        ref_prompt_hidden = ref_out.prompt_hidden.float() if self.plan.beta_source == "head" else None
+        policy_out = self._policy()(**inputs, with_values=self.uses_critic)
+        ref_logprobs = ref_prompt_hidden = None
+        if self.uses_reference:  # GRPO with `beta: 0` has none
+            reference, adapters_off = self._reference()
+            with adapters_off:
+                ref_out = reference(**inputs, with_values=False)
+            ref_logprobs = ref_out.logprobs
+            # Left padding puts every prompt's last token at P - 1: the beta head's input.
+            ref_prompt_hidden = ref_out.prompt_hidden.float() if self.plan.beta_source == "head" else None
 
-        reward_model = self.accelerator.unwrap_model(self.reward_model)
-        mean, variance = score_responses(
-            reward_model,
-            query_ids,
-            query_mask,
-            response_ids,
-            response_mask,
-            ended,
-            self.turn_suffix,
-            self.pad_token_id,
-        )
+        mean = variance = None
+        if self.reward_model is not None:  # GRPO may score with reward functions only
+            mean, variance = score_responses(
+                self.accelerator.unwrap_model(self.reward_model),
+                query_ids,
+                query_mask,
+                response_ids,
+                response_mask,
+                ended,
+                self.turn_suffix,
+                self.pad_token_id,
+            )
         return {
-            "logprobs": policy_out.logprobs, "ref_logprobs": ref_out.logprobs, "values": policy_out.values,
+            "logprobs": policy_out.logprobs, "ref_logprobs": ref_logprobs, "values": policy_out.values,
             "reward_mean": mean, "reward_variance": variance, "ref_prompt_hidden": ref_prompt_hidden,
         }  # fmt: skip
 
@@ -93,9 +105,7 @@ class RolloutCollector:
         mask = joined("response_mask")
         mean, variance = joined("reward_mean"), joined("reward_variance")
         ended = joined("ended")
-        scores = disco_risk_adjusted_reward(mean, variance, ft.disco_risk_coef)
-        if ft.reward_clip is not None:
-            scores = scores.clamp(-ft.reward_clip, ft.reward_clip)
+        scores = reward_model_scores(mean, variance, ft) if mean is not None else torch.zeros(len(rows), device=device)
         if ft.missing_eos_penalty is not None:
             scores = scores - ft.missing_eos_penalty * (~ended).float()
         ref_prompt_hidden = joined("ref_prompt_hidden")
@@ -108,8 +118,8 @@ class RolloutCollector:
             response_ids=joined("response_ids", self.pad_token_id),
             response_mask=mask,
             logprobs=joined("logprobs") * mask,
-            ref_logprobs=joined("ref_logprobs") * mask,
-            values=joined("values") * mask,
+            ref_logprobs=None if (ref := joined("ref_logprobs")) is None else ref * mask,
+            values=None if (values := joined("values")) is None else values * mask,
             reward_mean=mean,
             reward_variance=variance,
             scores=scores,
@@ -117,10 +127,10 @@ class RolloutCollector:
             kl_coef=kl_coef,
             ref_prompt_hidden=ref_prompt_hidden,
         )
-        self.finish_rollout(rollout)
+        self.finish_rollout(rollout, rows)
         return rollout
 
-    def finish_rollout(self, rollout: Rollout) -> None:
+    def finish_rollout(self, rollout: Rollout, rows: list[dict[str, Any]] | None = None) -> None:
         """Fill `kl`, `rewards`, `advantages` (whitened) and `returns` of a rollout in place."""
         ft = self.finetuning_args
         mask = rollout.response_mask
@@ -151,7 +161,7 @@ class RolloutCollector:
         for i in range(min(self.finetuning_args.num_score_samples, len(rollout))):
             samples.append({
                 "prompt": prompts[i], "response": responses[i], "score": float(rollout.scores[i]),
-                "reward_mean": float(rollout.reward_mean[i]),
+                "reward_mean": None if rollout.reward_mean is None else float(rollout.reward_mean[i]),
                 "variance": None if rollout.reward_variance is None else float(rollout.reward_variance[i]),
                 "kl": float(sequence_kl[i]), "ended": bool(rollout.ended[i]),
                 "true_reward": None if true_rewards is None else true_rewards[i],

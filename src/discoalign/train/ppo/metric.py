@@ -45,13 +45,14 @@ def rollout_metrics(rollout: Rollout, true_rewards: list[float] | None = None) -
         "objective/non_score_reward": non_score.mean(),
         "objective/scores": rollout.scores.mean(),
         "objective/rlhf_reward": (rollout.scores + non_score).mean(),
-        "reward/mean": rollout.reward_mean.mean(),
         "response/length": mask.sum(dim=1).mean(),
         "response/eos_fraction": rollout.ended.float().mean(),
         "beta/mean": rollout.kl_coef.mean(),
         "beta/min": rollout.kl_coef.min(),
         "beta/max": rollout.kl_coef.max(),
     }
+    if rollout.reward_mean is not None:
+        metrics["reward/mean"] = rollout.reward_mean.mean()
     if rollout.reward_variance is not None:
         metrics["reward/variance"] = rollout.reward_variance.mean()
         corr = pearson(rollout.reward_mean, rollout.reward_variance)

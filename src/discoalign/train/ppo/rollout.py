@@ -28,8 +28,10 @@ class Rollout:
 
     query_ids, query_mask: (B, P) left-padded prompts.
     response_ids, response_mask: (B, L) sampled responses, cut after the first stop token and right-padded.
-    logprobs, ref_logprobs, values: (B, L) fp32 at sampling time (0 on padding).
-    reward_mean: (B,) the reward model's mean; reward_variance: (B,) or None (scalar reward model).
+    logprobs, ref_logprobs, values: (B, L) fp32 at sampling time (0 on padding); ref_logprobs None without a
+        reference (GRPO, `beta: 0`), values None without a critic (GRPO).
+    reward_mean: (B,) the reward model's mean, or None (GRPO with reward functions only); reward_variance: (B,)
+        or None (scalar reward model).
     scores: (B,) the sequence reward PPO maximises (after risk adjustment, clipping and the missing-EOS penalty).
     ended: (B,) bool, the response stopped on its own (holds a stop token).
     kl_coef: (B,) the KL coefficient of each prompt (pref_beta, or pref_beta * s(x)).
@@ -42,9 +44,9 @@ class Rollout:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    reward_mean: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+    values: torch.Tensor | None
+    reward_mean: torch.Tensor | None
     reward_variance: torch.Tensor | None
     scores: torch.Tensor
     ended: torch.Tensor

@@ -97,7 +97,7 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
         super().__init__(model, run_config, **kwargs)
         ft = self.finetuning_args
         policy = self._policy()
-        if policy.value_head is None:
+        if self.uses_critic and policy.value_head is None:
             raise ValueError("PPO needs a policy with a value head (load it with add_value_head=True)")
         tokenizer = self.processing_class
         if tokenizer is None or tokenizer.pad_token_id is None:
@@ -106,7 +106,8 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
         # training values would otherwise come from different networks.
         disable_dropout(policy)
         # The saved policy's value head is a critic, not a reward: `score` and `reward_model:` refuse it.
-        policy.heads_config["value_head_kind"] = "critic"
+        if self.uses_critic:
+            policy.heads_config["value_head_kind"] = "critic"
         policy.epistemic = None  # an epistemic estimator inherited from a reward-model init is not the policy's
         if policy.beta_head is not None and self.plan.beta_source != "head":
             # Present but unused: frozen, so that DDP does not wait for gradients it will never get.
@@ -135,8 +136,13 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
             use_cache=True,
         )
 
-        self.reward_model = self.accelerator.prepare_model(reward_model.eval(), evaluation_mode=True)
-        if ref_model is None and not policy.is_peft:
+        self.reward_model = None  # GRPO may score with reward functions only
+        if reward_model is not None:
+            self.reward_model = self.accelerator.prepare_model(reward_model.eval(), evaluation_mode=True)
+        self.uses_reference = self.needs_reference()
+        if not self.uses_reference:
+            ref_model = None
+        elif ref_model is None and not policy.is_peft:
             ref_model = frozen_copy(PPOPolicy(policy.backbone))  # the backbone only: no heads
         self.ref_model = None
         if ref_model is not None:
@@ -146,13 +152,20 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
 
         micro = self.args.per_device_train_batch_size
         self.mini_batch_size = micro * self.args.gradient_accumulation_steps
-        self.rollout_batch_size = self.mini_batch_size * ft.ppo_buffer_size
+        self.rollout_batch_size = self.mini_batch_size * ft.ppo_buffer_size  # prompts per PPO step and process
+        self.update_epochs = ft.ppo_epochs
         self.samples_path = os.path.join(self.args.output_dir, SAMPLES_FILE)
         self.last_samples: list[dict[str, Any]] = []  # the samples of the last logged step
         self._step_samples: list[dict[str, Any]] = []  # the current step's samples
         self.add_callback(_LogLastStep())
 
     # ---- pieces --------------------------------------------------------------------------------------
+
+    uses_critic = True  # the policy's value head is trained (GRPO: no critic)
+
+    def needs_reference(self) -> bool:
+        """Whether the reference is computed (PPO: always, for the KL penalty)."""
+        return True
 
     def _policy(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -200,22 +213,26 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
         stats["loss/total"] = loss.detach()
         return loss, stats
 
+    def update_loss(self, model: nn.Module, batch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch loss the update minimises (`ppo_loss`; GRPO's trainer overrides it)."""
+        return self.ppo_loss(model, batch)
+
     def optimize(
         self, model: nn.Module, rollout: Rollout, leave_last_step: bool = False
     ) -> tuple[dict[str, float], float | None]:
-        """`ppo_epochs` passes of mini-batch updates over one rollout. Returns (mean statistics, last grad norm).
+        """`ppo_epochs` (GRPO: `num_iterations`) passes of mini-batch updates over one rollout. Returns (mean
+        statistics, last grad norm).
 
         With `leave_last_step` the last mini-batch's gradients are left in place and its optimizer step is not
         taken: inside `Trainer.train()` the Trainer takes it (clipping, logging `grad_norm`, stepping the optimizer
         and the learning-rate schedule once per PPO step); the grad norm returned is then None.
         """
-        ft = self.finetuning_args
         micro = self.args.per_device_train_batch_size
         collected: dict[str, list[torch.Tensor]] = defaultdict(list)
         grad_norm = None
         model.train()
         starts = range(0, len(rollout), self.mini_batch_size)
-        for epoch in range(ft.ppo_epochs):
+        for epoch in range(self.update_epochs):
             order = torch.randperm(len(rollout))
             for start in starts:
                 mini_batch = order[start : start + self.mini_batch_size]
@@ -230,11 +247,11 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
                     )
                     with sync():
                         with self.compute_loss_context_manager():
-                            loss, stats = self.ppo_loss(model, batch)
+                            loss, stats = self.update_loss(model, batch)
                         self.accelerator.backward(loss / len(micro_batches))
                     for key, value in stats.items():
                         collected[key].append(value.float())
-                if leave_last_step and epoch == ft.ppo_epochs - 1 and start == starts[-1]:
+                if leave_last_step and epoch == self.update_epochs - 1 and start == starts[-1]:
                     break
                 grad_norm = self._optimizer_step(model)
         means = {key: float(torch.stack(values).mean()) for key, values in collected.items()}
@@ -330,7 +347,9 @@ class PPOTrainer(RolloutCollector, DiscoTrainer):
             )
         output = super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval)
         if self.is_world_process_zero() and self.last_samples:
-            show_samples(f"PPO samples at step {self.state.global_step}", self.last_samples)
+            show_samples(
+                f"{self.finetuning_args.stage.upper()} samples at step {self.state.global_step}", self.last_samples
+            )
         return output
 
     # ---- evaluation ----------------------------------------------------------------------------------

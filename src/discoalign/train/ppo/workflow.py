@@ -58,6 +58,7 @@ class PPOWorkflow(StageWorkflow):
     before training (`eval_on_start`) as `eval_start`. Writes `samples.jsonl` besides the skeleton's outputs."""
 
     plots = PLOTS
+    trainer_class = PPOTrainer
 
     def build(self, cfg: RunConfig, callbacks: list[TrainerCallback] | None):
         args = cfg.training
@@ -66,10 +67,10 @@ class PPOWorkflow(StageWorkflow):
         model, tokenizer = load_model_with_heads(cfg.model, cfg.finetuning, heads=cfg.plan.heads, is_trainable=True)
         model.train()
         # A LoRA reward adapter (`reward_model_type: lora`) goes onto the LoRA policy's own base.
-        reward_model = load_reward_model(cfg.model, cfg.finetuning, tokenizer, policy=model)
-        reference = load_reference(cfg)
+        reward_model = self.load_reward(cfg, tokenizer, model)
+        reference = load_reference(cfg) if self.uses_reference(cfg) else None
         bundle = get_dataset(cfg.data, tokenizer, stage="ppo", seed=args.seed)
-        trainer = PPOTrainer(
+        trainer = self.trainer_class(
             model,
             cfg,
             reward_model=reward_model,
@@ -81,6 +82,14 @@ class PPOWorkflow(StageWorkflow):
             callbacks=callbacks,
         )
         return trainer, bundle
+
+    def load_reward(self, cfg: RunConfig, tokenizer, model):
+        """The frozen reward model (PPO needs one; GRPO's may be absent)."""
+        return load_reward_model(cfg.model, cfg.finetuning, tokenizer, policy=model)
+
+    def uses_reference(self, cfg: RunConfig) -> bool:
+        """Whether a reference is loaded (PPO: always; GRPO: unless `beta: 0`)."""
+        return True
 
     def after_training(self, trainer: PPOTrainer, results: dict[str, Any]) -> None:
         if trainer.args.eval_on_start:
