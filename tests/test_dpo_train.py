@@ -165,7 +165,7 @@ def test_examples_load_and_train_one_step(tmp_path, shared_data):
     examples = sorted(p for p in os.listdir(os.path.join(os.path.dirname(__file__), "..", "examples"))
                       if p.startswith("dpo") and p.endswith(".yaml"))  # fmt: skip
     assert examples == ["dpo.yaml", "dpo_beta_dpo.yaml", "dpo_disco.yaml", "dpo_disco_dynamic_beta.yaml",
-                        "dpo_dynamic_beta.yaml", "dpo_lora.yaml", "dpo_orpo.yaml", "dpo_qlora.yaml", "dpo_robust.yaml",
+                        "dpo_dynamic_beta.yaml", "dpo_flip_rate.yaml", "dpo_lora.yaml", "dpo_orpo.yaml", "dpo_qlora.yaml", "dpo_robust.yaml",
                         "dpo_sharegpt.yaml", "dpo_simpo.yaml", "dpo_vl.yaml"]  # fmt: skip
     from discoalign.config.loader import load_config
 
