@@ -8,6 +8,7 @@ import os
 import zipfile
 
 import pytest
+import torch
 
 from discoalign.cli.main import main
 from discoalign.models import pull as pull_module
@@ -137,3 +138,31 @@ def test_real_model_examples_are_valid_and_point_at_the_pulled_folder(name, tmp_
     path = Path(__file__).resolve().parents[1] / "examples" / "real" / f"{name}.yaml"
     cfg = load_config(str(path), [f"output_dir={tmp_path}"])
     assert cfg.model.model_name_or_path.endswith(f"/models/{NAME}")
+
+
+def test_gguf_file_key_loads_model_and_tokenizer_from_the_file(monkeypatch, tmp_path):
+    """`gguf_file:` routes both loads through `models.gguf` with (folder, file), and the model trains (LoRA) as any
+    other; the real file's de-quantising load runs in tests/test_real_model.py (the pull)."""
+    from discoalign.config.schema import FinetuningArguments, ModelArguments
+    from discoalign.models import backbone, loader
+    from discoalign.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+    calls = []
+
+    def fake_model(folder, gguf_file, dtype, **kwargs):
+        calls.append(("model", folder, gguf_file, dtype))
+        return build_tiny_model("llama", seed=0)
+
+    def fake_tokenizer(folder, gguf_file):
+        calls.append(("tokenizer", folder, gguf_file))
+        return build_tiny_tokenizer()
+
+    monkeypatch.setattr(backbone, "load_gguf_causal_lm", fake_model)
+    monkeypatch.setattr(loader, "load_gguf_tokenizer", fake_tokenizer)
+    (tmp_path / "mine.gguf").write_bytes(b"GGUF")
+    model, _ = loader.load_model_with_heads(
+        ModelArguments(model_name_or_path=str(tmp_path), gguf_file="mine.gguf"),
+        FinetuningArguments(finetuning_type="lora", lora_rank=4), add_value_head=True,
+    )  # fmt: skip
+    assert calls == [("tokenizer", str(tmp_path), "mine.gguf"), ("model", str(tmp_path), "mine.gguf", torch.float32)]
+    assert model.is_peft and any(p.requires_grad for p in model.parameters())
