@@ -107,12 +107,19 @@ def run_one(key: str, setting: dict[str, Any], profile: str, seed: int, ns) -> d
 
 
 def chosen_settings(dev_files: list[str]) -> dict[str, dict[str, Any]]:
-    """Per row, the grid setting with the best mean true-preference accuracy over the dev runs."""
+    """Per row, the grid setting with the best mean true-preference accuracy over the dev runs that every setting of
+    the row has (the same profiles and seeds, also when a sweep was cut short)."""
     runs = [r for path in dev_files if os.path.exists(path) for r in json.load(open(path, encoding="utf-8"))["runs"]]
-    scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    scores: dict[str, dict[str, dict[tuple, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in runs:
-        scores[r["row"]][json.dumps(r["setting"], sort_keys=True)].append(r["acc"])
-    return {row: json.loads(max(s, key=lambda k: statistics.mean(s[k]))) for row, s in scores.items()}
+        scores[r["row"]][json.dumps(r["setting"], sort_keys=True)][(r["profile"], r["seed"])] = r["acc"]
+    chosen = {}
+    for row, by_setting in scores.items():
+        common = set.intersection(*(set(v) for v in by_setting.values()))
+        if common:
+            best = max(by_setting, key=lambda k: statistics.mean(by_setting[k][c] for c in common))
+            chosen[row] = json.loads(best)
+    return chosen
 
 
 def mean_sd(values: list[float], digits: int = 3) -> str:

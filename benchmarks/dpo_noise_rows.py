@@ -19,11 +19,11 @@ GRID_SIZE = 2  # the tuning budget on the development split: every tuned row get
 # no-harm profiles, the reference rows and combinations, then the two profiles that test what the heads read
 # (margin-dependent and unannounced noise).
 REPORT_PLAN: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
-    (("imbalanced",), ("dpo", "cdpo", "flip", "dynamic", "robust", "beta_dpo", "dynamic_exp", "oracle_flip")),
-    (("mostly_clean", "uniform"), ("dpo", "flip", "dynamic")),
-    (("imbalanced",), ("flip_dynamic", "dr_dpo", "oracle_weighted")),
-    (("mostly_clean", "uniform"), ("dynamic_exp", "flip_dynamic")),
-    (("hidden", "margin"), ("dpo", "flip", "oracle_flip")),
+    (("imbalanced",), ("dpo", "dynamic_exp", "cdpo", "flip", "dynamic", "robust", "beta_dpo")),
+    (("mostly_clean", "uniform"), ("dpo", "dynamic_exp")),
+    (("imbalanced",), ("oracle_flip", "flip_dynamic", "dr_dpo", "oracle_weighted")),
+    (("mostly_clean", "uniform"), ("flip", "dynamic", "flip_dynamic")),
+    (("hidden", "margin"), ("dpo", "dynamic_exp", "flip", "oracle_flip")),
 )  # fmt: skip
 
 
