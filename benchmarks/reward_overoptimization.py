@@ -214,7 +214,7 @@ def train_all(root: str, seed: int, ns: argparse.Namespace) -> tuple[dict[str, s
     costs = {name: train_rm(paths[name], seed, seed, ns, *spec) for name, spec in MODELS.items()}
     members = [paths["bt"]]
     costs["ensemble"] = costs["bt"]
-    for k in range(1, ENSEMBLE_K):
+    for k in range(1, ns.ensemble_k):
         path = os.path.join(root, f"bt_member{k}")
         costs["ensemble"] += train_rm(path, seed + 100 * k, seed, ns, False, "none")
         members.append(path)
@@ -226,15 +226,17 @@ def selectors(scored: dict[str, dict[str, np.ndarray]], member_means: list[np.nd
     standardised over the texts (Coste et al. 2024)."""
     z = np.stack([(m - m.mean()) / m.std() for m in member_means])
     bt, btl, dc, dcl = (scored[k] for k in MODELS)
-    plain = {"BT mean": bt["mean"], "Disco mean": dc["mean"], "ensemble K=4 mean": z.mean(0)}
+    plain = {"BT mean": bt["mean"], "Disco mean": dc["mean"]}
     risk = {
         "BT + token_novelty": (bt["mean"], np.sqrt(bt["epistemic_variance"])),
         "BT + laplace": (btl["mean"], np.sqrt(btl["epistemic_variance"])),
         "Disco aleatoric": (dc["mean"], np.sqrt(dc["aleatoric_variance"])),
         "Disco + token_novelty (total)": (dc["mean"], np.sqrt(dc["aleatoric_variance"] + dc["epistemic_variance"])),
         "Disco + laplace (total)": (dcl["mean"], np.sqrt(dcl["aleatoric_variance"] + dcl["epistemic_variance"])),
-        "ensemble K=4": (z.mean(0), z.std(0)),
     }
+    if len(member_means) > 1:
+        plain[f"ensemble K={len(member_means)} mean"] = z.mean(0)
+        risk[f"ensemble K={len(member_means)}"] = (z.mean(0), z.std(0))
     return plain, risk
 
 
@@ -506,6 +508,7 @@ def main() -> None:
     parser.add_argument("--eval-pairs", type=int, default=1000, help="held-out pairs for calibration")
     parser.add_argument("--out", default="saves/reward_overoptimization", help="output folder")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--ensemble-k", type=int, default=ENSEMBLE_K, help="BT ensemble size (1: no ensemble)")
     parser.add_argument("--real", action="store_true", help="the real-model mode (benchmarks/rmo_real.py)")
     ns, rest = parser.parse_known_args()
     if ns.real:
