@@ -6,9 +6,9 @@ backward recomputes each chunk's logits and turns them into the gradient in plac
 target, times the incoming gradient), then into the hidden-state and weight gradients. So at most one chunk of
 logits (and one of its gradient, the same buffer) is alive at any time, and no autograd graph is built over it.
 
-`chunked_token_logps` is the other way of doing the same (activation checkpointing of `_token_logps` per chunk,
-`losses.logps`); both return the same numbers (tests/test_fused_logps.py, float64). benchmarks/logps_memory.py
-compares their time and peak memory at a real vocabulary.
+`losses.logps.sequence_logps` uses it for a plain LM head, and activation checkpointing of each chunk otherwise;
+both give the plain full log-softmax's numbers (tests/test_fused_logps.py, float64; tests/test_logps.py).
+benchmarks/logps_memory.py compares their time and peak memory at a real vocabulary.
 """
 
 from __future__ import annotations
