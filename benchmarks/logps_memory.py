@@ -5,8 +5,8 @@
 
 Methods, each in a fresh child process (peak resident set, VmHWM, minus the set after its inputs exist; on a GPU
 the peak allocated CUDA memory minus what the inputs hold):
-* `full_all_positions`: TRL 1.16's CPU path: every position (prompt and padding too) through the LM head, one
-  fp32 `(2B, T, V)` logits tensor and its log-softmax, then gather;
+* `full_all_positions`: the plain path (`logps_chunk_size: 0`, and a naive implementation): every position (prompt
+  and padding too) through the LM head, one fp32 `(2B, T, V)` logits tensor and its log-softmax, then gather;
 * `full_response_only`: the same full log-softmax over the response positions only;
 * `chunked_checkpoint`: `losses.logps.sequence_logps` for a wrapped head: response positions only, `--chunk` at
   a time, each chunk recomputed in backward by `torch.utils.checkpoint`;
