@@ -39,10 +39,20 @@ class FusedLinearLogps(torch.autograd.Function):
             out[start:stop] = logits.gather(-1, targets[start:stop, None]).squeeze(-1) - lse[start:stop]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size, ctx.cap = chunk_size, cap
+        # Backward runs outside the caller's autocast: recompute the logits under the same one as forward did.
+        device = hidden.device.type
+        enabled = torch.is_autocast_enabled(device)
+        ctx.autocast = (device, torch.get_autocast_dtype(device) if enabled else None, enabled)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return FusedLinearLogps._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         hidden, weight, targets, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
