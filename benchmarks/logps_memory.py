@@ -5,12 +5,13 @@
 
 Methods, each in a fresh child process (peak resident set, VmHWM, minus the set after its inputs exist; on a GPU
 the peak allocated CUDA memory minus what the inputs hold):
-* `full_all_positions`: TRL 1.16's CPU path: every position (prompt and padding too) through the LM head, one
-  fp32 `(2B, T, V)` logits tensor and its log-softmax, then gather;
+* `full_all_positions`: the plain path (`logps_chunk_size: 0`, and a naive implementation): every position (prompt
+  and padding too) through the LM head, one fp32 `(2B, T, V)` logits tensor and its log-softmax, then gather;
 * `full_response_only`: the same full log-softmax over the response positions only;
-* `chunked_checkpoint`: ours (`losses.logps.sequence_logps`): response positions only, `--chunk` at a time,
-  each chunk recomputed in backward by `torch.utils.checkpoint`;
-* `fused`: `losses.fused_logps.FusedLinearLogps` (no autograd graph over the logits; in-place gradient).
+* `chunked_checkpoint`: `losses.logps.sequence_logps` for a wrapped head: response positions only, `--chunk` at
+  a time, each chunk recomputed in backward by `torch.utils.checkpoint`;
+* `fused`: `losses.fused_logps.FusedLinearLogps` (no autograd graph over the logits; in-place gradient), what
+  `sequence_logps` runs for a plain `nn.Linear` head on one process.
 Writes benchmarks/results/logps_memory_cpu.json.
 """
 
@@ -75,7 +76,8 @@ def run(method: str, args, pairs: int, seq: int) -> dict:
         picked = logits.log_softmax(-1).gather(-1, labels[:, 1:][mask][:, None]).squeeze(-1)
         out = torch.zeros(rows, device=device).index_add(0, mask.nonzero(as_tuple=True)[0], picked)
     elif method == "chunked_checkpoint":
-        out = sequence_logps(hidden, head, labels, args.chunk)
+        # A wrapped head takes sequence_logps' checkpointed path (a bare nn.Linear takes the fused one).
+        out = sequence_logps(hidden, torch.nn.Sequential(head), labels, args.chunk)
     else:
         mask = labels[:, 1:] != -100
         picked = fused_token_logps(hidden[:, :-1][mask], head.weight, labels[:, 1:][mask], args.chunk)

@@ -53,3 +53,22 @@ def test_frozen_weight_gets_no_gradient_and_fp32_out_of_bf16():
     torch.testing.assert_close(out, plain(h, w, targets, None), rtol=0, atol=1e-5)
     out_bf16 = fused_token_logps(h.detach().bfloat16(), w.bfloat16(), targets, 8)
     assert out_bf16.dtype == torch.float32
+
+
+def test_backward_recomputes_under_forward_autocast():
+    """Under CPU bf16 autocast the gradient is the one of the logits forward computed (bf16 matmul), as with
+    activation checkpointing, not of fp32 logits recomputed outside autocast."""
+    hidden, weight, targets, upstream = inputs()
+    h0, w0 = hidden.detach().float(), weight.detach().float()
+    grads = []
+    for fused in (True, False):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                out = fused_token_logps(h, w, targets, 8)
+            else:
+                out = (h @ w.t()).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        (out * upstream.float()).sum().backward()
+        grads.append((h.grad, w.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

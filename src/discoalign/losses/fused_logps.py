@@ -6,9 +6,9 @@ backward recomputes each chunk's logits and turns them into the gradient in plac
 target, times the incoming gradient), then into the hidden-state and weight gradients. So at most one chunk of
 logits (and one of its gradient, the same buffer) is alive at any time, and no autograd graph is built over it.
 
-`chunked_token_logps` is the other way of doing the same (activation checkpointing of `_token_logps` per chunk,
-`losses.logps`); both return the same numbers (tests/test_fused_logps.py, float64). benchmarks/logps_memory.py
-compares their time and peak memory at a real vocabulary.
+`losses.logps.sequence_logps` uses it for a plain LM head, and activation checkpointing of each chunk otherwise;
+both give the plain full log-softmax's numbers (tests/test_fused_logps.py, float64; tests/test_logps.py).
+benchmarks/logps_memory.py compares their time and peak memory at a real vocabulary.
 """
 
 from __future__ import annotations
@@ -39,10 +39,20 @@ class FusedLinearLogps(torch.autograd.Function):
             out[start:stop] = logits.gather(-1, targets[start:stop, None]).squeeze(-1) - lse[start:stop]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size, ctx.cap = chunk_size, cap
+        # Backward runs outside the caller's autocast: recompute the logits under the same one as forward did.
+        device = hidden.device.type
+        enabled = torch.is_autocast_enabled(device)
+        ctx.autocast = (device, torch.get_autocast_dtype(device) if enabled else None, enabled)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return FusedLinearLogps._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         hidden, weight, targets, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
