@@ -235,3 +235,41 @@ def test_the_example_trains_one_step(tmp_path):
                  "do_eval": True, "per_device_eval_batch_size": 8, "plot_loss": False, "disable_tqdm": True}  # fmt: skip
     results = run_kto(load_config(str(example), overrides))
     assert results["train"]["train_loss"] > 0 and "eval_kl" in results["eval"]
+
+
+# LLaMA-Factory's examples/train_lora/llama3_lora_kto.yaml (Apache-2.0), with model_name_or_path -> builtin:tiny-qwen3
+# and use_cpu added; `kto_en_demo` is registered over a small file of our own in its layout.
+LLAMAFACTORY_KTO = {
+    "model_name_or_path": "builtin:tiny-qwen3", "use_cpu": True, "stage": "kto", "do_train": True,
+    "finetuning_type": "lora", "lora_target": "all", "pref_beta": 0.1, "dataset": "kto_en_demo", "template": "llama3",
+    "cutoff_len": 2048, "max_samples": 1000, "overwrite_cache": True, "preprocessing_num_workers": 16,
+    "output_dir": "saves/llama3-8b/lora/kto", "logging_steps": 10, "save_steps": 500, "plot_loss": True,
+    "overwrite_output_dir": True, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8,
+    "learning_rate": 5.0e-6, "num_train_epochs": 3.0, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "bf16": True,
+    "ddp_timeout": 180000000, "val_size": 0.1, "per_device_eval_batch_size": 1, "eval_strategy": "steps",
+    "eval_steps": 500,
+}  # fmt: skip
+
+
+def test_llamafactory_kto_example_one_error_then_trains(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from discoalign.cli.main import main
+
+    (tmp_path / "data").mkdir()
+    rows = [{"messages": [{"content": f"Question {i}?", "role": "user"}, {"content": f"Answer {i}.", "role": "assistant"}],
+             "label": i % 3 != 0} for i in range(20)]  # fmt: skip
+    (tmp_path / "data" / "kto_en_demo.json").write_text(json.dumps(rows), encoding="utf-8")
+    entry = {"file_name": "kto_en_demo.json", "formatting": "sharegpt", "columns": {"messages": "messages",
+             "kto_tag": "label"}, "tags": LF_ENTRY["tags"]}  # fmt: skip
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"kto_en_demo": entry}), encoding="utf-8")
+    (tmp_path / "llama3_lora_kto.yaml").write_text(yaml.safe_dump(LLAMAFACTORY_KTO), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "llama3_lora_kto.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "`per_device_train_batch_size` of 2 or more, not 1" in err and err.count("discoalign: error:") == 1
+    code = main(["train", "llama3_lora_kto.yaml", "per_device_train_batch_size=8", "gradient_accumulation_steps=1",
+                 "max_steps=2"])  # fmt: skip
+    assert code == 0
+    saved = yaml.safe_load((tmp_path / "saves/llama3-8b/lora/kto/discoalign_config.yaml").read_text())
+    assert saved["stage"] == "kto" and saved["finetuning_type"] == "lora"
