@@ -129,7 +129,7 @@ def test_pin_memory_follows_the_accelerator():
     assert kept.training.dataloader_pin_memory
 
 
-@pytest.mark.parametrize("name", ["sft_lora", "rm_bt", "rm_disco", "dpo", "ppo"])
+@pytest.mark.parametrize("name", ["sft_lora", "rm_bt", "rm_disco", "dpo", "ppo", "grpo"])
 def test_real_model_examples_are_valid_and_point_at_the_pulled_folder(name, tmp_path):
     from pathlib import Path
 

@@ -22,3 +22,10 @@ def word_count_in_range(completions: list[Any], low: int = 4, high: int = 6, **k
         n = len(_text(completion).split())
         out.append(1.0 if low <= n <= high else -min(abs(n - low), abs(n - high)) / high)
     return out
+
+
+def short_answer(completions: list[Any], **kwargs: Any) -> list[float]:
+    """`word_count_in_range` with 8..30 words: the rule of the real-model GRPO run (docs/grpo.md). SmolLM2-135M-Instruct
+    tends to answer at length, so a concise-answer rule is one its samples can visibly move toward in a few steps, and
+    whose optimisation can be checked directly (the lengths), unlike a learned reward."""
+    return word_count_in_range(completions, low=8, high=30)
