@@ -104,18 +104,21 @@ def _pair_rows(
         noise = topic_noise[topic]
         if rng.random() < noise:  # label noise: the annotator prefers the worse response
             better, worse = worse, better
-        rows.append(
-            {
-                "prompt": _prompt(topic, noun),
-                "chosen": [{"role": "assistant", "content": better}],
-                "rejected": [{"role": "assistant", "content": worse}],
-                "true_reward_chosen": true_reward(better),
-                "true_reward_rejected": true_reward(worse),
-                "noise": noise,
-                "topic": topic,
-            }
-        )
+        rows.append(pair_row(_prompt(topic, noun), better, worse, noise, topic))
     return rows
+
+
+def pair_row(prompt: str, better: str, worse: str, noise: float, topic: str) -> dict:
+    """One labelled pair of the synthetic task (after any label flip): the row every noise profile writes."""
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": better}],
+        "rejected": [{"role": "assistant", "content": worse}],
+        "true_reward_chosen": true_reward(better),
+        "true_reward_rejected": true_reward(worse),
+        "noise": noise,
+        "topic": topic,
+    }
 
 
 def make_synthetic_pairs(num_pairs: int, seed: int):

@@ -31,6 +31,7 @@ from .synthetic import (
     _prompt,
     _response,
     noisy_synthetic_pair_rows,
+    pair_row,
     true_reward,
 )
 
@@ -102,15 +103,5 @@ def profile_rows(num_pairs: int, seed: int, profile: str = DEFAULT_PROFILE) -> l
         noise = flip_probability(spec, context, true_reward(better) - true_reward(worse))
         if rng.random() < noise:  # label noise: the annotator prefers the worse response
             better, worse = worse, better
-        rows.append(
-            {
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": better}],
-                "rejected": [{"role": "assistant", "content": worse}],
-                "true_reward_chosen": true_reward(better),
-                "true_reward_rejected": true_reward(worse),
-                "noise": noise,
-                "topic": topic,
-            }
-        )
+        rows.append(pair_row(prompt, better, worse, noise, topic))
     return rows
