@@ -1,13 +1,14 @@
 """Real-model mode of benchmarks/reward_overoptimization.py (`--real`): the epistemic estimators on SmolLM2-135M-Instruct
 and real preference text (docs/reward_overoptimization.md, "Real model").
 
-    python benchmarks/reward_overoptimization.py --real --out saves/rmo_real
+    python benchmarks/reward_overoptimization.py --real --stage features --out saves/rmo_real300   # until done
+    python benchmarks/reward_overoptimization.py --real --out saves/rmo_real300                    # analyse
 
 CPU cost decides the design. The reward models share SmolLM2-135M-Instruct as a *frozen* backbone: a text's feature
 e = the last layer's hidden state at its last token (prompt + response, ChatML, empty system turn) is computed once
-and cached; a reward model is a value head r = w . e trained with the BT loss (Newton, prior precision chosen by the
-Laplace evidence, MacKay 1992). Prompts are cut to their first `--prompt-tokens` tokens, responses to
-`--response-tokens`. On top of each trained head:
+and stored (benchmarks/rmo_real_cache.py, resumable stages); a reward model is a value head r = w . e trained with the
+BT loss (Newton, prior precision chosen by the Laplace evidence, MacKay 1992). Prompts are cut to their first
+`--prompt-tokens` tokens, responses to `--response-tokens`. On top of each trained head:
 
 * `laplace`: `LaplacePosterior.from_pairs` (the class `epistemic: laplace` fits), u^2 = (e - e_bar)^T Sigma (e - e_bar);
 * `token_novelty`: `TokenNovelty` fitted on the training responses, prior variance = var of the trained means.
@@ -15,9 +16,9 @@ Laplace evidence, MacKay 1992). Prompts are cut to their first `--prompt-tokens`
 Measured: (1) in distribution, Spearman(sigma, response length) on held-out responses of the preference data and on
 policy samples; (2) OOD AUROC of sigma for alpaca outputs against held-out responses, length-matched, next to length
 alone; (3) proxy / gold best-of-n (Gao et al. 2022): gold = head on all pairs, clean; proxy = head on a subset of the
-training split with `--noise` of its labels flipped (3 seeds: subset and flips); candidates sampled from the policy
-(SmolLM2-135M-Instruct itself, temperature 1) for held-out prompts; kappa of mean - kappa sigma chosen on the dev
-prompts, reported on the others.
+training split with `--noise` of its labels flipped (`--proxy-seeds`: subset and flips); candidates sampled from the
+policy (SmolLM2-135M-Instruct itself, temperature 1) for held-out prompts; kappa of mean - kappa sigma chosen on the
+`--dev-prompts`, reported on the `--report-prompts`.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def options(rest: list[str], ns: argparse.Namespace) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=24)
     p.add_argument("--response-tokens", type=int, default=40)
     p.add_argument("--ood", type=int, default=200, help="alpaca outputs, length-matched to held-out responses")
-    p.add_argument("--dev-prompts", type=int, default=6, help="best-of-n prompts kappa is chosen on")
-    p.add_argument("--report-prompts", type=int, default=16, help="best-of-n prompts reported (nothing tuned)")
+    p.add_argument("--dev-prompts", type=int, default=8, help="best-of-n prompts kappa is chosen on")
+    p.add_argument("--report-prompts", type=int, default=24, help="best-of-n prompts reported (nothing tuned)")
     p.add_argument("--candidates", type=int, default=64, help="samples per prompt (N goes up to it)")
     p.add_argument("--new-tokens", type=int, default=40)
     p.add_argument("--proxy-seeds", default="0,1,2,3,4")
@@ -288,6 +289,12 @@ def analyse(o: argparse.Namespace) -> dict[str, Any]:
     ns_list = [m for m in (1, 2, 4, 8, 16, 32, 64) if m <= o.candidates]
     seeds = [one_seed(int(s), o, r, gold, ns_list) for s in o.proxy_seeds.split(",")]
     summary = summarise(seeds, ns_list, o, gold_lambda, time.time() - t0)
+    held = r["held_feat"].double()
+    split_w, _ = fit_head(r["feats"][r["train_idx"], 0] - r["feats"][r["train_idx"], 1])  # clean, training split
+    summary["clean_train_split_head_heldout_accuracy"] = float(
+        (held[: o.heldout] @ split_w > held[o.heldout :] @ split_w).double().mean()
+    )
+    summary["heldout_at_response_cap"] = float(np.mean([len(x) == o.response_tokens for x in r["held_resp"]]))
     summary["best_in_pool_report"] = float(gold[o.dev_prompts :].max(1).mean())
     summary["gold_random_report"] = float(gold[o.dev_prompts :].mean())
     summary["generation_feature_rel_error"] = r["feature_rel_error"]

@@ -142,15 +142,15 @@ def ood_texts(tok, o, lengths: list[int]) -> list[tuple[list[int], list[int]]]:
 def texts(tok, o) -> dict:
     """Every text of the run as token ids, cached in `texts.json` (tokenising is cheap, matching is not)."""
     path = os.path.join(o.out, "texts.json")
+    held = list(range(o.num_pairs - o.heldout, o.num_pairs))
     if os.path.exists(path):
-        return json.load(open(path))
-    t = pair_texts(tok, o)
-    n = len(t["prompts"])
-    held = list(range(n - o.heldout, n))
-    held_resp = [t["chosen"][i] for i in held] + [t["rejected"][i] for i in held]
-    t["ood"] = ood_texts(tok, o, [len(r) for r in held_resp[: o.ood]])
-    t["bon_prompts"] = held[: o.dev_prompts + o.report_prompts]
-    json.dump(t, open(path, "w"))
+        t = json.load(open(path))
+    else:
+        t = pair_texts(tok, o)
+        held_resp = [t["chosen"][i] for i in held] + [t["rejected"][i] for i in held]
+        t["ood"] = ood_texts(tok, o, [len(r) for r in held_resp[: o.ood]])
+        json.dump(t, open(path, "w"))
+    t["bon_prompts"] = held[: o.dev_prompts + o.report_prompts]  # the first held-out pairs' prompts, dev first
     return t
 
 
