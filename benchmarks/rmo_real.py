@@ -57,7 +57,7 @@ def options(rest: list[str], ns: argparse.Namespace) -> argparse.Namespace:
     p.add_argument("--response-tokens", type=int, default=40)
     p.add_argument("--ood", type=int, default=200, help="alpaca outputs, length-matched to held-out responses")
     p.add_argument("--dev-prompts", type=int, default=8, help="best-of-n prompts kappa is chosen on")
-    p.add_argument("--report-prompts", type=int, default=24, help="best-of-n prompts reported (nothing tuned)")
+    p.add_argument("--report-prompts", type=int, default=20, help="best-of-n prompts reported (nothing tuned)")
     p.add_argument("--candidates", type=int, default=64, help="samples per prompt (N goes up to it)")
     p.add_argument("--new-tokens", type=int, default=40)
     p.add_argument("--proxy-seeds", default="0,1,2,3,4")
