@@ -102,7 +102,7 @@ def dpo_summary(out: str, held_out: int = 60) -> dict:
     `held_out` pairs (`eval_implicit_accuracy`, d > 0; no pair is tied after training) with its Wilson interval."""
     metrics = read_json(os.path.join(out, "eval_results.json"))
     keep = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen",
-            "eval_rewards/rejected", "eval_implicit_accuracy", "eval_beta_mean")  # fmt: skip
+            "eval_rewards/rejected", "eval_implicit_accuracy", "eval_beta_mean", "eval_variance_mean")  # fmt: skip
     summary = {k: metrics[k] for k in keep if k in metrics}
     summary["held_out_pairs"] = held_out
     summary["accuracy_ci95_wilson"] = wilson(metrics["eval_implicit_accuracy"] * held_out, held_out)
