@@ -295,9 +295,10 @@ class Runner:
 # ---- measurements ---------------------------------------------------------------------------------------
 
 
-def matmul_flops(device: str, windows: int = 5, seconds: float = 0.4) -> float:
+def matmul_flops(device: str, windows: int = 5, seconds: float = 0.4, clock=time.perf_counter) -> float:
     """Matmul throughput (FLOP/s) of this machine in the precision the benchmark trains in: the best of a few
-    short windows, so that another process briefly sharing the cores does not lower the reference."""
+    short windows, so that another process briefly sharing the cores does not lower the reference. `clock`:
+    `time.process_time` measures it per CPU second (one thread), as step_cost.py measures steps."""
     n = 2048 if device == "cpu" else 8192
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -305,13 +306,13 @@ def matmul_flops(device: str, windows: int = 5, seconds: float = 0.4) -> float:
     a @ b
     best = 0.0
     for _ in range(windows):
-        runs, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
+        runs, start = 0, clock()
+        while clock() - start < seconds:
             a @ b
             runs += 1
             if device == "cuda":
                 torch.cuda.synchronize()
-        best = max(best, 2 * n**3 * runs / (time.perf_counter() - start))
+        best = max(best, 2 * n**3 * runs / (clock() - start))
     return best
 
 
@@ -414,6 +415,10 @@ def compare_case(args, pair: str, setup: Setup, plain_batches, workdir: str) -> 
     if pair == "dpo_precomputed":
         # The reference of a LoRA run is the base model (the policy's weights), else the reference model.
         reference_logps(setup.policy_dir if setup.finetuning == "lora" else setup.ref_dir, batches, setup.device)
+    if args.memory_only:
+        os.makedirs(workdir, exist_ok=True)
+        entry = {"pair": pair, "finetuning": setup.finetuning, "seq_len": setup.seq_len}
+        return {**entry, **{f"{side}_memory": measure_memory(pair, side, setup, batches, workdir) for side in SIDES}}
     ours = Runner("ours", pair, setup, batches, os.path.join(workdir, "ours"))
     trl = Runner("trl", pair, setup, batches, os.path.join(workdir, "trl"), ours.value_weight())
     step0 = {"ours": ours.step(), "trl": trl.step()}  # the first step of each is step 0 (then warm-up)
@@ -466,14 +471,14 @@ def compare(args, cases: list[tuple[str, str, Setup]], workdir: str, peak_flops:
         if key not in rows:
             rows[key] = make_rows(setup, _vocab(setup.policy_dir), _eos(setup.policy_dir))
         entry = compare_case(args, pair, setup, rows[key], os.path.join(workdir, name))
+        results[name] = entry
         flops = nominal_flops(pair, setup, params)
         entry["model_params"] = params
         entry["nominal_flops"] = flops
-        for side in SIDES:
+        for side in SIDES if "step_seconds" in entry else ():  # not with --memory-only
             median = statistics.median(entry["step_seconds"][side])
             entry[f"{side}_tokens_per_s"] = setup.tokens_per_step / median
             entry[f"{side}_mfu"] = flops / median / peak_flops
-        results[name] = entry
         if save is not None:
             save(results)  # a long run keeps what it measured so far
     return results
@@ -488,6 +493,9 @@ def print_compare(results: dict[str, Any], device: str) -> None:
     print("\n" + header + "\n" + "-" * len(header))
     for name, e in results.items():
         mem = {s: e.get(f"{s}_memory", {}).get(mem_key, float("nan")) for s in SIDES}
+        if "step_seconds" not in e:  # --memory-only
+            print(f"{name:<{width}} peak memory ours {mem['ours']:.0f} MiB, TRL {mem['trl']:.0f} MiB")
+            continue
         print(
             f"{name:<{width}} {e['ours_tokens_per_s']:>10.0f} {e['trl_tokens_per_s']:>10.0f} "
             f"{e['ratio_median']:>8.2f}x ({e['ratio_min']:.2f}-{e['ratio_max']:.2f}) {e['cpu_ratio_median']:>7.2f}x "
@@ -565,6 +573,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--ours", nargs="*", default=["pack_pairs=true"], help="our config keys (key=value)")
     p.add_argument("--no-memory", action="store_true", help="skip the child processes that measure peak memory")
+    p.add_argument("--memory-only", action="store_true", help="only the peak memory (a long case in two calls)")
     p.add_argument("--memory-at", type=int, nargs="*", default=None, help="measure peak memory at these cutoffs only")
     p.add_argument("--sweep-seq", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--sweep-batch", type=int, nargs="+", default=[1, 2, 4])
