@@ -118,7 +118,7 @@ def main() -> None:
     p.add_argument("step", choices=("data", "analyse"))
     p.add_argument("--out", default="saves/rmo_real300", help="the --real run's output folder")
     p.add_argument("--seed", type=int, default=0, help="which proxy of the --real run")
-    p.add_argument("--steps", type=int, default=12, help="LoRA training steps (batch 4)")
+    p.add_argument("--steps", type=int, default=16, help="LoRA training steps (batch 4)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ood", type=int, default=100, help="alpaca outputs scored (the first, length-matched)")
     p.add_argument("--model", default=MODEL)
