@@ -174,7 +174,7 @@ def acceptance(files: list[str]) -> str:
             return max(keys, key=lambda k: statistics.mean(rows[k].values())) if keys else None
 
         ours, base = best("ours"), best("baseline")
-        for other in [o for o in (base, "dpo") if o in rows and ours and o != ours]:
+        for other in [o for o in dict.fromkeys((base, "dpo")) if o in rows and ours and o != ours]:
             seeds = sorted(set(rows[ours]) & set(rows[other]))
             diffs = [rows[ours][s] - rows[other][s] for s in seeds]
             if diffs:

@@ -94,15 +94,20 @@ def run_dpo(model: str, cell: str) -> dict:
     out = f"{SAVES}/{cell}"
     result = timed(discoalign("train", "examples/real/dpo.yaml", f"model_name_or_path={model}", f"output_dir={out}",
                               "do_eval=true", *DPO_CELLS[cell]))  # fmt: skip
+    return {**result, **dpo_summary(out)}
+
+
+def dpo_summary(out: str, held_out: int = 60) -> dict:
+    """A DPO cell's held-out metrics: TRL's batch-mean reward accuracy and margins, and the exact accuracy over the
+    `held_out` pairs (`eval_implicit_accuracy`, d > 0; no pair is tied after training) with its Wilson interval."""
     metrics = read_json(os.path.join(out, "eval_results.json"))
-    keep = (
-        "eval_loss",
-        "eval_rewards/accuracies",
-        "eval_rewards/margins",
-        "eval_rewards/chosen",
-        "eval_rewards/rejected",
-    )
-    return {**result, **{k: metrics[k] for k in keep if k in metrics}}
+    keep = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen",
+            "eval_rewards/rejected", "eval_implicit_accuracy", "eval_beta_mean", "eval_variance_mean")  # fmt: skip
+    summary = {k: metrics[k] for k in keep if k in metrics}
+    summary["held_out_pairs"] = held_out
+    summary["accuracy_ci95_wilson"] = wilson(metrics["eval_implicit_accuracy"] * held_out, held_out)
+    summary["train_loss"] = [h["loss"] for h in history(out) if "loss" in h]
+    return summary
 
 
 def greedy(model: str, adapter: str | None = None) -> list[str]:

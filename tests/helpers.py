@@ -39,6 +39,30 @@ def dpo_config(output_dir, *layers: Mapping[str, Any], **overrides: Any) -> RunC
     return build_config({**raw, "output_dir": str(output_dir), **overrides})
 
 
+# A three-step reward model on the tiny qwen2 and 32 synthetic pairs.
+TINY_RM = {
+    "stage": "rm", "model_name_or_path": "builtin:tiny-qwen2", "dataset": "builtin:synthetic",
+    "synthetic_num_pairs": 32, "cutoff_len": 48, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
+    "max_steps": 3, "learning_rate": 2e-3, "save_strategy": "no", "plot_loss": False,
+}  # fmt: skip
+
+# What a short on-policy run (PPO, GRPO) on the tiny model shares: two steps of two micro-batches of four.
+RL_BASE = {
+    "model_name_or_path": "builtin:tiny-qwen3", "dataset": "builtin:synthetic", "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2, "max_steps": 2, "logging_steps": 1, "learning_rate": 1.0e-3,
+    "per_device_eval_batch_size": 8, "save_strategy": "no", "disable_tqdm": True, "seed": 0, "do_train": True,
+    "num_score_samples": 2,
+}  # fmt: skip
+
+
+def rl_config(stage: str, output_dir, *layers: Mapping[str, Any], **overrides: Any) -> RunConfig:
+    """The built config of `RL_BASE` for `stage`, then each of `layers`, then `overrides`, writing to `output_dir`."""
+    raw: dict[str, Any] = {**RL_BASE, "stage": stage}
+    for layer in layers:
+        raw.update(layer)
+    return build_config({**raw, "output_dir": str(output_dir), **overrides})
+
+
 def dpo_trainer(output_dir, *layers: Mapping[str, Any], **overrides: Any):
     """The `DPOTrainer` of `dpo_config(output_dir, *layers, **overrides)`, built but not trained."""
     from discoalign.train.dpo.workflow import build_dpo_trainer

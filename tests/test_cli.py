@@ -141,10 +141,12 @@ def test_tiny_model_command_writes_a_loadable_model(tmp_path):
     assert model.config.hidden_size == 64 and tok.chat_template
 
 
-def test_help_of_each_command():
-    for cmd in ([], ["train"], ["eval"], ["score"], ["tiny-model"], ["demo"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "discoalign", *cmd, "--help"], capture_output=True, text=True, timeout=120
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert "usage: discoalign" in proc.stdout
+def test_help_of_each_command(capsys):
+    """The real entry point once (`python -m discoalign --help`), then each command's help through `main`."""
+    proc = subprocess.run([sys.executable, "-m", "discoalign", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: discoalign" in proc.stdout, proc.stderr
+    for cmd in (["train"], ["eval"], ["score"], ["tiny-model"], ["demo"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*cmd, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: discoalign {cmd[0]}" in capsys.readouterr().out

@@ -2,7 +2,8 @@
 
 One torchrun launch trains every job (`rm` BT and Disco; `dpo` full with a frozen reference, LoRA with adapters
 disabled as reference, dynamic beta, precomputed reference with dynamic beta) under both stages, then resumes each
-from its step-2 ZeRO checkpoint. For every job and stage the test checks:
+ZeRO-3 run from its step-2 checkpoint (ZeRO-2 resumes through the same DeepSpeed checkpoint code with whole weights;
+ZeRO-3's sharded weights and optimizer state are the harder case). For every job and stage the test checks:
 
 * the logged losses equal a single-process run without DeepSpeed with the same global batch (2 x 4 pairs) to
   LOSS_TOL: the same pairs per step, gradients averaged over ranks, the same AdamW arithmetic on fp32 weights;
@@ -11,7 +12,7 @@ from its step-2 ZeRO checkpoint. For every job and stage the test checks:
   in-memory weights are shards: the save gathers them (`stage3_gather_16bit_weights_on_model_save`);
 * the beta head's buffers (`feature_mean`, `feature_count`, `logit_offset`) equal the single-process run's: they
   follow the global batch, not each rank's half;
-* a run resumed from the ZeRO checkpoint at step 2 logs the same losses for steps 3-4 and ends with the same
+* (ZeRO-3) a run resumed from the ZeRO checkpoint at step 2 logs the same losses for steps 3-4 and ends with the same
   model (RESUME_TOL);
 * the precomputed reference is computed half on each rank, and the run's logs appear once, not once per rank.
 
@@ -202,9 +203,10 @@ def test_deepspeed_zero2_and_zero3_equal_single_process_save_and_resume(tmp_path
             ds = os.path.join(EXAMPLES, f"ds_z{zero}_config.json")
             out = str(tmp_path / f"z{zero}_{name}")
             write_yaml(tmp_path / f"z{zero}_{name}.yaml", {**values, "deepspeed": ds, "output_dir": out})
-            write_yaml(tmp_path / f"z{zero}_{name}_resume.yaml",
-                       {**values, "deepspeed": ds, "output_dir": out + "_resume",
-                        "resume_from_checkpoint": os.path.join(out, "checkpoint-2")})  # fmt: skip
+            if zero == 3:
+                write_yaml(tmp_path / f"z{zero}_{name}_resume.yaml",
+                           {**values, "deepspeed": ds, "output_dir": out + "_resume",
+                            "resume_from_checkpoint": os.path.join(out, "checkpoint-2")})  # fmt: skip
     from discoalign.config.schema import FinetuningArguments, ModelArguments
     from discoalign.models.checkpoint import save_checkpoint
     from discoalign.models.loader import load_model_with_heads
@@ -221,7 +223,7 @@ def test_deepspeed_zero2_and_zero3_equal_single_process_save_and_resume(tmp_path
         ),
     ]
     trained = [str(tmp_path / f"z{zero}_{name}.yaml") for zero in (2, 3) for name in JOBS]
-    resumed = [path.replace(".yaml", "_resume.yaml") for path in trained]
+    resumed = [path.replace(".yaml", "_resume.yaml") for path in trained if os.path.basename(path).startswith("z3_")]
     launcher = tmp_path / "launcher.py"
     launcher.write_text(LAUNCHER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -268,12 +270,12 @@ def test_deepspeed_zero2_and_zero3_equal_single_process_save_and_resume(tmp_path
                 for key in ours:
                     assert torch.allclose(ours[key], theirs[key], atol=SCORE_TOL), (what, key, ours, theirs)
                 assert ours["beta_head.logit_offset"].abs().item() > 0  # it moved, so the comparison means something
-            # Resumed from the ZeRO checkpoint at step 2: the same steps 3-4 and the same final model.
-            resumed_losses = logged_losses(out + "_resume")
-            for step in (3, 4):
-                assert abs(resumed_losses[step] - losses[step]) <= RESUME_TOL, (what, resumed_losses, losses)
-            assert_close(record["fingerprints"][path.replace(".yaml", "_resume.yaml")], in_memory, RESUME_TOL,
-                         what + " resumed")  # fmt: skip
+            if zero == 3:  # resumed from the ZeRO checkpoint at step 2: the same steps 3-4, the same final model
+                resumed_losses = logged_losses(out + "_resume")
+                for step in (3, 4):
+                    assert abs(resumed_losses[step] - losses[step]) <= RESUME_TOL, (what, resumed_losses, losses)
+                assert_close(record["fingerprints"][path.replace(".yaml", "_resume.yaml")], in_memory, RESUME_TOL,
+                             what + " resumed")  # fmt: skip
             if name in ("dpo_full", "dpo_dynamic_beta"):
                 # The frozen reference: sharded under ZeRO-3 (an inference engine, as TRL prepares it), whole under 2.
                 assert record["reference_sharded"][path] is (zero == 3), (what, record["reference_sharded"])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import TINY_RM
 from safetensors.torch import load_file
 
 from discoalign.cli.main import main
@@ -19,20 +20,7 @@ from discoalign.models.checkpoint import load_epistemic
 from discoalign.models.epistemic import EpistemicInputs, TokenNovelty
 from discoalign.train.rm.metric import pair_accuracy, reward_metrics
 
-TINY_BT = {
-    "stage": "rm",
-    "model_name_or_path": "builtin:tiny-qwen2",
-    "dataset": "builtin:synthetic",
-    "eval_dataset": "builtin:synthetic",
-    "synthetic_num_pairs": 32,
-    "cutoff_len": 48,
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 16,
-    "max_steps": 3,
-    "learning_rate": 2e-3,
-    "save_strategy": "no",
-    "plot_loss": False,
-}
+TINY_BT = {**TINY_RM, "eval_dataset": "builtin:synthetic"}
 
 
 def test_token_novelty_counts_by_hand():

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 import yaml
+from helpers import TINY_RM
 
 from discoalign.cli.main import main
 from discoalign.errors import CheckpointError
@@ -18,20 +19,7 @@ from discoalign.models.checkpoint import has_epistemic, load_epistemic
 from discoalign.models.epistemic import EpistemicInputs, LaplacePosterior
 from discoalign.models.epistemic.laplace import curvature, evidence_precision, fisher_weights
 
-TINY_RM = {
-    "stage": "rm",
-    "model_name_or_path": "builtin:tiny-qwen2",
-    "dataset": "builtin:synthetic",
-    "synthetic_num_pairs": 32,
-    "cutoff_len": 48,
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 16,
-    "max_steps": 3,
-    "learning_rate": 2e-3,
-    "save_strategy": "no",
-    "plot_loss": False,
-    "epistemic": "laplace",
-}
+LAPLACE_RM = {**TINY_RM, "epistemic": "laplace"}
 
 
 def _pairs(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -140,7 +128,7 @@ def test_save_load_roundtrip_and_bad_file(tmp_path):
 def test_rm_with_laplace_is_fitted_saved_and_read_by_score_and_bon(tmp_path, disco):
     config = tmp_path / "rm.yaml"
     extra = {"add_disco_head": True, "disco_pref": True} if disco else {}
-    config.write_text(yaml.safe_dump({**TINY_RM, **extra}))
+    config.write_text(yaml.safe_dump({**LAPLACE_RM, **extra}))
     out = tmp_path / "rm"
     assert main(["train", str(config), f"output_dir={out}"]) == 0
     settings = json.load(open(os.path.join(out, "heads_config.json")))["epistemic"]
@@ -174,7 +162,7 @@ def test_ppo_reward_model_reads_the_laplace_term_by_hand(tmp_path):
     from discoalign.models.tiny import build_tiny_tokenizer
 
     config = tmp_path / "rm.yaml"
-    config.write_text(yaml.safe_dump(TINY_RM))
+    config.write_text(yaml.safe_dump(LAPLACE_RM))
     out = str(tmp_path / "rm")
     assert main(["train", str(config), f"output_dir={out}"]) == 0
     ft = FinetuningArguments(stage="ppo", reward_model=out, disco_risk_coef=1.0)

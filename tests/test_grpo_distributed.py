@@ -106,21 +106,24 @@ def test_grpo_ddp_and_zero2_equal_single_process(tmp_path):
                           env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
 
+    # Both single-process runs in one process (one interpreter start): each argument is `yaml=output_dir`.
     single = tmp_path / "single.py"
     single.write_text("import os, sys\n" + SEEDED_SAMPLING + textwrap.dedent(
-        """
+        f"""
         from discoalign.config import load_config
         from discoalign.train.tuner import run_exp
 
-        run_exp(load_config(sys.argv[1], sys.argv[2:]))
+        for arg in sys.argv[1:]:
+            path, out = arg.split("=")
+            _seen.clear()
+            run_exp(load_config(path, [f"output_dir={{out}}", "per_device_train_batch_size={2 * PER_DEVICE_BATCH}"]))
         """
     ))  # fmt: skip
-    for name in ("dapo", "grpo_rloo"):
-        out = str(tmp_path / f"single_{name}")
-        cmd = [sys.executable, str(single), yamls[name], f"output_dir={out}",
-               f"per_device_train_batch_size={2 * PER_DEVICE_BATCH}"]  # fmt: skip
-        one = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-        assert one.returncode == 0, one.stderr[-4000:]
+    singles = {name: str(tmp_path / f"single_{name}") for name in ("dapo", "grpo_rloo")}
+    cmd = [sys.executable, str(single), *(f"{yamls[name]}={out}" for name, out in singles.items())]
+    one = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-4000:]
+    for name, out in singles.items():
         targets = [name] + (["zero2"] if name == "dapo" else [])
         for target in targets:
             # the Trainer averages the logged loss over processes (rollout metrics are rank 0's own groups)

@@ -8,7 +8,7 @@ import math
 import grpo_reward_funcs
 import pytest
 import torch
-from helpers import train_logs
+from helpers import rl_config, train_logs
 
 from discoalign.config import build_config
 from discoalign.config.schema import FinetuningArguments, ModelArguments
@@ -34,29 +34,8 @@ def disco_rm(tmp_path_factory) -> str:
 
 
 def grpo_config(output_dir, **overrides):
-    raw = {
-        "stage": "grpo",
-        "model_name_or_path": "builtin:tiny-qwen3",
-        "dataset": "builtin:synthetic",
-        "synthetic_num_pairs": 32,
-        "max_new_tokens": 5,
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 2,
-        "num_generations": 4,
-        "num_iterations": 2,
-        "max_steps": 2,
-        "logging_steps": 1,
-        "learning_rate": 1.0e-3,
-        "per_device_eval_batch_size": 8,
-        "output_dir": str(output_dir),
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 0,
-        "do_train": True,
-        "num_score_samples": 2,
-    }
-    raw.update(overrides)
-    return build_config(raw)
+    grpo = {"synthetic_num_pairs": 32, "max_new_tokens": 5, "num_generations": 4, "num_iterations": 2}
+    return rl_config("grpo", output_dir, grpo, **overrides)
 
 
 def test_registered():

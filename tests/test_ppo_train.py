@@ -9,10 +9,9 @@ import os
 
 import pytest
 import torch
-from helpers import log_history, train_logs
+from helpers import log_history, rl_config, train_logs
 from safetensors.torch import load_file
 
-from discoalign.config import build_config
 from discoalign.config.schema import FinetuningArguments, ModelArguments
 from discoalign.data.prompts import prompt_rows
 from discoalign.errors import ConfigError
@@ -41,30 +40,8 @@ def reward_models(tmp_path_factory) -> dict[str, str]:
 
 
 def ppo_config(output_dir, reward_model: str, **overrides):
-    raw = {
-        "stage": "ppo",
-        "model_name_or_path": "builtin:tiny-qwen3",
-        "reward_model": reward_model,
-        "dataset": "builtin:synthetic",
-        "synthetic_num_pairs": 48,
-        "max_new_tokens": 6,
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 2,
-        "ppo_buffer_size": 2,
-        "ppo_epochs": 2,
-        "max_steps": 2,
-        "logging_steps": 1,
-        "learning_rate": 1.0e-3,
-        "per_device_eval_batch_size": 8,
-        "output_dir": str(output_dir),
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 0,
-        "do_train": True,
-        "num_score_samples": 2,
-    }
-    raw.update(overrides)
-    return build_config(raw)
+    ppo = {"synthetic_num_pairs": 48, "max_new_tokens": 6, "ppo_buffer_size": 2, "ppo_epochs": 2}
+    return rl_config("ppo", output_dir, ppo, reward_model=reward_model, **overrides)
 
 
 def test_full_run_writes_checkpoint_metrics_samples_and_plots(tmp_path, reward_models, monkeypatch):

@@ -39,10 +39,11 @@ def _set_cpu_threads() -> None:
     leaves room for the data pipeline and other processes; the cap of 4 is a guess for larger machines (not
     measured here), set OMP_NUM_THREADS to tune. The threads only run CPU ops: GPU runs are unaffected.
     """
-    if os.environ.get("OMP_NUM_THREADS"):
-        return  # torch reads it itself
     import torch
 
+    if os.environ.get("OMP_NUM_THREADS"):  # torch has read it itself
+        logging.getLogger(__name__).debug("torch uses %d CPU threads (OMP_NUM_THREADS).", torch.get_num_threads())
+        return
     threads = max(1, min(DEFAULT_CPU_THREADS, (os.cpu_count() or 2) // 2))
     torch.set_num_threads(threads)
     logging.getLogger(__name__).debug("torch uses %d CPU threads (set OMP_NUM_THREADS to change).", threads)

@@ -114,6 +114,13 @@ class DPOArguments:
     simpo_gamma: float = field(
         default=0.5, metadata={"help": "SimPO (`pref_loss: simpo`): target reward margin gamma (LlamaFactory, TRL)."}
     )
+    dr_dpo_beta: float = field(
+        default=1.0,
+        metadata={
+            "help": "Dr. DPO (`pref_loss: dr_dpo`, Wu et al. 2025): beta' of the batch loss "
+            "-beta' log mean_i exp(-loss_i / beta'); large: DPO's mean, small: pairs with a large loss count less."
+        },
+    )
     precompute_ref_logps: bool = field(
         default=False, metadata={"help": "Compute reference log-probs (and beta features) once before training."}
     )

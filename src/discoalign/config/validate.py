@@ -10,10 +10,11 @@ from ..errors import ConfigError, DataError
 from .attention import check_attention_implementation
 from .builtin_models import TINY_MULTIMODAL_ARCHS, TINY_SEQ2SEQ_ARCHS, is_builtin
 from .dataset_info import load_dataset_info, registry_dir
-from .finetuning_groups import GRPO_SHARED_PPO_KEYS, ONLINE_STAGES, PPOArguments
+from .finetuning_groups import GRPO_SHARED_PPO_KEYS, ONLINE_STAGES, DPOArguments, PPOArguments
 from .heads import HEAD_SPECS, beta_epsilon_error, flip_prior_error
 from .kto_rules import validate_kto
 from .placement import check_quantization, parse_device_map
+from .plan import schema_default
 from .reference_free import validate_reference_free
 from .schema import DataArguments, FinetuningArguments, ModelArguments
 from .training_args import validate_deepspeed
@@ -137,6 +138,7 @@ def _validate_dpo(ft: FinetuningArguments, fail) -> None:
         fail(f"`label_smoothing` is {ft.label_smoothing}; it must lie in [0, 0.5).")
     if ft.label_smoothing > 0 and ft.pref_loss not in ("sigmoid", "robust", "simpo"):
         fail(f"`label_smoothing` applies to `pref_loss: sigmoid`, `robust` and `simpo` only, not `{ft.pref_loss}`.")
+    _validate_dr_dpo(ft, fail)
     if ft.pref_beta_mode == "batch":
         if ft.use_dynamic_beta or ft.disco_pref or ft.pref_loss != "sigmoid":
             clash = (
@@ -158,6 +160,18 @@ def _validate_dpo(ft: FinetuningArguments, fail) -> None:
     if ft.logps_chunk_size < 0:
         fail(f"`logps_chunk_size` is {ft.logps_chunk_size}; it must be a positive number of tokens, or 0 for the "
              "plain full log-softmax.")  # fmt: skip
+
+
+def _validate_dr_dpo(ft: FinetuningArguments, fail) -> None:
+    """Dr. DPO's beta' (`dr_dpo_beta`): positive, and only where `pref_loss: dr_dpo` reads it."""
+    if ft.dr_dpo_beta != schema_default(DPOArguments, "dr_dpo_beta") and not (
+        ft.stage == "dpo" and ft.pref_loss == "dr_dpo"
+    ):
+        fail(f"`dr_dpo_beta` is Dr. DPO's beta' and applies to `stage: dpo` with `pref_loss: dr_dpo` only, not "
+             f"`stage: {ft.stage}` with `pref_loss: {ft.pref_loss}`. Remove it or set `pref_loss: dr_dpo`.")  # fmt: skip
+    if ft.dr_dpo_beta <= 0:
+        fail(f"`dr_dpo_beta` is {ft.dr_dpo_beta}; Dr. DPO's beta' must be positive (large: DPO's mean over the batch, "
+             "small: pairs with a large loss count less; 1.0 is Wu et al. 2025's default).")  # fmt: skip
 
 
 def _validate_lora(ft: FinetuningArguments, fail) -> None:

@@ -1,4 +1,5 @@
-"""The DPO family of preference losses (docs/design.md §3): sigmoid, IPO, hinge, and DiscoDPO (probit).
+"""The DPO family of preference losses (docs/design.md §3): sigmoid, robust, IPO, hinge, DiscoDPO (probit), and
+Dr. DPO's batch aggregation.
 
 Pure functions over tensors. `beta` may be a float (`pref_beta`) or a per-pair tensor
 (`beta_eff(x) = pref_beta * s(x)` from the beta head); the formulas are the same either way, so the
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from .variance import probit_log_likelihood, probit_z
 
-DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "dr_dpo")
 
 
 def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
@@ -52,6 +53,8 @@ def dpo_loss(
     * ``ipo`` (Azar et al. 2023, https://arxiv.org/abs/2310.12036): ``(d - 1 / (2 beta))^2``.
       The trainer passes length-averaged log-probs here, as TRL and LlamaFactory do.
     * ``hinge`` (SLiC, Zhao et al. 2023, https://arxiv.org/abs/2305.10425): ``relu(1 - beta d)``
+    * ``dr_dpo`` (Dr. DPO, Wu et al. 2025): the per-pair loss is DPO's ``-log sigmoid(beta d)``; what differs is the
+      batch loss, ``dr_dpo_batch_loss`` below, not the mean.
     * DiscoDPO, selected by passing ``chosen_var`` and ``rejected_var`` (only with ``sigmoid``): the probit
       (Thurstone) member of the sigmoid family, ``z = beta d / sqrt(var_w + var_l)``,
       ``-(1 - ls) log Phi(z) - ls log Phi(-z)`` with z and ``torch.special.log_ndtr`` in float64, so loss and
@@ -63,7 +66,7 @@ def dpo_loss(
         ref_chosen_logps: (B,) summed log-probs of the chosen responses under the reference (no gradient needed).
         ref_rejected_logps: (B,) same for the rejected responses.
         beta: float, or (B,) tensor of per-pair beta (gradients flow into it, which trains the beta head).
-        loss_type: ``sigmoid`` | ``robust`` | ``ipo`` | ``hinge``.
+        loss_type: ``sigmoid`` | ``robust`` | ``ipo`` | ``hinge`` | ``dr_dpo``.
         label_smoothing: ls in [0, 0.5); used by ``sigmoid``, ``robust`` and DiscoDPO only.
         chosen_var: (B,) variances of the chosen responses from the policy's variance head, or None.
         rejected_var: (B,) variances of the rejected responses, or None.
@@ -91,7 +94,7 @@ def dpo_loss(
         beta64 = beta.double() if isinstance(beta, torch.Tensor) else beta
         z = probit_z(beta64 * d.double(), chosen_var, rejected_var)
         losses = -probit_log_likelihood(z, label_smoothing)
-    elif loss_type == "sigmoid":
+    elif loss_type in ("sigmoid", "dr_dpo"):  # dr_dpo: label_smoothing is 0 (config.validate)
         logits = beta * d
         losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     elif loss_type == "robust":
@@ -106,3 +109,25 @@ def dpo_loss(
     chosen_rewards = implicit_rewards(policy_chosen_logps, ref_chosen_logps, beta)
     rejected_rewards = implicit_rewards(policy_rejected_logps, ref_rejected_logps, beta)
     return losses, chosen_rewards, rejected_rewards
+
+
+def dr_dpo_batch_loss(losses: torch.Tensor, beta_prime: float) -> torch.Tensor:
+    """Dr. DPO's batch loss (Wu et al. 2025, distributionally robustified DPO): ``-beta' log mean_i exp(-l_i / beta')``.
+
+    A KL-regularised reweighting of the batch's pairs (DRO over the pairwise distribution): pair i's weight in the
+    gradient is ``softmax(-l / beta')_i``, so pairs with a large loss (confident disagreements, likely flipped labels)
+    count less. As ``beta' -> inf`` it is the mean (DPO); as ``beta' -> 0`` the smallest loss. Computed in float64 as
+    ``m - beta' log1p(mean_i expm1(-(l_i - m) / beta'))`` with ``m = min l``: finite for any losses, and without the
+    cancellation of ``log mean exp`` near ``log 1`` that makes fp32 lose the loss at large beta'.
+
+    Args:
+        losses: (B,) per-pair losses (fp32; the kept pairs only under beta-DPO's filter).
+        beta_prime: beta' > 0 (`dr_dpo_beta`).
+    Returns:
+        0-dim fp32.
+    """
+    if beta_prime <= 0:
+        raise ValueError(f"Dr. DPO's beta' must be positive, got {beta_prime}")
+    x = losses.double()
+    m = x.min().detach()
+    return (m - beta_prime * torch.log1p(torch.expm1(-(x - m) / beta_prime).mean())).float()

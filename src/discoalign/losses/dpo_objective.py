@@ -4,10 +4,11 @@
            | pref_beta * s(x)               (head: the beta head, Rafailov et al. 2023 with a per-context beta)
            | beta-DPO's batch beta          (batch: Wu et al. 2024, `losses.beta_dpo`, with its margin filter)
     logps  = summed, or length-averaged     (length_normalise: IPO, as TRL and LlamaFactory compute it)
-    loss_i = dpo_loss(logps, beta)          (`losses.dpo`: sigmoid / robust / ipo / hinge, or DiscoDPO's probit)
+    loss_i = dpo_loss(logps, beta)          (`losses.dpo`: sigmoid / robust / ipo / hinge / dr_dpo, or DiscoDPO's probit)
            + lambda/2 [(log var_w)^2 + (log var_l)^2]   (DiscoDPO: the variance prior, `losses.variance`)
            + pref_ftx * (-log pi(y_w) / |y_w|)           (the SFT term on chosen responses, LlamaFactory's `pref_ftx`)
     loss   = mean_i loss_i                  (over the pairs beta-DPO's filter keeps)
+             | -beta' log mean_i exp(-loss_i / beta')   (`pref_loss: dr_dpo`, Dr. DPO, beta' = `dr_dpo_beta`)
            + lambda/2 (log s(x))^2       (`beta_head_kind: exp`: the beta head's Gaussian prior)
     with `flip_rate` (the flip-rate head's e(x), `losses.flip`), the sigmoid term is the forward-corrected
     -log((1 - e) sigmoid(beta d) + e sigmoid(-beta d)), and the head's calibration and Beta prior are added.
@@ -25,7 +26,7 @@ from typing import Literal
 import torch
 
 from .beta_dpo import beta_dpo_batch, update_margin_statistics
-from .dpo import dpo_loss
+from .dpo import dpo_loss, dr_dpo_batch_loss
 from .dpo_metrics import step_metrics
 from .flip import MarginScale, flip_corrected_losses
 from .pair import PairBatch
@@ -53,6 +54,7 @@ class DPOSettings:
     flip_prior_mean: float = 0.0
     flip_prior_strength: float = 0.0
     beta_log_prior: float = 0.0
+    dr_dpo_beta: float = 0.0  # Dr. DPO's beta' (the trainer passes `dr_dpo_beta`; read with `pref_loss: dr_dpo` only)
 
 
 @dataclass
@@ -179,7 +181,8 @@ class DPOObjective:
         if s.pref_ftx > 0:
             # SFT term on chosen responses: mean token negative log-likelihood (LlamaFactory's `pref_ftx`).
             losses = losses + s.pref_ftx * (-batch.chosen_logps / batch.chosen_lengths)
-        loss = losses.mean() if keep is None else losses[keep].mean()
+        kept = losses if keep is None else losses[keep]
+        loss = dr_dpo_batch_loss(kept, s.dr_dpo_beta) if s.loss_type == "dr_dpo" else kept.mean()
         # Implicit rewards are logged as the loss computed them: on its scale (length-averaged for ipo, as TRL logs
         # them) and with its beta (beta_eff per pair, beta-DPO's batch beta).
         metrics = step_metrics(

@@ -103,6 +103,7 @@ class DPOTrainer(DiscoTrainer):
                 beta_dpo_filter=ft.beta_dpo_filter,
                 logs_beta=self.plan.logs_beta,
                 simpo_gamma=ft.simpo_gamma,
+                dr_dpo_beta=ft.dr_dpo_beta,
                 flip_rate=self.plan.uses_flip_rate,
                 flip_prior_mean=ft.flip_prior_mean,
                 flip_prior_strength=ft.flip_prior_strength,
