@@ -1,9 +1,9 @@
 """The real-model runs of docs/real_model.md: each `discoalign` command on SmolLM2-135M-Instruct, its wall time and
 peak resident memory (RSS of the process, from wait4), and what came out.
 
-One run per call, under the machine's heavy-job lock, e.g.
+One run per call, on a core of its own, e.g.
 
-    flock /tmp/heavy.lock env OMP_NUM_THREADS=2 python benchmarks/real_model.py rm_disco
+    OMP_NUM_THREADS=1 python benchmarks/real_model.py rm_disco
 
 Runs: sft, rm_bt, rm_disco, dpo_plain, dpo_disco, dpo_dynamic_beta, dpo_both, ppo, bon, serve, export (bon, serve,
 export and ppo use saves/real/rm_disco). Each result is merged into benchmarks/results/real_model.json under its
