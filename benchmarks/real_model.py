@@ -1,9 +1,9 @@
 """The real-model runs of docs/real_model.md: each `discoalign` command on SmolLM2-135M-Instruct, its wall time and
 peak resident memory (RSS of the process, from wait4), and what came out.
 
-One run per call, under the machine's heavy-job lock, e.g.
+One run per call, on a core of its own, e.g.
 
-    flock /tmp/heavy.lock env OMP_NUM_THREADS=2 python benchmarks/real_model.py rm_disco
+    OMP_NUM_THREADS=1 python benchmarks/real_model.py rm_disco
 
 Runs: sft, rm_bt, rm_disco, dpo_plain, dpo_disco, dpo_dynamic_beta, dpo_both, ppo, bon, serve, export (bon, serve,
 export and ppo use saves/real/rm_disco). Each result is merged into benchmarks/results/real_model.json under its
@@ -135,10 +135,15 @@ def run_ppo(model: str) -> dict:
     out = f"{SAVES}/ppo"
     result = timed(discoalign("train", "examples/real/ppo.yaml", f"model_name_or_path={model}", f"output_dir={out}",
                               f"reward_model={SAVES}/rm_disco"))  # fmt: skip
-    steps = [{k: v for k, v in h.items() if k in ("step", "ppo/reward", "objective/kl", "ppo/kl", "reward", "kl")}
-             for h in history(out) if "loss" in h or "ppo/reward" in h]  # fmt: skip
+    steps = ppo_steps(out)
     return {**result, "steps": steps, "prompts": PROMPTS, "before": greedy(model),
             "after": greedy(model, os.path.join(ROOT, out))}  # fmt: skip
+
+
+def ppo_steps(out: str) -> list[dict]:
+    """Per PPO step: the RM's mean score of the sampled responses, the KL to the reference and the total reward."""
+    keep = ("step", "objective/scores", "objective/kl", "objective/rlhf_reward", "reward/mean", "response/length")
+    return [{k: h[k] for k in keep if k in h} for h in history(out) if "objective/kl" in h]
 
 
 def run_bon(model: str) -> dict:
