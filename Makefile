@@ -26,10 +26,11 @@ real-model: $(STAMP)
 	$(VENV)/bin/discoalign pull smollm2-135m-instruct
 
 # Two worker processes (each test runs torch on one thread), a whole test file per worker so that a file's
-# module fixtures (the pulled real model, trained reward models) are built once. TEST_WORKERS=0 runs in-process.
+# module fixtures (the pulled real model, trained reward models) are built once; files in collection order, which
+# tests/conftest.py starts with the slowest. TEST_WORKERS=0 runs in-process.
 TEST_WORKERS ?= 2
 test: $(STAMP) lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The formatter and linter run in `make test` (CI): `make format` fixes what they report.
 lint: $(STAMP)
@@ -41,7 +42,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_vs_trl.py

@@ -55,3 +55,18 @@ def ref_dir(tmp_path_factory) -> str:
     from discoalign.models.tiny import write_tiny_model
 
     return write_tiny_model("qwen3", str(tmp_path_factory.mktemp("ref") / "qwen3-seed1"), seed=1)
+
+
+# The files that take longest (torchrun launches, the real-model pull, subprocess runs), slowest first. They run
+# before the rest so that under `make test`'s two workers (`--dist loadfile --no-loadscope-reorder`) the short files
+# fill in around them, instead of one long file ending the run alone on one core.
+SLOW_FIRST = (
+    "test_distributed_zero.py", "test_grpo_distributed.py", "test_real_model.py", "test_distributed_fsdp.py",
+    "test_distributed.py", "test_ppo_reward_adapter.py", "test_quiet.py", "test_ppo_distributed.py",
+    "test_sft_distributed.py", "test_ppo_effect.py", "test_rm_effect.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: the rest keep their order
