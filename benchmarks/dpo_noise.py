@@ -131,10 +131,20 @@ def mean_sd(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def summarise(files: list[str]) -> str:
+def load_runs(files: list[str], dev_files: list[str]) -> list[dict[str, Any]]:
+    """Every run in `files`; with `dev_files`, only the runs at the setting each row would run at on the report split
+    (chosen on dev; a combination row, its parts' settings), so a row's superseded settings drop out."""
+    runs = [r for path in files for r in json.load(open(path, encoding="utf-8"))["runs"]]
+    if not dev_files:
+        return runs
+    wanted = {key: setting for key, setting, _, _ in jobs("report", list(ROWS), ["-"], [0], chosen_settings(dev_files),
+                                                        False)}  # fmt: skip
+    return [r for r in runs if r["setting"] == wanted[r["row"]]]
+
+
+def summarise(runs: list[dict[str, Any]]) -> str:
     """Markdown: per profile, per row and setting, accuracy mean ± sd, every seed, the difference to DPO per seed, and
     the heads' correlations with the true flip rate."""
-    runs = [r for path in files for r in json.load(open(path, encoding="utf-8"))["runs"]]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
         groups[(r["profile"], r["row"], json.dumps(r["setting"], sort_keys=True))].append(r)
@@ -158,10 +168,9 @@ def summarise(files: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def acceptance(files: list[str]) -> str:
-    """Issue 21's targets on the runs in `files` (the report split): per profile, the best of the project's rows
-    against the best baseline and DPO, per seed; the flip-rate head's Spearman and mean e."""
-    runs = [r for path in files for r in json.load(open(path, encoding="utf-8"))["runs"]]
+def acceptance(runs: list[dict[str, Any]]) -> str:
+    """Issue 21's targets on `runs` (the report split): per profile, the best of the project's rows against the best
+    baseline and DPO, per seed; the flip-rate head's Spearman and mean e."""
     acc: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     for r in runs:
         acc[(r["profile"], r["row"])][r["seed"]] = r["acc"]
@@ -193,7 +202,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--profiles", nargs="+", default=None, choices=list(PROFILES), help="default: the split's")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the split's")
-    parser.add_argument("--dev-json", nargs="*", default=[], help="report split: the dev results to choose from")
+    parser.add_argument("--dev-json", nargs="*", default=[], help="the dev results to choose settings from")
     parser.add_argument("--pairs", type=int, default=3000, help="training pairs (eval: as many, next seed)")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--out", default="saves/dpo_noise")
@@ -206,7 +215,8 @@ def main() -> None:
     parser.add_argument("--plan", action="store_true", help="report split: the jobs of REPORT_PLAN, in its order")
     ns = parser.parse_args()
     if ns.summarise is not None:
-        text = summarise(ns.summarise) + acceptance(ns.summarise)
+        runs = load_runs(ns.summarise, ns.dev_json)
+        text = summarise(runs) + acceptance(runs)
         print(text)
         if ns.markdown:
             with open(ns.markdown, "w", encoding="utf-8") as f:

@@ -63,7 +63,7 @@ def ref_dir(tmp_path_factory) -> str:
 SLOW_FIRST = (
     "test_distributed_zero.py", "test_grpo_distributed.py", "test_real_model.py", "test_distributed_fsdp.py",
     "test_distributed.py", "test_ppo_reward_adapter.py", "test_quiet.py", "test_ppo_distributed.py",
-    "test_sft_distributed.py", "test_ppo_effect.py", "test_rm_effect.py",
+    "test_ppo_effect.py", "test_rm_effect.py",
 )  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """The same YAML runs data-parallel: `torchrun --standalone --nproc_per_node 2` on CPU (gloo).
 
-For `rm` and `dpo`, the losses logged by a 2-process run equal those of a single-process run with twice the
+For `rm`, `dpo` and `sft`, the losses logged by a 2-process run equal those of a single-process run with twice the
 per-device batch (to 1e-5): the seeded sampler gives global step k the same 2 x b pairs in both runs, each rank
 averages its b pairs, and DDP averages the gradients. And only rank 0 writes: every file or folder created under
 the output directories (checkpoints, final model, plots, config, metrics) is recorded per rank, through Python's
@@ -27,11 +27,14 @@ PER_DEVICE_BATCH = 4
 STEPS = 4
 
 # Disco RM with packed pairs; DPO on the grid cell that uses every head (DiscoDPO + dynamic beta), whose
-# log-probs and beta head must run inside the DDP-wrapped forward.
+# log-probs and beta head must run inside the DDP-wrapped forward; packed SFT, whose loss divides by the token count
+# of both processes' batches, so each rank's share must be scaled back before DDP averages the gradients (without
+# that the updates, and losses, would differ). One launch for all three: each torchrun costs two interpreters.
 CONFIGS = {
     "rm": {"stage": "rm", "learning_rate": 1.0e-3, "add_disco_head": True, "disco_pref": True, "pack_pairs": True},
     "dpo": {"stage": "dpo", "learning_rate": 5.0e-4, "pref_beta": 0.5, "add_disco_head": True, "disco_pref": True,
             "add_beta_head": True, "use_dynamic_beta": True},
+    "sft": {"stage": "sft", "learning_rate": 3.0e-3, "sft_responses": "both", "packing": True},
 }  # fmt: skip
 COMMON = {
     "model_name_or_path": "builtin:tiny-qwen3",

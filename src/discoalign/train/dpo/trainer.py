@@ -27,8 +27,8 @@ from ...losses.pair import PairBatch
 from ...models.model_with_heads import ModelWithHeads, last_token_hidden
 from ...models.pair_attention import prepare_pair_packing
 from ..base_trainer import DiscoTrainer
-from ..distributed import gathered_parameters, prepare_reference, rank, shard_bounds, world_size, zero_stage
-from ..frozen import disable_dropout
+from ..distributed import gathered_parameters, prepare_reference, rank, shard_bounds, world_size
+from ..frozen import ReferenceForward, disable_dropout
 from .metric import LABEL_COLUMNS, compute_metrics
 from .reference import (
     REF_CHOSEN,
@@ -55,7 +55,7 @@ def _head_for_logging(head: nn.Module):
         head.train(was_training)
 
 
-class DPOTrainer(DiscoTrainer):
+class DPOTrainer(ReferenceForward, DiscoTrainer):
     """The DPO family on a `ModelWithHeads`.
 
     Args:
@@ -78,15 +78,7 @@ class DPOTrainer(DiscoTrainer):
         # Our loss is a mean over pairs; let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         ft = self.finetuning_args  # every combination was checked by `config.validate` before any model loaded
-        self.logps_chunk_size = ft.logps_chunk_size
-        # inference_mode skips autograd's version counters and views bookkeeping entirely; no_grad is the fallback.
-        self.reference_grad_off = torch.inference_mode if ft.reference_inference_mode else torch.no_grad
-        if zero_stage(self.args) == 3:
-            # ZeRO-3 gathers weights into new tensors as layers run: made under inference_mode they would be
-            # inference tensors, which a later training forward (the shared LoRA layers) cannot save for backward.
-            self.reference_grad_off = torch.no_grad
-        self.is_lora = ft.finetuning_type == "lora"
-        self.reference_forward_calls = 0
+        self.init_reference_forward(ft)
         # The heads the loss uses that read the reference's prompt features (the beta head with dynamic beta).
         self.prompt_heads = tuple(h for h in self.plan.loss_heads if head_spec(h).reads == "prompt")
         self.objective = DPOObjective(
@@ -139,9 +131,6 @@ class DPOTrainer(DiscoTrainer):
 
     # ---- pieces --------------------------------------------------------------------------------------
 
-    def _policy(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-
     def _set_signature_columns_if_needed(self) -> None:
         # Keep our columns even when a user sets `remove_unused_columns: true`.
         if self._signature_columns is None:
@@ -168,14 +157,7 @@ class DPOTrainer(DiscoTrainer):
         Returns:
             ref_chosen_logps (B,), ref_rejected_logps (B,) fp32, and ref_prompt_hidden (B, H) fp32 or None.
         """
-        self.reference_forward_calls += 1
-        policy = self._policy()
-        if self.ref_model is not None:
-            ref, adapters_off = self.accelerator.unwrap_model(self.ref_model), contextlib.nullcontext()
-        else:
-            # LoRA: the base model is the reference. Full fine-tuning only lands here while precomputing, before
-            # the first optimizer step, when the policy still equals the reference.
-            ref, adapters_off = policy, policy.disable_adapter()
+        ref, adapters_off = self.reference_module()
         batch = inputs["labels"].shape[0] // 2
         # The policy's forward and arguments, without the heads, under the policy's autocast (bf16 / fp16): with
         # fp32 weights the two sides then round alike, and the log-ratio of an untrained policy is exactly 0.

@@ -9,7 +9,6 @@ with `reference_inference_mode: false`): a frozen reference model, or under LoRA
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -18,11 +17,11 @@ from torch import nn
 from ...losses.kto import kto_loss, kto_metrics, kto_reference_point
 from ...models.model_with_heads import ModelWithHeads
 from ..base_trainer import DiscoTrainer
-from ..distributed import prepare_reference, zero_stage
-from ..frozen import disable_dropout
+from ..distributed import prepare_reference
+from ..frozen import ReferenceForward, disable_dropout
 
 
-class KTOTrainer(DiscoTrainer):
+class KTOTrainer(ReferenceForward, DiscoTrainer):
     """KTO. `ref_model`: a frozen reference `ModelWithHeads` for full fine-tuning; None under LoRA (the policy with
     its adapters disabled is the reference). `**kwargs` go to `transformers.Trainer` (datasets, `data_collator`, ...).
     """
@@ -31,12 +30,7 @@ class KTOTrainer(DiscoTrainer):
         super().__init__(model, run_config, **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss is a mean over rows; the Trainer scales it for accumulation
         ft = self.finetuning_args
-        self.logps_chunk_size = ft.logps_chunk_size
-        self.reference_grad_off = torch.inference_mode if ft.reference_inference_mode else torch.no_grad
-        if zero_stage(self.args) == 3:  # as in the DPO trainer: gathered weights must not be inference tensors
-            self.reference_grad_off = torch.no_grad
-        self.is_lora = ft.finetuning_type == "lora"
-        self.reference_forward_calls = 0
+        self.init_reference_forward(ft)
         disable_dropout(self._policy().backbone)  # as TRL does: policy and reference forwards are deterministic
         self.ref_model = ref_model
         if ref_model is not None:
@@ -45,9 +39,6 @@ class KTOTrainer(DiscoTrainer):
             self.ref_model = prepare_reference(self.accelerator, ref_model.eval())
         elif not self.is_lora:
             raise ValueError("KTO with full fine-tuning needs a ref_model")
-
-    def _policy(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:  # keep our columns even with `remove_unused_columns: true`
@@ -74,12 +65,7 @@ class KTOTrainer(DiscoTrainer):
     def reference_logps(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(2B,) fp32 reference log-probs of every row (matched rows first), through the policy's forward without
         heads and under its autocast, so an untrained policy's log-ratios are exactly 0."""
-        self.reference_forward_calls += 1
-        policy = self._policy()
-        if self.ref_model is not None:
-            ref, adapters_off = self.accelerator.unwrap_model(self.ref_model), contextlib.nullcontext()
-        else:
-            ref, adapters_off = policy, policy.disable_adapter()
+        ref, adapters_off = self.reference_module()
         with self.reference_grad_off(), adapters_off, self.accelerator.autocast():
             out = ModelWithHeads.forward(ref, inputs["input_ids"], inputs["attention_mask"], with_heads=False,
                                          labels=inputs["labels"], logps_chunk_size=self.logps_chunk_size)  # fmt: skip
