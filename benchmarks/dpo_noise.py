@@ -106,20 +106,41 @@ def run_one(key: str, setting: dict[str, Any], profile: str, seed: int, ns) -> d
     return m
 
 
-def chosen_settings(dev_files: list[str]) -> dict[str, dict[str, Any]]:
-    """Per row, the grid setting with the best mean true-preference accuracy over the dev runs that every setting of
-    the row has (the same profiles and seeds, also when a sweep was cut short)."""
+def dev_scores(dev_files: list[str]) -> dict[str, tuple[dict[str, dict[tuple, float]], set[tuple]]]:
+    """Per row: {setting (JSON): {(profile, seed): accuracy}} and the (profile, seed) runs every setting has."""
     runs = [r for path in dev_files if os.path.exists(path) for r in json.load(open(path, encoding="utf-8"))["runs"]]
     scores: dict[str, dict[str, dict[tuple, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in runs:
         scores[r["row"]][json.dumps(r["setting"], sort_keys=True)][(r["profile"], r["seed"])] = r["acc"]
+    return {row: (dict(by), set.intersection(*(set(v) for v in by.values()))) for row, by in scores.items()}
+
+
+def chosen_settings(dev_files: list[str]) -> dict[str, dict[str, Any]]:
+    """Per row, the grid setting with the best mean true-preference accuracy over the dev runs that every setting of
+    the row has (the same profiles and seeds, also when a sweep was cut short)."""
     chosen = {}
-    for row, by_setting in scores.items():
-        common = set.intersection(*(set(v) for v in by_setting.values()))
+    for row, (by_setting, common) in dev_scores(dev_files).items():
         if common:
             best = max(by_setting, key=lambda k: statistics.mean(by_setting[k][c] for c in common))
             chosen[row] = json.loads(best)
     return chosen
+
+
+def dev_table(dev_files: list[str]) -> str:
+    """Markdown: per row and setting, the mean dev accuracy over the runs every setting of the row has, per profile
+    and over all; the chosen setting in bold."""
+    chosen = chosen_settings(dev_files)
+    lines = ["| row | setting | runs | imbalanced | margin | mean |", "|---|---|---|---|---|---|"]
+    scores = dev_scores(dev_files)
+    for row in [r for r in ROWS if r in scores]:
+        by_setting, common = scores[row]
+        for setting, acc in by_setting.items():
+            per = {p: [acc[c] for c in common if c[0] == p] for p in SPLITS["dev"][1]}
+            mark = "**" if json.loads(setting) == chosen.get(row) and len(by_setting) > 1 else ""
+            cells = " | ".join(f"{statistics.mean(v):.3f}" if v else "-" for v in per.values())
+            lines.append(f"| {ROWS[row].label} | {mark}{setting}{mark} | {len(common)} | {cells} | "
+                         f"{mark}{statistics.mean(acc[c] for c in common):.3f}{mark} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def mean_sd(values: list[float], digits: int = 3) -> str:
@@ -210,10 +231,14 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write every run to this file (rewritten after each run)")
     parser.add_argument("--summarise", nargs="*", default=None, help="only summarise these JSON files")
     parser.add_argument("--markdown", default=None)
+    parser.add_argument("--dev-table", action="store_true", help="only print the dev grid of --dev-json, and choices")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run (exploration)")
     parser.add_argument("--worker", default="0/1", help="k/n: run every n-th job from the k-th (parallel processes)")
     parser.add_argument("--plan", action="store_true", help="report split: the jobs of REPORT_PLAN, in its order")
     ns = parser.parse_args()
+    if ns.dev_table:
+        print(dev_table(ns.dev_json))
+        return
     if ns.summarise is not None:
         runs = load_runs(ns.summarise, ns.dev_json)
         text = summarise(runs) + acceptance(runs)

@@ -52,8 +52,12 @@ ROWS: dict[str, Row] = {
         "ours",
     ),  # fmt: skip
     "flip": Row("flip-rate head", FLIP, ({"flip_prior_mean": 0.1}, {"flip_prior_mean": 0.25}), "ours"),
+    # with the beta head that won on dev (exp over tanh), each part at its dev-chosen setting
     "flip_dynamic": Row(
-        "flip-rate head + dynamic beta", {**FLIP, **DYNAMIC}, kind="ours", combines=("flip", "dynamic")
+        "flip-rate head + dynamic beta (exp)",
+        {**FLIP, **DYNAMIC, "beta_head_kind": "exp"},
+        kind="ours",
+        combines=("flip", "dynamic_exp"),
     ),
     "disco": Row("DiscoDPO", DISCO, ({}, {"disco_variance_prior": 0.1}), "ours"),
     # Dr. DPO (Wu et al. 2025), `pref_loss: dr_dpo`: beta' 1.0 is the paper's default, 0.25 weights pairs more

@@ -75,7 +75,9 @@ def test_mean_beta_stays_within_5_percent_at_batch_size_1(tmp_path):
     the same run drifts to a bound of (1 - eps, 1 + eps); the centred one only redistributes."""
     from transformers import TrainerCallback
 
-    common = dict(add_beta_head=True, use_dynamic_beta=True, num_train_epochs=2)  # default lr ratio (10), eps (0.8)
+    # the bounded head this test is about (DPO's default is `exp`, whose E[log s] = 0 holds by construction);
+    # default lr ratio (10), eps (0.8)
+    common = dict(add_beta_head=True, use_dynamic_beta=True, beta_head_kind="tanh", num_train_epochs=2)
     centred = make_trainer(tmp_path / "centred", **common)
     # the reference features of every training pair, to read the data mean of s(x) *through* training
     loader = [centred.data_collator([centred.train_dataset[i] for i in range(j, min(j + 16, 48))]) for j in (0, 16, 32)]

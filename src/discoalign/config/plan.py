@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from ..errors import ConfigError
 from ..losses.reference_free import REFERENCE_FREE_LOSS_TYPES
-from .heads import HEAD_SPECS, HeadArguments, beta_epsilon_error
+from .heads import HEAD_SPECS, HeadArguments, beta_epsilon_error, resolved_beta_kind
 
 VALUE_HEAD_STAGES = ("rm", "ppo")  # stages whose trained model has a value head (reward model, PPO's critic)
 # DiscoDPO's variance barely moves at the backbone's rate (docs/noisy_labels.md); elsewhere it trains with it.
@@ -44,7 +44,9 @@ class HeadPlan:
     beta_centered: bool = True
     beta_pooling: str = field(default_factory=lambda: schema_default(HeadArguments, "beta_head_pooling"))
     flip_prior_mean: float = field(default_factory=lambda: schema_default(HeadArguments, "flip_prior_mean"))
-    beta_kind: str = field(default_factory=lambda: schema_default(HeadArguments, "beta_head_kind"))
+    beta_kind: str = field(
+        default_factory=lambda: resolved_beta_kind(schema_default(HeadArguments, "beta_head_kind"), None)
+    )
 
     def __post_init__(self) -> None:
         order = [spec.name for spec in HEAD_SPECS]
@@ -75,7 +77,7 @@ class HeadPlan:
             beta_centered=ft.stage != "ppo",
             beta_pooling=ft.beta_head_pooling,
             flip_prior_mean=ft.flip_prior_mean,
-            beta_kind=ft.beta_head_kind,
+            beta_kind=resolved_beta_kind(ft.beta_head_kind, ft.stage),
         )
 
     def settings(self) -> dict[str, Any]:
