@@ -281,9 +281,10 @@ def jobs(split, rows, profiles, seeds, chosen, use_plan: bool) -> list[tuple[str
             return {k: v for part in ROWS[key].combines for k, v in setting(part).items()}
         return chosen.get(key, ROWS[key].grid[0])
 
-    plan = REPORT_PLAN if use_plan else ((tuple(profiles), tuple(rows)),)
-    return [(k, setting(k), p, s) for ps, ks in plan for p in ps for k in ks if k in rows and p in profiles
-            for s in seeds]  # fmt: skip
+    everything = ((tuple(profiles), tuple(rows)),)
+    plan = REPORT_PLAN + everything if use_plan else everything  # the plan first, then what it does not name
+    pairs = dict.fromkeys((k, p) for ps, ks in plan for p in ps for k in ks if k in rows and p in profiles)
+    return [(k, setting(k), p, s) for k, p in pairs for s in seeds]
 
 
 if __name__ == "__main__":

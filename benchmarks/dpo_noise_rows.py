@@ -14,7 +14,7 @@ DISCO = {"add_disco_head": True, "disco_pref": True}
 GRID_SIZE = 2  # the tuning budget on the development split: every tuned row gets this many settings
 # The report split's jobs in priority order (profiles, rows): the decisive rows on the imbalanced profile, the
 # no-harm profiles, the reference rows and combinations, then the two profiles that test what the heads read
-# (margin-dependent and unannounced noise).
+# (margin-dependent and unannounced noise); `--plan` then runs every (row, profile) pair the plan does not name.
 REPORT_PLAN: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("imbalanced",), ("dpo", "dynamic_exp", "cdpo", "flip", "dynamic", "robust", "beta_dpo")),
     (("mostly_clean", "uniform"), ("dpo", "dynamic_exp")),

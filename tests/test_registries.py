@@ -20,6 +20,7 @@ from discoalign.config.heads import HEAD_NAMES, HEAD_SPECS
 from discoalign.config.loader import build_config
 from discoalign.config.plan import HeadPlan, build_plan
 from discoalign.config.schema import ARGUMENT_CLASSES, DatasetArguments, FinetuningArguments, ModelArguments
+from discoalign.errors import ConfigError
 from discoalign.losses.reference_free import PREF_LOSS_TYPES
 from discoalign.models import epistemic
 from discoalign.models.checkpoint import has_epistemic, load_heads
@@ -105,6 +106,35 @@ def test_heads_written_before_the_registry_load_unchanged(name):
     if model.beta_head is not None:
         assert model.beta_head.centered == config["beta_head_centered"]
         assert model.beta_head.epsilon == config["beta_head_epsilon"]
+
+
+def test_a_saved_beta_head_is_continued_with_its_kind_and_a_clash_is_refused_before_loading(tmp_path):
+    """`dpo_both` was saved before `exp` existed (no `beta_head_kind`: tanh). Under `stage: dpo` `auto` would build
+    `exp`; continuing the checkpoint it builds tanh, whose s(x) on the saved weights is 1 + eps tanh(w . (h - m) - c)
+    by hand; an explicit `exp` is refused, naming the file and key, before the backbone loads."""
+    import shutil
+
+    from discoalign.models.tiny import write_tiny_model
+
+    folder = write_tiny_model("qwen3", str(tmp_path / "ckpt"))
+    for file in ("heads.safetensors", "heads_config.json"):
+        shutil.copy(FIXTURES / "dpo_both" / file, os.path.join(folder, file))
+    ft = FinetuningArguments(stage="dpo", add_beta_head=True, use_dynamic_beta=True, add_disco_head=True)
+    assert build_plan(ft).heads.beta_kind == "exp"  # what `auto` builds for DPO from scratch
+    model, _ = load_model_with_heads(ModelArguments(model_name_or_path=folder), ft, is_trainable=False)
+    head = model.beta_head
+    eps = ft.beta_head_epsilon  # the run's (the loader warns that the checkpoint's was 0.6)
+    assert head.kind == "tanh" and head.epsilon == eps
+    saved = load_file(os.path.join(folder, "heads.safetensors"))
+    h = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    u = (h - saved["beta_head.feature_mean"]) @ saved["beta_head.summary.weight"][0]
+    offset = saved.get("beta_head.logit_offset", torch.zeros(()))
+    assert torch.allclose(head(h), 1 + eps * torch.tanh(u - offset), atol=1e-6)
+    heads_only = tmp_path / "heads_only"  # no backbone: only an error raised before loading it can be a ConfigError
+    shutil.copytree(FIXTURES / "dpo_both", heads_only)
+    explicit = dataclasses.replace(ft, beta_head_kind="exp")
+    with pytest.raises(ConfigError, match=r"heads_config.json, key `beta_head_kind`.*`beta_head_kind: tanh`"):
+        load_model_with_heads(ModelArguments(model_name_or_path=str(heads_only)), explicit)
 
 
 class _FeatureNorm:

@@ -78,7 +78,8 @@ class HeadArguments:
         metadata={
             "help": "The beta head: `tanh`, s = 1 + eps * tanh(u - c) (bounded), or `exp` (`stage: dpo`), s = exp(u) "
             "with E[log s] = 0 and a Gaussian penalty on u (interior optimum; docs/dynamic_beta.md). `auto`: `exp` "
-            "for dpo (chosen on the development split of benchmarks/dpo_noise.py), `tanh` for ppo."
+            "for dpo (chosen on the development split of benchmarks/dpo_noise.py), `tanh` for ppo; a checkpoint's "
+            "beta head is continued with the kind it was trained with."
         },
     )
     beta_head_prior: float = field(

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -157,6 +158,7 @@ def load_model_with_heads(
     if heads is None:
         heads = HeadPlan.from_keys(finetuning_args, value=add_value_head)
     name = os.path.expanduser(model_args.model_name_or_path)
+    heads = _continued_beta_kind(heads, name, finetuning_args, getattr(model_args, "cache_dir", None))
     tokenizer = load_tokenizer(model_args)
     dtype = resolve_dtype(torch_dtype)
     load_kwargs = _placement_kwargs(model_args, finetuning_args, dtype, is_trainable)
@@ -242,6 +244,30 @@ def _trainable_backbone(backbone, name: str, finetuning_args, is_trainable: bool
     elif is_trainable and not isinstance(backbone, PeftModel):
         freeze_frozen_parts(backbone, finetuning_args)  # a multimodal model's towers; no-op for text models
     return backbone
+
+
+def _continued_beta_kind(heads: HeadPlan, name: str, finetuning_args, cache_dir: str | None) -> HeadPlan:
+    """A checkpoint's beta head is continued with the kind it was trained with (`heads_config.json` records it;
+    checkpoints from before `exp` existed have `tanh`): `beta_head_kind: auto` takes it, an explicit other kind is
+    refused before the backbone loads (the head's weights mean different things under the two kinds). PPO's
+    uncentred KL controller is always `tanh` and is not continued from a DPO head."""
+    if not heads.has("beta_head") or not heads.beta_centered or builtin_arch(name) is not None:
+        return heads
+    saved = read_heads_config(name, cache_dir) or {}
+    if not saved.get("beta_head"):
+        return heads
+    kind = saved.get("beta_head_kind") or "tanh"
+    if kind == heads.beta_kind:
+        return heads
+    asked = getattr(finetuning_args, "beta_head_kind", "auto")
+    if asked != "auto":
+        raise ConfigError(
+            f"The beta head of checkpoint {name!r} is `{kind}` (its heads_config.json, key `beta_head_kind`), but this "
+            f"run sets `beta_head_kind: {asked}`; the head's weights mean different things under the two kinds. Set "
+            f"`beta_head_kind: {kind}` (or `auto`) to continue that head, or start from a model without a beta head."
+        )
+    logger.info("Continuing the `%s` beta head of %s (`beta_head_kind: auto`).", kind, name)
+    return dataclasses.replace(heads, beta_kind=kind)
 
 
 def _load_saved_heads(model: ModelWithHeads, name: str, cache_dir: str | None) -> None:

@@ -99,7 +99,8 @@ class DPOTrainer(ReferenceForward, DiscoTrainer):
                 flip_rate=self.plan.uses_flip_rate,
                 flip_prior_mean=ft.flip_prior_mean,
                 flip_prior_strength=ft.flip_prior_strength,
-                beta_log_prior=ft.beta_head_prior if self.plan.heads.beta_kind == "exp" else 0.0,
+                # the kind the model was built with: `auto` continues a checkpoint's head as it was trained
+                beta_log_prior=ft.beta_head_prior if getattr(self._policy().beta_head, "kind", None) == "exp" else 0.0,
             )
         )
         disable_dropout(self._policy().backbone)
