@@ -292,3 +292,24 @@ def test_deepspeed_zero2_and_zero3_equal_single_process_save_and_resume(tmp_path
                 # Each rank ran the reference over its half of the 40 pairs (and never again: the run has no ref).
                 halves = (record["reference_pairs"][path], record1["reference_pairs"][path])
                 assert halves == (20, 20), (what, halves)
+
+
+def test_one_process_started_without_a_launcher_runs_deepspeed_as_a_world_of_one(tmp_path):
+    """`discoalign train` with `deepspeed:` in one plain process (no torchrun, no mpi4py): a world of one instead of
+    DeepSpeed's MPI discovery, and ZeRO-2 logs the losses of the same run without DeepSpeed."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (`pip install 'discoalign[deepspeed]'`)")
+    values = {**COMMON, **JOBS["rm_disco"], "model_name_or_path": "builtin:tiny-qwen3", "save_strategy": "no"}
+    plain, zero2 = str(tmp_path / "plain"), str(tmp_path / "zero2")
+    run_exp(load_config(write_yaml(tmp_path / "plain.yaml", {**values, "output_dir": plain})))
+    path = write_yaml(tmp_path / "zero2.yaml",
+                      {**values, "output_dir": zero2, "deepspeed": os.path.join(EXAMPLES, "ds_z2_config.json")})  # fmt: skip
+    launched = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launched}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    cli = os.path.join(os.path.dirname(sys.executable), "discoalign")
+    done = subprocess.run([cli, "train", str(path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-4000:]
+    ours, theirs = logged_losses(zero2), logged_losses(plain)
+    assert ours.keys() == theirs.keys() and len(theirs) == STEPS and len(set(theirs.values())) > 1
+    for step in theirs:
+        assert abs(ours[step] - theirs[step]) <= LOSS_TOL, (step, ours, theirs)

@@ -259,8 +259,8 @@ def _continued_beta_kind(heads: HeadPlan, name: str, finetuning_args, cache_dir:
     kind = saved.get("beta_head_kind") or "tanh"
     if kind == heads.beta_kind:
         return heads
-    asked = getattr(finetuning_args, "beta_head_kind", "auto")
-    if asked != "auto":
+    asked = getattr(finetuning_args, "beta_head_kind", None)  # None: a caller without the key (inference loaders)
+    if asked not in (None, "auto"):
         raise ConfigError(
             f"The beta head of checkpoint {name!r} is `{kind}` (its heads_config.json, key `beta_head_kind`), but this "
             f"run sets `beta_head_kind: {asked}`; the head's weights mean different things under the two kinds. Set "

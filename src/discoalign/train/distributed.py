@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import socket
 from typing import Any
 
 import torch
@@ -52,13 +54,27 @@ def prepare_distributed(args: Any) -> None:
     On ranks other than 0, discoalign's, transformers' and datasets' logs drop to warnings.
     """
     args.device  # noqa: B018  (sets up the process group, as the Trainer would)
-    if getattr(args, "deepspeed", None) and _dist_ready():
+    if getattr(args, "deepspeed", None):
         import deepspeed
 
-        if not deepspeed.comm.is_initialized():
+        if not _dist_ready():
+            # One process started without a launcher (`discoalign train` with `deepspeed:` on one GPU, e.g. for
+            # ZeRO offload): a world of one on this machine, instead of DeepSpeed's MPI discovery (mpi4py).
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                               ("MASTER_PORT", str(_free_port()))):  # fmt: skip
+                os.environ.setdefault(key, value)
+            backend = "nccl" if torch.cuda.is_available() and not getattr(args, "use_cpu", False) else "gloo"
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        elif not deepspeed.comm.is_initialized():
             deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
     if args.process_index != 0:
         quiet_replica()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def quiet_replica() -> None:
